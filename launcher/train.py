@@ -1,0 +1,11 @@
+"""Entry point: `deepspeed --num_gpus N launcher/train.py --config configs/<name>.yaml [k=v ...]`.
+
+Thin on purpose: everything lives in `tcp.cli` / `tcp.run`.
+"""
+
+import sys
+
+from tcp.cli import train_main
+
+if __name__ == "__main__":
+    sys.exit(train_main())

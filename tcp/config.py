@@ -1,0 +1,630 @@
+"""Run configuration: nested dataclasses, YAML loading, dotted overrides, DeepSpeed rendering.
+
+Every value is validated here, before any model or data is touched, so a typo in a YAML file or
+on the command line fails in a second with a message naming the key and the fix, not after a
+model has been loaded onto 64 GPUs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid; the message names the key."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    # Messages are "key: problem; fix". The loader prefixes the section path.
+    if not cond:
+        raise ValueError(f"{key}: {msg}")
+
+
+@dataclass
+class ArchConfig:
+    """Shape of a LLaMA-style model built from config (used when no pretrained path is given)."""
+
+    hidden_size: int = 128
+    """Model width d."""
+    intermediate_size: int = 344
+    """SwiGLU MLP width."""
+    num_layers: int = 4
+    """Number of decoder layers."""
+    num_heads: int = 4
+    """Attention heads (hidden_size must be divisible by it)."""
+    num_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means num_heads."""
+    max_position_embeddings: int = 256
+    """Longest sequence the rotary embedding is set up for."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+
+    def __post_init__(self) -> None:
+        for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            _check(getattr(self, k) > 0, k, f"must be > 0 (got {getattr(self, k)})")
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            "hidden_size",
+            f"must be divisible by num_heads ({self.hidden_size} % {self.num_heads} != 0)",
+        )
+        kv = self.num_kv_heads or self.num_heads
+        _check(self.num_heads % kv == 0, "num_kv_heads", "must divide num_heads")
+
+
+@dataclass
+class ModelConfig:
+    """The Pilot: any Hugging Face causal LM, by name/path, or a tiny LLaMA built from `arch`."""
+
+    name_or_path: str | None = None
+    """HF hub name or local directory. None builds a LLaMA from `arch` (the embedded default)."""
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    """Shape of the model built when name_or_path is None (and of the base model)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype of both engines (bf16/fp16 also switch DeepSpeed's mixed precision on)."""
+    trust_remote_code: bool = False
+    """Passed to from_pretrained for models that ship their own code."""
+    init_from_base: bool = True
+    """Fine-tune the Pilot from the base model of the `base` phase (embedded default only)."""
+
+
+@dataclass
+class BaseConfig:
+    """The base-model phase: a short pre-training on a broad generated corpus that the Pilot is
+    fine-tuned from and the Copilot's blocks are initialised from (mirrors the paper's pretrained
+    same-family models, which cannot be downloaded here). Cached in `<output_dir>/../base-cache`."""
+
+    enabled: bool = True
+    """Run (or reuse from cache) the base phase. Ignored when model.name_or_path is set."""
+    steps: int = 400
+    """Optimizer steps of the base phase."""
+    lr: float = 2e-3
+    """Peak learning rate (cosine schedule with warmup)."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    micro_batch_size: int = 32
+    """Sequences per rank per step."""
+    corpus_size: int = 20000
+    """Samples in the generated base corpus."""
+    seed: int = 1234
+    """Seed of the base model and corpus; independent of the run seed, so runs with different
+    seeds share one base model, as runs of a real model share one pretrained checkpoint."""
+    cache_dir: str | None = None
+    """Where finished base models are cached by content hash; None: `<output_dir>/../base-cache`."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps > 0, "steps", "must be > 0; set base.enabled=false to skip the phase")
+        _check(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
+        _check(self.micro_batch_size > 0, "micro_batch_size", "must be > 0")
+        _check(self.corpus_size > 0, "corpus_size", "must be > 0")
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+
+
+@dataclass
+class CopilotConfig:
+    """The Copilot (METHOD.md §2): decoder-only, alternating self / modified cross-attention."""
+
+    hidden_size: int = 128
+    """Copilot width d_C (may differ from the Pilot's d_P; memory is projected)."""
+    intermediate_size: int = 344
+    """SwiGLU MLP width."""
+    num_layers: int = 4
+    """Decoder layers; odd layers (1st, 3rd, ...) self-attend, even layers cross-attend."""
+    num_heads: int = 4
+    """Attention heads."""
+    init_from: str = "base"
+    """'base' (the base model of the base phase), 'none' (from scratch), or a path to a
+    same-family pretrained LLaMA-style decoder whose first num_layers blocks are copied."""
+    rope_theta: float = 10000.0
+    """Rotary base for self- and cross-attention positions."""
+
+    def __post_init__(self) -> None:
+        for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            _check(getattr(self, k) > 0, k, f"must be > 0 (got {getattr(self, k)})")
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            "hidden_size",
+            f"must be divisible by num_heads ({self.hidden_size} % {self.num_heads} != 0)",
+        )
+        _check(self.num_layers >= 2, "num_layers", "must be >= 2 (one self- and one cross-layer)")
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they become token sequences."""
+
+    source: Literal["arithmetic", "jsonl", "parquet", "hf"] = "arithmetic"
+    """'arithmetic' = the embedded generator; 'jsonl'/'parquet' = local files; 'hf' = a dataset
+    name for datasets.load_dataset (needs network or a local cache)."""
+    train_path: str | None = None
+    """jsonl/parquet: training file; hf: dataset name (e.g. 'gsm8k')."""
+    val_path: str | None = None
+    """jsonl/parquet: validation file; hf: unused (see hf_*_split)."""
+    test_path: str | None = None
+    """jsonl/parquet: test file."""
+    hf_config: str | None = None
+    """hf: dataset configuration name (e.g. 'main' for gsm8k)."""
+    hf_train_split: str = "train"
+    """hf: split used for training."""
+    hf_val_split: str = "validation"
+    """hf: split used for validation / choosing lambda."""
+    hf_test_split: str = "test"
+    """hf: split scored once at the end."""
+    prompt_field: str = "prompt"
+    """Record field holding the prompt (ignored when prompt_template is set)."""
+    answer_field: str = "answer"
+    """Record field holding the answer."""
+    prompt_template: str | None = None
+    """Python format string over record fields, e.g. 'Q: {question}\\nA: '."""
+    answer_template: str | None = None
+    """Python format string over record fields for the answer, e.g. '{answer}'."""
+    train_size: int = 20000
+    """arithmetic: number of generated training problems."""
+    val_size: int = 400
+    """arithmetic: validation problems (lambda is chosen here)."""
+    test_size: int = 800
+    """arithmetic: test problems (scored once)."""
+    max_length: int = 96
+    """Longest prompt+answer in tokens."""
+    overlength: Literal["skip", "truncate"] = "skip"
+    """Samples over max_length: 'skip' drops them, 'truncate' cuts the prompt from the left.
+    Either way they are counted and reported."""
+    tokenizer: str | None = None
+    """Tokenizer name/path; None uses the Pilot's, or builds the character tokenizer for the
+    embedded default."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_length >= 4, "max_length", f"must be >= 4 (got {self.max_length})")
+        for k in ("train_size", "val_size", "test_size"):
+            _check(getattr(self, k) > 0, k, f"must be > 0 (got {getattr(self, k)})")
+        if self.source in ("jsonl", "parquet"):
+            _check(
+                self.train_path is not None,
+                "train_path",
+                f"is required for source={self.source!r}; "
+                f"set data.train_path=/path/train.{self.source}",
+            )
+        if self.source == "hf":
+            _check(
+                self.train_path is not None,
+                "train_path",
+                "is required for source='hf'; set it to the dataset name, "
+                "e.g. data.train_path=gsm8k",
+            )
+
+
+@dataclass
+class MistakeLogConfig:
+    """The Mistake Log (METHOD.md §1)."""
+
+    backend: Literal["memory"] = "memory"
+    """'memory' keeps the recent window in RAM (the paper's buffer). The on-disk Zarr backend
+    plugs in behind the same interface (see tcp.mistake_log.base.MistakeLog)."""
+    topk: int = 16
+    """k of the sparse error ell_i ~ onehot(y_i) - topk(p_hat_i); k = V makes it exact."""
+    window_steps: int = 128
+    """Replay window: entries from the most recent N Pilot steps are eligible (paper: 128)."""
+    replay_size: int = 32
+    """Entries replayed from the window per Copilot step (besides the current step's)."""
+    include_current: bool = True
+    """Also train the Copilot on the current step's entries, straight from memory."""
+    storage_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of X~ and pooled h in the log."""
+
+    def __post_init__(self) -> None:
+        _check(self.topk >= 1, "topk", f"must be >= 1 (got {self.topk})")
+        _check(self.window_steps >= 1, "window_steps", "must be >= 1")
+        _check(self.replay_size >= 0, "replay_size", "must be >= 0")
+        _check(
+            self.include_current or self.replay_size > 0,
+            "replay_size",
+            "must be > 0 when include_current is false, or the Copilot never trains",
+        )
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO options of one engine."""
+
+    stage: int = 3
+    """ZeRO stage 0-3 (the product targets 3: parameters, gradients and optimizer partitioned)."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """Offload optimizer state to CPU memory."""
+    offload_param: Literal["none", "cpu"] = "none"
+    """Offload parameters to CPU memory (stage 3 only)."""
+    overlap_comm: bool = False
+    """Overlap reduction with backward (useful on GPUs)."""
+    stage3_param_persistence_threshold: int = 0
+    """Parameters smaller than this stay unpartitioned (0 partitions everything)."""
+
+    def __post_init__(self) -> None:
+        _check(self.stage in (0, 1, 2, 3), "stage", f"must be 0, 1, 2 or 3 (got {self.stage})")
+        _check(
+            self.offload_param == "none" or self.stage == 3,
+            "offload_param",
+            "needs stage=3; set offload_param=none or stage=3",
+        )
+
+
+@dataclass
+class EngineConfig:
+    """Optimizer, schedule and batch of one DeepSpeed engine (Pilot or Copilot)."""
+
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine schedule floor as a fraction of lr."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 disables)."""
+    micro_batch_size: int = 32
+    """Sequences per rank per micro step (Copilot: entries per rank per step)."""
+    grad_accum_steps: int = 1
+    """Gradient accumulation steps."""
+    adam: Literal["torch", "fused"] = "torch"
+    """'torch' = torch.optim.AdamW (works everywhere); 'fused' = DeepSpeed's FusedAdam (CUDA)."""
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    """ZeRO options."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _check(self.micro_batch_size > 0, "micro_batch_size", "must be > 0")
+        _check(self.grad_accum_steps > 0, "grad_accum_steps", "must be > 0")
+        _check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "betas",
+            f"must be two numbers in [0, 1) (got {self.betas})",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """The joint loop (METHOD.md §3)."""
+
+    steps: int = 500
+    """Joint steps (one Pilot step and one Copilot step each)."""
+    log_every: int = 10
+    """Progress/metric interval in steps."""
+    pilot: EngineConfig = field(default_factory=lambda: EngineConfig(lr=3e-4))
+    """The Pilot's engine."""
+    copilot: EngineConfig = field(default_factory=lambda: EngineConfig(lr=1e-3))
+    """The Copilot's engine."""
+    copilot_start_step: int = 0
+    """Joint step at which Copilot updates begin (entries are logged from step 0)."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps > 0, "steps", f"must be > 0 (got {self.steps})")
+        _check(self.log_every > 0, "log_every", "must be > 0")
+        _check(self.copilot_start_step >= 0, "copilot_start_step", "must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Fused decoding and scoring (METHOD.md §4, §6)."""
+
+    lambdas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0])
+    """lambda grid tried on validation; the best is used once on test."""
+    fusion: Literal["probs", "logits"] = "probs"
+    """'probs': p~ = p_hat + lambda f; 'logits': z + lambda f."""
+    max_new_tokens: int = 8
+    """Decoding budget per answer."""
+    batch_size: int = 64
+    """Prompts per rank per decoding batch."""
+    enabled: bool = True
+    """Evaluate at the end of training."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.lambdas) > 0, "lambdas", "must list at least one value, e.g. [0.5, 1.0]")
+        _check(all(x > 0 for x in self.lambdas), "lambdas", "values must be > 0")
+        _check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
+        _check(self.batch_size > 0, "batch_size", "must be > 0")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking (rank 0 only; a tracking failure never stops training)."""
+
+    enabled: bool = True
+    """Log params, metrics and results to MLflow."""
+    uri: str | None = None
+    """Tracking URI; None = sqlite database `mlflow.db` in the parent of output_dir."""
+    experiment: str = "tcp"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """MLflow run name; None uses the output directory's name."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run."""
+
+    seed: int = 0
+    """Seeds data generation order, initialisation and sampling."""
+    output_dir: str = "runs/default"
+    """Run directory: resolved config, tokenizer, checkpoints, results.json."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The Pilot."""
+    base: BaseConfig = field(default_factory=BaseConfig)
+    """The base-model phase (embedded default)."""
+    copilot: CopilotConfig = field(default_factory=CopilotConfig)
+    """The Copilot."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data."""
+    mistake_log: MistakeLogConfig = field(default_factory=MistakeLogConfig)
+    """The Mistake Log."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The joint loop."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking."""
+
+    def __post_init__(self) -> None:
+        # Cross-section checks; keys are given in full because they span sections.
+        if self.copilot.init_from == "base":
+            _check(
+                self.model.name_or_path is None and self.base.enabled,
+                "copilot.init_from",
+                "'base' needs the base phase (model.name_or_path unset, base.enabled=true); "
+                "use copilot.init_from=none or a path to a pretrained decoder",
+            )
+            _check(
+                self.copilot.hidden_size == self.model.arch.hidden_size
+                and self.copilot.num_layers <= self.model.arch.num_layers
+                and self.copilot.num_heads == self.model.arch.num_heads
+                and self.copilot.intermediate_size == self.model.arch.intermediate_size,
+                "copilot",
+                "init_from=base copies base blocks, so hidden_size, num_heads and "
+                "intermediate_size must equal model.arch's and num_layers <= model.arch.num_layers",
+            )
+        if self.data.source == "arithmetic" and self.model.name_or_path is None:
+            _check(
+                self.data.tokenizer is None,
+                "data.tokenizer",
+                "the embedded default builds its own character tokenizer; unset data.tokenizer",
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: dict -> dataclasses with type checks, unknown keys rejected, errors prefixed by path.
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check (and lightly coerce) `value` against annotation `tp`. Returns (ok, value)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            return False, value
+        (arg,) = typing.get_args(tp) or (Any,)
+        out = []
+        for item in value:
+            ok, v = _type_ok(item, arg)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return str(tp).replace("typing.", "")
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; every error names the dotted key."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}{unknown[0]}"
+        raise ConfigError(
+            f"{where}: unknown key. Valid keys under '{prefix.rstrip('.') or '<top>'}': "
+            f"{', '.join(sorted(names))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp, value = hints[name], data[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of sub-keys, got {value!r}")
+            kwargs[name] = from_dict(tp, value, prefix=f"{key}.")
+            continue
+        ok, coerced = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        kwargs[name] = coerced
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (for YAML dumps and MLflow params)."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `a.b.c=value` (value read as YAML: numbers, bools, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.pilot.lr=3e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    return key.split("."), _yaml_floats(value)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with dotted overrides applied."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{'.'.join(path)}: '{part}' is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+_SCI = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _yaml_floats(data: Any) -> Any:
+    """PyYAML (YAML 1.1) reads `3e-4` as a string; turn such strings into the floats users mean."""
+    if isinstance(data, dict):
+        return {k: _yaml_floats(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_yaml_floats(v) for v in data]
+    if isinstance(data, str) and _SCI.match(data.strip()):
+        return float(data)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults when path is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"--config {p}: top level must be a mapping of sections")
+        data = _yaml_floats(loaded or {})
+    data = apply_overrides(data, overrides or [])
+    return from_dict(RunConfig, data)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (saved with every run)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed configs: each engine gets its own, rendered from the same RunConfig.
+
+
+def engine_config(cfg: RunConfig, engine: Literal["pilot", "copilot", "base"]) -> EngineConfig:
+    """The engine settings of `engine`; the base phase borrows the Pilot's ZeRO/Adam settings."""
+    if engine == "base":
+        p = cfg.train.pilot
+        return EngineConfig(lr=cfg.base.lr, warmup_steps=cfg.base.warmup_steps,
+                            micro_batch_size=cfg.base.micro_batch_size, adam=p.adam,
+                            zero=p.zero, grad_clip=p.grad_clip)
+    return getattr(cfg.train, engine)
+
+
+def render_deepspeed(cfg: RunConfig, engine: Literal["pilot", "copilot", "base"], *,
+                     world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict of one engine (each engine gets its own)."""
+    e = engine_config(cfg, engine)
+    steps = cfg.base.steps if engine == "base" else cfg.train.steps
+    z = e.zero
+    zero: dict[str, Any] = {"stage": z.stage, "overlap_comm": z.overlap_comm}
+    if z.stage == 3:
+        zero["stage3_param_persistence_threshold"] = z.stage3_param_persistence_threshold
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if z.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": z.offload_optimizer}
+    if z.offload_param != "none":
+        zero["offload_param"] = {"device": z.offload_param}
+    sched: dict[str, Any]
+    if e.schedule == "cosine":
+        sched = {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max(steps, e.warmup_steps + 1),
+                "warmup_num_steps": e.warmup_steps,
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": e.min_lr_ratio,
+            },
+        }
+    else:
+        sched = {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": e.lr,
+                       "warmup_num_steps": max(e.warmup_steps, 1), "warmup_type": "linear"},
+        }
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": e.micro_batch_size,
+        "gradient_accumulation_steps": e.grad_accum_steps,
+        "train_batch_size": e.micro_batch_size * e.grad_accum_steps * world_size,
+        "gradient_clipping": e.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": e.lr,
+                "betas": list(e.betas),
+                "weight_decay": e.weight_decay,
+                "torch_adam": e.adam == "torch",
+            },
+        },
+        "scheduler": sched,
+        "steps_per_print": 10**9,  # progress is ours (rank-0 bar), not DeepSpeed's log spam
+        "wall_clock_breakdown": False,
+    }
+    if cfg.model.dtype == "bfloat16":
+        ds["bf16"] = {"enabled": True}
+    elif cfg.model.dtype == "float16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return ds

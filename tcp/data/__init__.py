@@ -1,0 +1,1 @@
+"""Data: the embedded arithmetic task, file/HF loaders, tokenisation and collation."""

@@ -1,0 +1,89 @@
+"""Distributed setup and the two DeepSpeed engines: build, save and gather to HF format."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Initialise the one process group both engines share. Returns (rank, world, device).
+
+    NCCL on CUDA hosts, gloo on CPU. On CPU each rank uses a single intra-op thread: ranks are
+    already one per core, and oversubscription makes every collective wait on the slowest rank.
+    """
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.set_num_threads(int(os.environ.get("TCP_THREADS_PER_RANK", "1")))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def build_engine(model: nn.Module, ds_config: dict[str, Any]) -> Any:
+    """`deepspeed.initialize` with the optimizer and scheduler described in `ds_config`."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+    )
+    return engine
+
+
+def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Full (unpartitioned) CPU state dict on rank 0, None elsewhere. Collective: call on all."""
+    import deepspeed
+
+    params = list(module.parameters())
+    zero3 = any(hasattr(p, "ds_id") for p in params)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if not zero3:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} \
+            if rank == 0 else None
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        if rank == 0:
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return None
+
+
+def save_hf(module: nn.Module, path: Path) -> None:
+    """Save an HF model held by a (possibly ZeRO-3) engine in `save_pretrained` format.
+
+    Written to a temporary folder and renamed, so an interrupted save never leaves a half model.
+    """
+    sd = gathered_state_dict(module)
+    if sd is not None:
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        module.save_pretrained(tmp, state_dict=sd)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_module(module: nn.Module, path: Path) -> None:
+    """Save a plain module's full state dict (gathered under ZeRO-3) atomically, rank 0."""
+    sd = gathered_state_dict(module)
+    if sd is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(sd, tmp)
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,151 @@
+"""`MistakeBatch`: a ragged batch of Mistake Log entries in flat, token-major layout.
+
+One entry = one sample at one Pilot step (METHOD.md §1). Per-token arrays of all entries are
+concatenated along the token axis and `*_offsets` (B+1,) mark where each entry starts, the layout
+the on-disk store uses too (a Zarr array per field, chunked along tokens).
+
+The error ell_i = onehot(y_i) - p_hat_i is stored sparsely as the label y_i, the top-k (ids,
+probs) of p_hat_i and the residual mass 1 - sum(top-k).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+PER_TOKEN = ("h", "labels", "topk_ids", "topk_probs", "residual")
+PER_ENTRY = ("step", "sample_id", "rank", "loss")
+
+
+@dataclass
+class MistakeBatch:
+    """A ragged batch of entries. Shapes: B entries, Nx prompt tokens, N target tokens."""
+
+    x_tilde: torch.Tensor
+    """(Nx, d_P) input representation X~ (prompt embeddings)."""
+    x_offsets: torch.Tensor
+    """(B+1,) int64 row offsets into x_tilde."""
+    h: torch.Tensor
+    """(N, d_P) layer-mean pooled rationale states."""
+    y_offsets: torch.Tensor
+    """(B+1,) int64 row offsets into the per-token arrays."""
+    labels: torch.Tensor
+    """(N,) int64 target tokens y_i."""
+    topk_ids: torch.Tensor
+    """(N, k) int64 top-k token ids of p_hat_i."""
+    topk_probs: torch.Tensor
+    """(N, k) float32 top-k probabilities of p_hat_i."""
+    residual: torch.Tensor
+    """(N,) float32 mass outside the top-k, 1 - sum(topk_probs)."""
+    step: torch.Tensor
+    """(B,) int64 Pilot step that produced the entry."""
+    sample_id: torch.Tensor
+    """(B,) int64 dataset index of the sample."""
+    rank: torch.Tensor
+    """(B,) int64 data-parallel rank that produced the entry."""
+    loss: torch.Tensor
+    """(B,) float32 the sample's Pilot cross-entropy at that step."""
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_entries(self) -> int:
+        """B."""
+        return self.step.numel()
+
+    @property
+    def num_tokens(self) -> int:
+        """N (target tokens)."""
+        return self.labels.numel()
+
+    @property
+    def prompt_lens(self) -> torch.Tensor:
+        """(B,) rows of X~ per entry."""
+        return self.x_offsets[1:] - self.x_offsets[:-1]
+
+    @property
+    def target_lens(self) -> torch.Tensor:
+        """(B,) target tokens per entry."""
+        return self.y_offsets[1:] - self.y_offsets[:-1]
+
+    def __post_init__(self) -> None:
+        B, N = self.step.numel(), self.labels.numel()
+        assert self.x_offsets.numel() == B + 1 and self.y_offsets.numel() == B + 1
+        assert int(self.y_offsets[-1]) == N and int(self.x_offsets[-1]) == self.x_tilde.shape[0]
+        assert self.h.shape[0] == N and self.topk_ids.shape == self.topk_probs.shape
+
+    # ------------------------------------------------------------------ transforms
+    def to(self, device: torch.device | str) -> MistakeBatch:
+        """Copy to a device."""
+        return MistakeBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def select(self, entries: torch.Tensor | list[int]) -> MistakeBatch:
+        """The sub-batch of the given entry indices, in that order."""
+        idx = torch.as_tensor(entries, dtype=torch.long)
+        xo, yo = self.x_offsets.cpu(), self.y_offsets.cpu()
+        x_rows = _rows(xo, idx)
+        y_rows = _rows(yo, idx)
+        dev = self.labels.device
+        x_rows, y_rows, idx_d = x_rows.to(dev), y_rows.to(dev), idx.to(dev)
+        return MistakeBatch(
+            x_tilde=self.x_tilde[x_rows],
+            x_offsets=_offsets(self.prompt_lens.cpu()[idx]).to(dev),
+            h=self.h[y_rows],
+            y_offsets=_offsets(self.target_lens.cpu()[idx]).to(dev),
+            labels=self.labels[y_rows],
+            topk_ids=self.topk_ids[y_rows],
+            topk_probs=self.topk_probs[y_rows],
+            residual=self.residual[y_rows],
+            step=self.step[idx_d],
+            sample_id=self.sample_id[idx_d],
+            rank=self.rank[idx_d],
+            loss=self.loss[idx_d],
+        )
+
+    @staticmethod
+    def cat(batches: list[MistakeBatch]) -> MistakeBatch:
+        """Concatenate entries of several batches."""
+        if len(batches) == 1:
+            return batches[0]
+        out = {}
+        for f in fields(MistakeBatch):
+            if f.name in ("x_offsets", "y_offsets"):
+                continue
+            out[f.name] = torch.cat([getattr(b, f.name) for b in batches])
+        out["x_offsets"] = _offsets(torch.cat([b.prompt_lens for b in batches]))
+        out["y_offsets"] = _offsets(torch.cat([b.target_lens for b in batches]))
+        return MistakeBatch(**out)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors by field name (CPU)."""
+        return {f.name: getattr(self, f.name).cpu() for f in fields(self)}
+
+    @staticmethod
+    def from_state_dict(state: dict[str, torch.Tensor]) -> MistakeBatch:
+        """Inverse of `state_dict`."""
+        return MistakeBatch(**state)
+
+    def dense_errors(self, vocab_size: int) -> torch.Tensor:
+        """(N, V) the reconstructed ell_i = onehot(y_i) - topk(p_hat_i) (tests, diagnostics)."""
+        ell = torch.zeros(self.num_tokens, vocab_size, dtype=torch.float32,
+                          device=self.labels.device)
+        ell.scatter_add_(1, self.topk_ids, -self.topk_probs.float())
+        ell[torch.arange(self.num_tokens, device=ell.device), self.labels] += 1.0
+        return ell
+
+
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(lengths.numel() + 1, dtype=torch.long, device=lengths.device)
+    out[1:] = torch.cumsum(lengths, 0)
+    return out
+
+
+def _rows(offsets: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    if idx.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in idx.tolist()])
+
+
+def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    """(B+1,) offsets from (B,) lengths."""
+    return _offsets(lengths)

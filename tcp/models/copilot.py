@@ -1,0 +1,383 @@
+"""The Copilot (METHOD.md §2): predicts the Pilot's token-level error f_i ~ ell_i.
+
+Decoder-only variant. Input at position i is the previous error ell_{i-1} (teacher-forced: the
+sparse logged error; at inference: the Copilot's own dense f_{i-1}) projected V -> d_C. Odd layers
+(1st, 3rd, ...) are causal self-attention blocks; even layers replace self-attention by the
+*modified cross-attention*: queries from the Copilot, keys/values from the concatenation
+[X~ ; h] projected from the Pilot width d_P. Causality: query i sees all of X~, pooled states h_j
+for j <= i, and errors < i. The output head is zero-initialised: an untrained Copilot is a no-op.
+
+Blocks mirror LLaMA's (RMSNorm, rotary attention, SwiGLU) with the same parameter names, so a
+same-family pretrained decoder can initialise them (`init_from_llama`). Rotary positions are the
+Pilot's: X~ rows sit at prompt positions 0..P-1, h_j and query j at P-1+j (the position that
+produced p_hat_j).
+
+Every parameter is used inside its owning submodule's `forward`, and every entry point goes
+through `Copilot.forward`, so DeepSpeed ZeRO-3 gathers partitioned weights in all modes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tcp.config import CopilotConfig
+from tcp.mistake_log.record import MistakeBatch
+
+
+class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm (fp32 statistics)."""
+
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, 1, T, head_dim) for positions (B, T) (HF LLaMA convention)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim))
+    freqs = pos.float()[..., None] * inv
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def _rotate(x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    cos, sin = cs
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with rotary positions; keys/values from `kv_src` (self or memory)."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.hd = heads, d // heads
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.heads, self.hd).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, *, kv_src: torch.Tensor | None, q_rope: tuple,
+                k_rope: tuple | None, mask: torch.Tensor | None,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x (B, Tq, d); kv_src (B, Tk, d) rows to append to `past` keys/values (None: none).
+
+        Returns the output (B, Tq, d) and the full (keys, values) (B, H, Tk_total, hd).
+        """
+        q = _rotate(self._split(self.q_proj(x)), q_rope)
+        if kv_src is not None:
+            k = _rotate(self._split(self.k_proj(kv_src)), k_rope)
+            v = self._split(self.v_proj(kv_src))
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        else:
+            assert past is not None
+            k, v = past
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        B, _, Tq, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, Tq, -1)), (k, v)
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP (LLaMA names)."""
+
+    def __init__(self, d: int, inner: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d, inner, bias=False)
+        self.up_proj = nn.Linear(d, inner, bias=False)
+        self.down_proj = nn.Linear(inner, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm block: self-attention (odd layers) or modified cross-attention (even layers)."""
+
+    def __init__(self, cfg: CopilotConfig, *, cross: bool) -> None:
+        super().__init__()
+        self.cross = cross
+        self.input_layernorm = RMSNorm(cfg.hidden_size)
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_heads)  # named as in LLaMA
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, *, mem_new: torch.Tensor | None, q_rope: tuple,
+                k_rope: tuple | None, mask: torch.Tensor | None,
+                past: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        hx = self.input_layernorm(x)
+        if self.cross:
+            kv_src, kr = mem_new, k_rope
+        else:
+            kv_src, kr = hx, q_rope
+        a, kv = self.self_attn(hx, kv_src=kv_src, q_rope=q_rope, k_rope=kr, mask=mask, past=past)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class ErrorProjection(nn.Module):
+    """Linear V -> d_C on the error; sparse inputs become a gather-and-sum over k+1 columns.
+
+    `weight` is (V, d_C) like an embedding table, so row v is the image of onehot(v).
+    """
+
+    def __init__(self, vocab: int, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(vocab, d) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(d))
+        self.start = nn.Parameter(torch.zeros(d))
+        """Added at position 0, which has no previous error."""
+
+    def forward(self, *, ids: torch.Tensor | None = None, vals: torch.Tensor | None = None,
+                dense: torch.Tensor | None = None, is_start: torch.Tensor) -> torch.Tensor:
+        """Sparse: ids/vals (..., k+1); dense: (..., V). is_start (...) bool. Returns (..., d)."""
+        if dense is not None:
+            out = dense.to(self.weight.dtype) @ self.weight
+        else:
+            assert ids is not None and vals is not None
+            out = (self.weight[ids] * vals.to(self.weight.dtype)[..., None]).sum(-2)
+        return out + self.bias + is_start[..., None].to(out.dtype) * self.start
+
+
+class MemoryProjection(nn.Module):
+    """[X~ ; h] from the Pilot width d_P to d_C, then RMSNorm (shared by all cross layers)."""
+
+    def __init__(self, d_pilot: int, d: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_pilot, d, bias=False)
+        self.norm = RMSNorm(d)
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(m.to(self.proj.weight.dtype)))
+
+
+@dataclass
+class CopilotInputs:
+    """Padded, teacher-forced Copilot inputs built from a `MistakeBatch`."""
+
+    mem: torch.Tensor
+    """(B, M, d_P) [X~ ; h] per entry, right-padded."""
+    mem_valid: torch.Tensor
+    """(B, M) bool real rows."""
+    mem_pos: torch.Tensor
+    """(B, M) rotary positions of memory rows."""
+    mem_first_query: torch.Tensor
+    """(B, M) first query index allowed to see the row (X~: 0, h_j: j)."""
+    err_ids: torch.Tensor
+    """(B, n, k+1) ids of ell_{i-1} (label first, then top-k); row 0 unused."""
+    err_vals: torch.Tensor
+    """(B, n, k+1) values of ell_{i-1} (+1 at the label, -p at the top-k); row 0 zeros."""
+    q_pos: torch.Tensor
+    """(B, n) rotary positions of queries."""
+    q_valid: torch.Tensor
+    """(B, n) bool real target positions."""
+
+
+def build_inputs(batch: MistakeBatch, device: torch.device | str) -> CopilotInputs:
+    """Pad a ragged `MistakeBatch` into `CopilotInputs` (shifted-right sparse errors)."""
+    B = batch.num_entries
+    P, n = batch.prompt_lens.cpu(), batch.target_lens.cpu()
+    M, T = int((P + n).max()), int(n.max())
+    d = batch.h.shape[1]
+    k1 = batch.topk_ids.shape[1] + 1
+    mem = torch.zeros(B, M, d, dtype=batch.h.dtype)
+    mem_valid = torch.zeros(B, M, dtype=torch.bool)
+    mem_pos = torch.zeros(B, M, dtype=torch.long)
+    first_q = torch.zeros(B, M, dtype=torch.long)
+    ids = torch.zeros(B, T, k1, dtype=torch.long)
+    vals = torch.zeros(B, T, k1, dtype=torch.float32)
+    q_pos = torch.zeros(B, T, dtype=torch.long)
+    q_valid = torch.zeros(B, T, dtype=torch.bool)
+    xo, yo = batch.x_offsets.cpu(), batch.y_offsets.cpu()
+    x_tilde, h = batch.x_tilde.cpu(), batch.h.cpu()
+    sp_ids = torch.cat([batch.labels.cpu()[:, None], batch.topk_ids.cpu()], dim=1)
+    sp_vals = torch.cat([torch.ones(batch.num_tokens, 1), -batch.topk_probs.cpu().float()], dim=1)
+    for b in range(B):
+        p, m = int(P[b]), int(n[b])
+        mem[b, :p] = x_tilde[xo[b]:xo[b + 1]]
+        mem[b, p:p + m] = h[yo[b]:yo[b + 1]].to(mem.dtype)
+        mem_valid[b, :p + m] = True
+        mem_pos[b, :p] = torch.arange(p)
+        mem_pos[b, p:p + m] = torch.arange(m) + p - 1
+        first_q[b, p:p + m] = torch.arange(m)
+        ids[b, 1:m] = sp_ids[yo[b]:yo[b + 1] - 1]
+        vals[b, 1:m] = sp_vals[yo[b]:yo[b + 1] - 1]
+        q_pos[b, :m] = torch.arange(m) + p - 1
+        q_valid[b, :m] = True
+    return CopilotInputs(
+        mem=mem.to(device), mem_valid=mem_valid.to(device), mem_pos=mem_pos.to(device),
+        mem_first_query=first_q.to(device), err_ids=ids.to(device), err_vals=vals.to(device),
+        q_pos=q_pos.to(device), q_valid=q_valid.to(device),
+    )
+
+
+@dataclass
+class CopilotCache:
+    """Per-layer keys/values for incremental decoding (cross layers: [X~ ; h_<=i] memory)."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    mem_valid: torch.Tensor | None = None
+    """(B, M) bool validity of the cross memory so far (X~ may be left-padded)."""
+    steps: int = 0
+    """Decoding steps taken."""
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (beam search / finished-row pruning)."""
+        self.kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.kv]
+        if self.mem_valid is not None:
+            self.mem_valid = self.mem_valid[index]
+
+
+class Copilot(nn.Module):
+    """The decoder-only Copilot."""
+
+    def __init__(self, cfg: CopilotConfig, *, vocab_size: int, pilot_hidden: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        d = cfg.hidden_size
+        self.err_proj = ErrorProjection(vocab_size, d)
+        self.mem_proj = MemoryProjection(pilot_hidden, d)
+        # Layer 1, 3, ... (index 0, 2, ...) self-attend; layer 2, 4, ... cross-attend.
+        self.layers = nn.ModuleList(Block(cfg, cross=(i % 2 == 1)) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(d)
+        self.head = nn.Linear(d, vocab_size)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        if pilot_hidden == d:
+            with torch.no_grad():
+                self.mem_proj.proj.weight.copy_(torch.eye(d))
+
+    def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope(pos, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta)
+
+    def forward(self, inputs: CopilotInputs | None = None, *, cache: CopilotCache | None = None,
+                prev_f: torch.Tensor | None = None, h_new: torch.Tensor | None = None,
+                pos: torch.Tensor | None = None, prefix: tuple | None = None
+                ) -> torch.Tensor | CopilotCache:
+        """Three modes, all through forward so ZeRO-3 gathers parameters:
+
+        - teacher-forced: `forward(inputs)` -> f (B, n, V);
+        - start decoding: `forward(prefix=(x_tilde (B,P,d_P), x_valid (B,P), x_pos (B,P)))`
+          -> a `CopilotCache` holding the X~ part of every cross layer's memory;
+        - one decoding step: `forward(cache=, prev_f=(B,V) or None, h_new=(B,d_P), pos=(B,))`
+          -> f_i (B, V); appends to the cache.
+        """
+        if inputs is not None:
+            return self._teacher_forced(inputs)
+        if prefix is not None:
+            return self._start(*prefix)
+        assert cache is not None and h_new is not None and pos is not None
+        return self._step(cache, prev_f, h_new, pos)
+
+    def _teacher_forced(self, x: CopilotInputs) -> torch.Tensor:
+        B, T = x.q_pos.shape
+        is_start = torch.zeros(B, T, dtype=torch.bool, device=x.q_pos.device)
+        is_start[:, 0] = True
+        hid = self.err_proj(ids=x.err_ids, vals=x.err_vals, is_start=is_start)
+        mem = self.mem_proj(x.mem)
+        q_rope, k_rope = self._rope(x.q_pos), self._rope(x.mem_pos)
+        qi = torch.arange(T, device=hid.device)
+        causal = (qi[None, :] <= qi[:, None])[None, None]  # (1, 1, T, T)
+        self_mask = causal & x.q_valid[:, None, None, :]
+        visible = x.mem_first_query[:, None, :] <= qi[None, :, None]  # h_j only from query j on
+        cross_mask = (x.mem_valid[:, None, :] & visible)[:, None]  # (B, 1, T, M)
+        for layer in self.layers:
+            hid, _ = layer(hid, mem_new=mem if layer.cross else None, q_rope=q_rope,
+                           k_rope=k_rope, mask=cross_mask if layer.cross else self_mask, past=None)
+        return self.head(self.norm(hid))
+
+    def _start(self, x_tilde: torch.Tensor, x_valid: torch.Tensor, x_pos: torch.Tensor
+               ) -> CopilotCache:
+        mem = self.mem_proj(x_tilde)
+        k_rope = self._rope(x_pos)
+        cache = CopilotCache(mem_valid=x_valid.bool())
+        for layer in self.layers:
+            if layer.cross:
+                att = layer.self_attn
+                k = _rotate(att._split(att.k_proj(mem)), k_rope)
+                v = att._split(att.v_proj(mem))
+                cache.kv.append((k, v))
+            else:
+                cache.kv.append(None)
+        return cache
+
+    def _step(self, cache: CopilotCache, prev_f: torch.Tensor | None, h_new: torch.Tensor,
+              pos: torch.Tensor) -> torch.Tensor:
+        B = h_new.shape[0]
+        dev = h_new.device
+        first = prev_f is None
+        is_start = torch.full((B, 1), first, dtype=torch.bool, device=dev)
+        dense = torch.zeros(B, 1, self.vocab_size, device=dev) if first else prev_f[:, None]
+        hid = self.err_proj(dense=dense, is_start=is_start)
+        q_rope = self._rope(pos[:, None])
+        mem_new = self.mem_proj(h_new[:, None])
+        assert cache.mem_valid is not None
+        cache.mem_valid = torch.cat([cache.mem_valid, torch.ones(B, 1, dtype=torch.bool,
+                                                                 device=dev)], dim=1)
+        cross_mask = cache.mem_valid[:, None, None, :]
+        for li, layer in enumerate(self.layers):
+            hid, kv = layer(hid, mem_new=mem_new if layer.cross else None, q_rope=q_rope,
+                            k_rope=q_rope, mask=cross_mask if layer.cross else None,
+                            past=cache.kv[li])
+            cache.kv[li] = kv
+        cache.steps += 1
+        return self.head(self.norm(hid))[:, 0]
+
+
+@torch.no_grad()
+def init_from_llama(copilot: Copilot, llama: nn.Module) -> list[str]:
+    """Copy a same-family LLaMA-style decoder into the Copilot's blocks.
+
+    Copilot layer l takes decoder layer l's attention (q/k/v/o, used as self- or cross-attention),
+    MLP and norms; the error projection takes the token embedding table (ell projects to the
+    expected embedding difference E[y] - sum_v p_v E[v]); the final norm is copied. The head stays
+    zero. Returns the names of the copied tensors.
+    """
+    cfg = llama.config
+    c = copilot.cfg
+    n_kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    problems = []
+    if cfg.hidden_size != c.hidden_size:
+        problems.append(f"hidden_size {cfg.hidden_size} != copilot.hidden_size {c.hidden_size}")
+    if cfg.num_attention_heads != c.num_heads or n_kv != c.num_heads:
+        problems.append("attention heads differ (or the decoder uses grouped-query attention)")
+    if cfg.intermediate_size != c.intermediate_size:
+        problems.append(f"intermediate_size {cfg.intermediate_size} != {c.intermediate_size}")
+    if cfg.num_hidden_layers < c.num_layers:
+        problems.append(f"decoder has {cfg.num_hidden_layers} layers < copilot.num_layers")
+    if cfg.vocab_size != copilot.vocab_size:
+        problems.append(f"vocab_size {cfg.vocab_size} != Pilot vocabulary {copilot.vocab_size}")
+    if problems:
+        raise ValueError("copilot.init_from: incompatible decoder: " + "; ".join(problems) +
+                         ". Match copilot.* to the decoder's config or use copilot.init_from=none")
+    src = llama.model
+    copied = []
+    for i, blk in enumerate(copilot.layers):
+        s = src.layers[i]
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(blk.self_attn, name).weight.copy_(getattr(s.self_attn, name).weight)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(blk.mlp, name).weight.copy_(getattr(s.mlp, name).weight)
+        blk.input_layernorm.weight.copy_(s.input_layernorm.weight)
+        blk.post_attention_layernorm.weight.copy_(s.post_attention_layernorm.weight)
+        copied.append(f"layers.{i}")
+    copilot.err_proj.weight.copy_(src.embed_tokens.weight)
+    copilot.norm.weight.copy_(src.norm.weight)
+    return [*copied, "err_proj.weight", "norm.weight"]

@@ -1,0 +1,172 @@
+"""One run: set up data and models, build both engines, train jointly, evaluate, save, report."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tcp.base_model import ensure_base_model
+from tcp.cli import elapsed, print_rank0
+from tcp.config import RunConfig, render_deepspeed
+from tcp.data.collate import tokenize_records
+from tcp.data.loaders import load_split
+from tcp.data.tokenizer import build_char_tokenizer
+from tcp.engines import build_engine, init_distributed, save_hf, save_module
+from tcp.mistake_log.memory import MemoryMistakeLog
+from tcp.models.copilot import Copilot, init_from_llama
+from tcp.models.pilot import PilotTap, build_llama, load_pretrained
+from tcp.tracking import Tracker
+from tcp.train import Trainer, evaluate_and_report, format_table, save_config, write_json
+
+
+def load_tokenizer(cfg: RunConfig) -> Any:
+    """The run's tokenizer: the character tokenizer for the embedded default, else the Pilot's."""
+    if cfg.model.name_or_path is None and cfg.data.tokenizer is None:
+        return build_char_tokenizer()
+    from transformers import AutoTokenizer
+
+    name = cfg.data.tokenizer or cfg.model.name_or_path
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
+    except OSError as e:
+        raise RuntimeError(f"tokenizer {name!r} could not be loaded (offline or not a local "
+                           "folder); point data.tokenizer at a local copy") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_pilot(cfg: RunConfig, tokenizer: Any, base: Path | None, world: int) -> torch.nn.Module:
+    """The Pilot model before DeepSpeed wraps it."""
+    if cfg.model.name_or_path is not None:
+        keep = None
+        if cfg.train.pilot.zero.stage == 3:
+            # Makes from_pretrained construct the model partitioned (zero.Init) so a 70B Pilot
+            # never has to fit on one rank; must stay alive until the engine is built.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            keep = HfDeepSpeedConfig(render_deepspeed(cfg, "pilot", world_size=world))
+        model = load_pretrained(cfg.model.name_or_path, cfg.model)
+        del keep
+        return model
+    if base is not None and cfg.model.init_from_base:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(base)
+    return build_llama(cfg.model.arch, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,
+                       bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                       seed=cfg.seed)
+
+
+def build_copilot(cfg: RunConfig, *, vocab: int, d_pilot: int, base: Path | None) -> Copilot:
+    """The Copilot, initialised from the base model / a pretrained decoder / from scratch."""
+    torch.manual_seed(cfg.seed + 1)
+    cop = Copilot(cfg.copilot, vocab_size=vocab, pilot_hidden=d_pilot)
+    src = {"base": base, "none": None}.get(cfg.copilot.init_from, cfg.copilot.init_from)
+    if src is not None:
+        from transformers import AutoModelForCausalLM
+
+        init_from_llama(cop, AutoModelForCausalLM.from_pretrained(src))
+    return cop
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """The main job. Collective: every rank calls it."""
+    t_start = time.time()
+    rank, world, device = init_distributed()
+    out = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg)
+    if rank == 0:
+        save_config(cfg, out, world)
+        tokenizer.save_pretrained(out / "tokenizer")
+
+    splits = {s: load_split(cfg.data, s, seed=cfg.seed) for s in ("train", "validation", "test")}
+    tok_kw = dict(max_length=cfg.data.max_length, overlength=cfg.data.overlength)
+    train_samples, train_rep = tokenize_records(splits["train"], tokenizer, **tok_kw)
+    val_samples, val_rep = tokenize_records(splits["validation"], tokenizer, **tok_kw)
+    for name, rep in (("train", train_rep), ("validation", val_rep)):
+        if rep.skipped_overlength or rep.truncated:
+            print_rank0(f"[tcp] {name}: {rep.skipped_overlength} over-long samples skipped, "
+                        f"{rep.truncated} truncated (data.max_length={cfg.data.max_length})")
+    if not train_samples:
+        raise RuntimeError("no training samples left after tokenisation; raise data.max_length")
+
+    base = None
+    if cfg.model.name_or_path is None and cfg.base.enabled:
+        base = ensure_base_model(cfg, tokenizer, rank=rank, world=world, device=device)
+    t_base = time.time()
+    pilot_model = build_pilot(cfg, tokenizer, base, world)
+    vocab, d_pilot = int(pilot_model.config.vocab_size), int(pilot_model.config.hidden_size)
+    copilot_model = build_copilot(cfg, vocab=vocab, d_pilot=d_pilot, base=base)
+    tap = PilotTap(pilot_model)  # hooks on submodules survive DeepSpeed wrapping
+    pilot = build_engine(pilot_model, render_deepspeed(cfg, "pilot", world_size=world))
+    copilot = build_engine(copilot_model, render_deepspeed(cfg, "copilot", world_size=world))
+    n_p = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in pilot_model.parameters())
+    n_c = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+              for p in copilot_model.parameters())
+    print_rank0(f"[tcp] world={world} device={device.type}; Pilot {n_p / 1e6:.2f}M params, "
+                f"Copilot {n_c / 1e6:.2f}M params; {len(train_samples)} train samples")
+
+    tracker = Tracker(cfg, rank=rank)
+    log = MemoryMistakeLog(window_steps=cfg.mistake_log.window_steps, seed=cfg.seed, rank=rank)
+    trainer = Trainer(cfg, pilot=pilot, copilot=copilot, tap=tap, log=log,
+                      samples=train_samples, pad_id=tokenizer.pad_token_id, rank=rank,
+                      world=world, device=device, tracker=tracker)
+    status = "FAILED"
+    try:
+        trainer.train()
+        t_train = time.time()
+        print_rank0(f"[tcp] joint training done in {t_train - t_base:.1f}s")
+        results: dict[str, Any] = {"seed": cfg.seed}
+        if cfg.eval.enabled:
+            results.update(evaluate_and_report(
+                cfg, pilot=pilot, copilot=copilot, tap=tap, tokenizer=tokenizer,
+                val_records=splits["validation"], test_records=splits["test"],
+                val_samples=val_samples, rank=rank, world=world, device=device))
+        t_eval = time.time()
+        save_final(out, pilot=pilot, copilot=copilot, trainer=trainer, rank=rank)
+        results.update(
+            history=trainer.history.rows,
+            data={"train": vars(train_rep) | {"skipped_ids": train_rep.skipped_ids[:20]},
+                  "validation": vars(val_rep) | {"skipped_ids": val_rep.skipped_ids[:20]}},
+            params={"pilot": n_p, "copilot": n_c},
+            seconds={"base": t_base - t_start, "train": t_train - t_base,
+                     "eval": t_eval - t_train, "total": time.time() - t_start},
+            world_size=world,
+        )
+        if rank == 0:
+            write_json(out / "results.json", results)
+            tracker.artifact(out / "results.json")
+            if "pilot" in results:
+                tracker.metrics({"test_accuracy_pilot": results["pilot"]["accuracy"],
+                                 "test_accuracy_pilot_copilot":
+                                     results["pilot+copilot"]["accuracy"]}, step=cfg.train.steps)
+                print(format_table(results), flush=True)
+            print(f"[tcp] results: {out / 'results.json'} (total {elapsed(t_start)})",
+                  flush=True)
+        status = "FINISHED"
+        return results
+    finally:
+        tracker.close(status)
+        tap.remove()
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def save_final(out: Path, *, pilot: Any, copilot: Any, trainer: Trainer, rank: int) -> None:
+    """Both engines' DeepSpeed checkpoints, an HF-format Pilot, the Copilot's full weights, and
+    each rank's trainer state (the Mistake Log window is per rank)."""
+    ckpt = out / "checkpoints"
+    pilot.save_checkpoint(str(ckpt / "pilot"), tag="final")
+    copilot.save_checkpoint(str(ckpt / "copilot"), tag="final")
+    save_hf(pilot.module, out / "final" / "pilot")
+    save_module(copilot.module, out / "final" / "copilot.pt")
+    tmp = ckpt / f"trainer_rank{rank}.pt.tmp"
+    torch.save(trainer.state_dict(), tmp)
+    os.replace(tmp, ckpt / f"trainer_rank{rank}.pt")

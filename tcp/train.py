@@ -1,0 +1,245 @@
+"""The joint loop (METHOD.md §3, the paper's Algorithm 1) and the run around it.
+
+Reads top-down: `run()` sets up -> `Trainer.train()` -> `train_step()` -> `pilot_step()` ->
+log append -> `copilot_step()`; then `evaluate_and_report()`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tcp.config import RunConfig, dump_yaml, render_deepspeed
+from tcp.data.collate import TokenizedSample, batch_indices, collate
+from tcp.evaluate import choose_lambda, generation_eval, teacher_forced_diagnostics
+from tcp.kernels.copilot_loss import copilot_rmse_loss
+from tcp.mistake_log.base import MistakeLog
+from tcp.mistake_log.collect import collect
+from tcp.mistake_log.record import MistakeBatch
+from tcp.models.copilot import build_inputs
+from tcp.models.pilot import PilotTap, pilot_forward, torch_dtype
+from tcp.progress import Progress
+from tcp.tracking import Tracker
+
+
+@dataclass
+class StepMetrics:
+    """What one joint step measured (this rank)."""
+
+    pilot_loss: float
+    copilot_loss: float | None = None
+    zero_rmse: float | None = None
+    tokens: int = 0
+
+
+@dataclass
+class History:
+    """Averaged metrics at each logging interval (all ranks), kept for results.json."""
+
+    rows: list[dict[str, float]] = field(default_factory=list)
+
+
+class Trainer:
+    """Owns both engines, the tap and the Mistake Log for the joint loop."""
+
+    def __init__(self, cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotTap,
+                 log: MistakeLog, samples: list[TokenizedSample], pad_id: int, rank: int,
+                 world: int, device: torch.device, tracker: Tracker) -> None:
+        self.cfg, self.pilot, self.copilot, self.tap, self.log = cfg, pilot, copilot, tap, log
+        self.samples, self.pad_id = samples, pad_id
+        self.rank, self.world, self.device, self.tracker = rank, world, device, tracker
+        self.step = 0
+        self.history = History()
+        self.storage_dtype = torch_dtype(cfg.mistake_log.storage_dtype)
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> History:
+        """Run `train.steps` joint steps from `self.step`."""
+        c = self.cfg.train
+        bar = Progress(total=c.steps, desc="joint", enabled=self.rank == 0)
+        window: list[StepMetrics] = []
+        t0 = time.time()
+        while self.step < c.steps:
+            window.append(self.train_step())
+            self.step += 1
+            if self.step % c.log_every == 0 or self.step == c.steps:
+                row = self._reduce(window, time.time() - t0)
+                self.history.rows.append(row)
+                self.tracker.metrics({k: v for k, v in row.items() if k != "step"},
+                                     step=self.step)
+                bar.update(self.step, pilot=f"{row['pilot_loss']:.3f}",
+                           copilot=f"{row.get('copilot_rmse', float('nan')):.4f}",
+                           zero=f"{row.get('zero_rmse', float('nan')):.4f}",
+                           tok_s=f"{row['tokens_per_s']:.0f}")
+                window, t0 = [], time.time()
+        bar.close()
+        return self.history
+
+    def train_step(self) -> StepMetrics:
+        """One joint step: Pilot forward/log/backward/step, then a Copilot update."""
+        batch = self._batch(self.step)
+        out = pilot_forward(self.pilot, self.tap, batch)
+        entries = collect(out, topk=self.cfg.mistake_log.topk, step=self.step, rank=self.rank,
+                          sample_id=batch["sample_id"], storage_dtype=self.storage_dtype)
+        self.pilot.backward(out.loss)
+        self.pilot.step()
+        self.log.append(entries)
+        m = StepMetrics(pilot_loss=float(out.loss.detach()), tokens=int(batch["attention_mask"].sum()))
+        if self.step >= self.cfg.train.copilot_start_step:
+            m.copilot_loss, m.zero_rmse = self.copilot_step(entries)
+        return m
+
+    def copilot_step(self, current: MistakeBatch) -> tuple[float, float] | tuple[None, None]:
+        """Copilot forward on current + replayed entries, RMSE loss, backward, step."""
+        ml = self.cfg.mistake_log
+        parts = [current] if ml.include_current else []
+        replay = self.log.sample(step=self.step, num=ml.replay_size)
+        if replay is not None:
+            parts.append(replay)
+        if not parts:  # same on every rank: availability depends only on the step
+            return None, None
+        entries = MistakeBatch.cat(parts).to(self.device)
+        inputs = build_inputs(entries, self.device)
+        f = self.copilot(inputs)[inputs.q_valid]
+        seq = torch.repeat_interleave(torch.arange(entries.num_entries, device=self.device),
+                                      entries.target_lens.to(self.device))
+        loss, zero = copilot_rmse_loss(f, entries.labels, entries.topk_ids, entries.topk_probs,
+                                       seq, entries.num_entries)
+        self.copilot.backward(loss)
+        self.copilot.step()
+        return float(loss), float(zero)
+
+    # ------------------------------------------------------------------ helpers
+    def _batch(self, step: int) -> dict[str, torch.Tensor]:
+        e = self.cfg.train.pilot
+        idx = batch_indices(seed=self.cfg.seed, step=step, rank=self.rank, world_size=self.world,
+                            micro_batch_size=e.micro_batch_size, num_samples=len(self.samples))
+        return {k: v.to(self.device) for k, v in
+                collate([self.samples[i] for i in idx], self.pad_id).items()}
+
+    def _reduce(self, window: list[StepMetrics], seconds: float) -> dict[str, float]:
+        cop = [m for m in window if m.copilot_loss is not None]
+        vals = torch.tensor([
+            sum(m.pilot_loss for m in window) / len(window),
+            sum(m.copilot_loss for m in cop) / max(len(cop), 1),  # type: ignore[misc]
+            sum(m.zero_rmse for m in cop) / max(len(cop), 1),  # type: ignore[misc]
+            float(sum(m.tokens for m in window)),
+        ], dtype=torch.float64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(vals)
+        pl, cl, zr, tok = vals.tolist()
+        row = {"step": float(self.step), "pilot_loss": pl / self.world,
+               "tokens_per_s": tok / max(seconds, 1e-9)}
+        if cop:
+            row.update(copilot_rmse=cl / self.world, zero_rmse=zr / self.world)
+            row["rmse_ratio"] = row["copilot_rmse"] / max(row["zero_rmse"], 1e-12)
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        """Loop position and the Mistake Log (engines checkpoint themselves)."""
+        return {"step": self.step, "log": self.log.state_dict(),
+                "history": self.history.rows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from `state_dict`."""
+        self.step = state["step"]
+        self.log.load_state_dict(state["log"])
+        self.history.rows = list(state["history"])
+
+
+# ---------------------------------------------------------------------- evaluation & report
+def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotTap,
+                        tokenizer: Any, val_records: list[dict[str, str]],
+                        test_records: list[dict[str, str]], val_samples: list[TokenizedSample],
+                        rank: int, world: int, device: torch.device) -> dict[str, Any]:
+    """Teacher-forced diagnostics and the lambda sweep on validation; test once at chosen lambda."""
+    ev = cfg.eval
+    pilot.eval()
+    copilot.eval()
+    vocab = int(pilot.module.config.vocab_size)
+    diag = teacher_forced_diagnostics(pilot, tap, copilot, val_samples,
+                                      pad_id=tokenizer.pad_token_id, vocab_size=vocab,
+                                      lambdas=ev.lambdas, fusion=ev.fusion,
+                                      batch_size=ev.batch_size, rank=rank, world=world,
+                                      device=device)
+    common = dict(fusion=ev.fusion, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                  rank=rank, world=world, device=device)
+    val = generation_eval(pilot, tap, copilot, val_records, tokenizer,
+                          lambdas=[0.0, *ev.lambdas], **common)
+    lam, _ = choose_lambda(val)
+    test = generation_eval(pilot, tap, copilot, test_records, tokenizer, lambdas=[0.0, lam],
+                           **common)
+    return {
+        "pilot": {"accuracy": test.accuracy[0]},
+        "pilot+copilot": {"accuracy": test.accuracy[1], "lambda": lam,
+                          "flips": test.flips[1], "flipped_answers": test.flipped_rows[1],
+                          "flipped_answers_correct": test.flipped_rows_correct[1]},
+        "test_size": test.n,
+        "validation": {
+            "size": val.n,
+            "pilot_accuracy": val.accuracy[0],
+            "sweep": [{"lambda": lv, "accuracy": a, "flips": fl, "flipped_answers": fr,
+                       "flipped_answers_correct": fo}
+                      for lv, a, fl, fr, fo in zip(val.lambdas[1:], val.accuracy[1:],
+                                                   val.flips[1:], val.flipped_rows[1:],
+                                                   val.flipped_rows_correct[1:], strict=True)],
+            "teacher_forced": diag,
+            "generation": {"max_abs_f_median": val.max_abs_f_median,
+                           "pilot_margin_median": val.pilot_margin_median},
+        },
+        "fusion": ev.fusion,
+    }
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The human summary printed at the end of the main job."""
+    v = results["validation"]
+    tf = v["teacher_forced"]
+    lines = [
+        "",
+        f"{'':24}{'test accuracy':>15}",
+        f"{'Pilot':24}{results['pilot']['accuracy']:>15.4f}",
+        f"{'Pilot+Copilot (λ=' + format(results['pilot+copilot']['lambda'], 'g') + ')':24}"
+        f"{results['pilot+copilot']['accuracy']:>15.4f}",
+        f"test n={results['test_size']}; λ chosen on validation (n={v['size']}, "
+        f"Pilot {v['pilot_accuracy']:.4f})",
+        "validation sweep: " + ", ".join(f"λ={s['lambda']:g}:{s['accuracy']:.4f}"
+                                          f"({s['flips']} flips)" for s in v["sweep"]),
+        f"Copilot RMSE {tf['copilot_rmse']:.4f} vs zero baseline {tf['zero_rmse']:.4f} "
+        f"(ratio {tf['rmse_ratio']:.3f}); cos(f, ℓ) {tf['cosine']:.3f}",
+        f"median max|f| {v['generation']['max_abs_f_median']:.4f}, "
+        f"median Pilot top-1/top-2 margin {v['generation']['pilot_margin_median']:.4f}",
+    ]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.replace(path)
+
+
+def ds_configs(cfg: RunConfig, world: int) -> dict[str, dict[str, Any]]:
+    """Both engines' DeepSpeed configs."""
+    return {"pilot": render_deepspeed(cfg, "pilot", world_size=world),
+            "copilot": render_deepspeed(cfg, "copilot", world_size=world)}
+
+
+def save_config(cfg: RunConfig, out: Path, world: int) -> None:
+    """Resolved config and rendered DeepSpeed configs into the run directory (rank 0)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_yaml(cfg))
+    write_json(out / "deepspeed.json", ds_configs(cfg, world))
+
+
+def finite(x: float | None) -> bool:
+    """True for a finite float."""
+    return x is not None and math.isfinite(x)
