@@ -107,6 +107,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     tap = PilotTap(pilot_model)  # hooks on submodules survive DeepSpeed wrapping
     pilot = build_engine(pilot_model, render_deepspeed(cfg, "pilot", world_size=world))
     copilot = build_engine(copilot_model, render_deepspeed(cfg, "copilot", world_size=world))
+    partitioned = {"pilot": zero3_partitioned(pilot_model, world),
+                   "copilot": zero3_partitioned(copilot_model, world)}
     n_p = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in pilot_model.parameters())
     n_c = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
               for p in copilot_model.parameters())
@@ -139,6 +141,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             seconds={"base": t_base - t_start, "train": t_train - t_base,
                      "eval": t_eval - t_train, "total": time.time() - t_start},
             world_size=world,
+            zero3_partitioned=partitioned,
         )
         if rank == 0:
             write_json(out / "results.json", results)
@@ -157,6 +160,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         tap.remove()
         if dist.is_initialized():
             dist.barrier()
+
+
+def zero3_partitioned(model: torch.nn.Module, world: int) -> bool:
+    """True when every parameter is ZeRO-3 managed and each rank holds only its shard."""
+    params = list(model.parameters())
+    return world > 1 and all(
+        hasattr(p, "ds_id") and p.ds_tensor.numel() <= -(-p.ds_numel // world) for p in params
+    )
 
 
 def save_final(out: Path, *, pilot: Any, copilot: Any, trainer: Trainer, rank: int) -> None:

@@ -34,6 +34,10 @@ class Tracker:
             out = Path(cfg.output_dir).resolve()
             uri = cfg.tracking.uri or f"sqlite:///{out.parent / 'mlflow.db'}"
             mlflow.set_tracking_uri(uri)
+            if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+                # Artifacts beside the database, not in ./mlruns of whatever the cwd is.
+                mlflow.create_experiment(cfg.tracking.experiment,
+                                         artifact_location=(out.parent / "mlartifacts").as_uri())
             mlflow.set_experiment(cfg.tracking.experiment)
             mlflow.start_run(run_name=cfg.tracking.run_name or out.name)
             mlflow.log_params({k: str(v)[:500] for k, v in _flatten(to_dict(cfg)).items()})

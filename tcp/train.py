@@ -114,7 +114,7 @@ class Trainer:
                                        seq, entries.num_entries)
         self.copilot.backward(loss)
         self.copilot.step()
-        return float(loss), float(zero)
+        return float(loss.detach()), float(zero)
 
     # ------------------------------------------------------------------ helpers
     def _batch(self, step: int) -> dict[str, torch.Tensor]:
