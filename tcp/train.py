@@ -91,7 +91,8 @@ class Trainer:
         self.pilot.backward(out.loss)
         self.pilot.step()
         self.log.append(entries)
-        m = StepMetrics(pilot_loss=float(out.loss.detach()), tokens=int(batch["attention_mask"].sum()))
+        m = StepMetrics(pilot_loss=float(out.loss.detach()),
+                        tokens=int(batch["attention_mask"].sum()))
         if self.step >= self.cfg.train.copilot_start_step:
             m.copilot_loss, m.zero_rmse = self.copilot_step(entries)
         return m

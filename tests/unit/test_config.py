@@ -52,7 +52,7 @@ def test_overrides_and_scientific_notation(tmp_path):
 
 
 def test_unknown_section_key_lists_valid_keys():
-    with pytest.raises(ConfigError, match="Valid keys under 'train.pilot'.*micro_batch_size"):
+    with pytest.raises(ConfigError, match=r"Valid keys under 'train\.pilot'.*micro_batch_size"):
         load_config(None, ["train.pilot.batch=3"])
 
 

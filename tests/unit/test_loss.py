@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from tcp.kernels.copilot_loss import copilot_rmse_loss
 
 
