@@ -29,6 +29,17 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ValueError(f"{key}: {msg}")
 
 
+def _check_block_shape(cfg: Any) -> None:
+    """Positive sizes, and a width that splits evenly into heads (Pilot arch and Copilot)."""
+    for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads"):
+        _check(getattr(cfg, k) > 0, k, f"must be > 0 (got {getattr(cfg, k)})")
+    _check(
+        cfg.hidden_size % cfg.num_heads == 0,
+        "hidden_size",
+        f"must be divisible by num_heads ({cfg.hidden_size} % {cfg.num_heads} != 0)",
+    )
+
+
 @dataclass
 class ArchConfig:
     """Shape of a LLaMA-style model built from config (used when no pretrained path is given)."""
@@ -49,13 +60,7 @@ class ArchConfig:
     """Rotary embedding base."""
 
     def __post_init__(self) -> None:
-        for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads"):
-            _check(getattr(self, k) > 0, k, f"must be > 0 (got {getattr(self, k)})")
-        _check(
-            self.hidden_size % self.num_heads == 0,
-            "hidden_size",
-            f"must be divisible by num_heads ({self.hidden_size} % {self.num_heads} != 0)",
-        )
+        _check_block_shape(self)
         kv = self.num_kv_heads or self.num_heads
         _check(self.num_heads % kv == 0, "num_kv_heads", "must divide num_heads")
 
@@ -127,13 +132,7 @@ class CopilotConfig:
     """Rotary base for self- and cross-attention positions."""
 
     def __post_init__(self) -> None:
-        for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads"):
-            _check(getattr(self, k) > 0, k, f"must be > 0 (got {getattr(self, k)})")
-        _check(
-            self.hidden_size % self.num_heads == 0,
-            "hidden_size",
-            f"must be divisible by num_heads ({self.hidden_size} % {self.num_heads} != 0)",
-        )
+        _check_block_shape(self)
         _check(self.num_layers >= 2, "num_layers", "must be >= 2 (one self- and one cross-layer)")
 
 
