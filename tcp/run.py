@@ -109,9 +109,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     copilot = build_engine(copilot_model, render_deepspeed(cfg, "copilot", world_size=world))
     partitioned = {"pilot": zero3_partitioned(pilot_model, world),
                    "copilot": zero3_partitioned(copilot_model, world)}
-    n_p = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in pilot_model.parameters())
-    n_c = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-              for p in copilot_model.parameters())
+    n_p, n_c = param_count(pilot_model), param_count(copilot_model)
     print_rank0(f"[tcp] world={world} device={device.type}; Pilot {n_p / 1e6:.2f}M params, "
                 f"Copilot {n_c / 1e6:.2f}M params; {len(train_samples)} train samples")
 
@@ -162,11 +160,16 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             dist.barrier()
 
 
+def param_count(model: torch.nn.Module) -> int:
+    """Full parameter count, also when ZeRO-3 has left each rank only a shard."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
 def zero3_partitioned(model: torch.nn.Module, world: int) -> bool:
     """True when every parameter is ZeRO-3 managed and each rank holds only its shard."""
-    params = list(model.parameters())
     return world > 1 and all(
-        hasattr(p, "ds_id") and p.ds_tensor.numel() <= -(-p.ds_numel // world) for p in params
+        hasattr(p, "ds_id") and p.ds_tensor.numel() <= -(-p.ds_numel // world)
+        for p in model.parameters()
     )
 
 

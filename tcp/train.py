@@ -7,7 +7,6 @@ log append -> `copilot_step()`; then `evaluate_and_report()`.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,8 +238,3 @@ def save_config(cfg: RunConfig, out: Path, world: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(cfg))
     write_json(out / "deepspeed.json", ds_configs(cfg, world))
-
-
-def finite(x: float | None) -> bool:
-    """True for a finite float."""
-    return x is not None and math.isfinite(x)
