@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,10 @@ from tcp.data.collate import tokenize_records
 from tcp.data.loaders import load_split
 from tcp.data.tokenizer import build_char_tokenizer
 from tcp.engines import build_engine, init_distributed, save_hf, save_module
+from tcp.mistake_log.base import MistakeLog
+from tcp.mistake_log.disk import ZarrMistakeLog
 from tcp.mistake_log.memory import MemoryMistakeLog
+from tcp.mistake_log.store import FORMAT, Schema
 from tcp.models.copilot import Copilot, init_from_llama
 from tcp.models.pilot import PilotTap, build_llama, load_pretrained
 from tcp.tracking import Tracker
@@ -75,6 +79,30 @@ def build_copilot(cfg: RunConfig, *, vocab: int, d_pilot: int, base: Path | None
     return cop
 
 
+def build_mistake_log(cfg: RunConfig, out: Path, *, rank: int, d_model: int,
+                      vocab: int) -> MistakeLog:
+    """The configured backend. A fresh run replaces a previous run's Zarr log at the same
+    path (rank 0, announced); anything at that path that is not a Mistake Log is refused."""
+    ml = cfg.mistake_log
+    if ml.backend == "memory":
+        assert ml.window_steps != "all"  # rejected by the config
+        return MemoryMistakeLog(window_steps=ml.window_steps, seed=cfg.seed, rank=rank)
+    root = Path(ml.store.path) if ml.store.path else out / "mistake_log"
+    if rank == 0 and root.exists():
+        meta = root / "zarr.json"
+        if not meta.exists() or f'"{FORMAT}"' not in meta.read_text():
+            raise RuntimeError(f"{root} exists and is not a tcp Mistake Log; set "
+                               "mistake_log.store.path to an empty or new directory")
+        print_rank0(f"[tcp] replacing the Mistake Log of a previous run at {root}")
+        shutil.rmtree(root)
+    if dist.is_initialized():
+        dist.barrier()
+    return ZarrMistakeLog(root, rank=rank, cfg=ml.store,
+                          schema=Schema(d_model, min(ml.topk, vocab), ml.storage_dtype),
+                          window_steps=None if ml.window_steps == "all" else ml.window_steps,
+                          replay_size=ml.replay_size, seed=cfg.seed)
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     """The main job. Collective: every rank calls it."""
     t_start = time.time()
@@ -114,13 +142,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 f"Copilot {n_c / 1e6:.2f}M params; {len(train_samples)} train samples")
 
     tracker = Tracker(cfg, rank=rank)
-    log = MemoryMistakeLog(window_steps=cfg.mistake_log.window_steps, seed=cfg.seed, rank=rank)
+    log = build_mistake_log(cfg, out, rank=rank, d_model=d_pilot, vocab=vocab)
     trainer = Trainer(cfg, pilot=pilot, copilot=copilot, tap=tap, log=log,
                       samples=train_samples, pad_id=tokenizer.pad_token_id, rank=rank,
                       world=world, device=device, tracker=tracker)
     status = "FAILED"
     try:
         trainer.train()
+        log.close()  # flush: every entry committed before evaluation and checkpoints
         t_train = time.time()
         print_rank0(f"[tcp] joint training done in {t_train - t_base:.1f}s")
         results: dict[str, Any] = {"seed": cfg.seed}
@@ -140,6 +169,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                      "eval": t_eval - t_train, "total": time.time() - t_start},
             world_size=world,
             zero3_partitioned=partitioned,
+            mistake_log=gather_log_metrics(log, world),
         )
         if rank == 0:
             write_json(out / "results.json", results)
@@ -154,10 +184,25 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         status = "FINISHED"
         return results
     finally:
+        try:
+            log.close()
+        except Exception:
+            if status == "FINISHED":
+                raise  # otherwise the original error is the one to see
         tracker.close(status)
         tap.remove()
         if dist.is_initialized():
             dist.barrier()
+
+
+def gather_log_metrics(log: MistakeLog, world: int) -> dict[str, Any]:
+    """Every rank's writer/sampler counters (zarr backend), for results.json."""
+    mine = log.metrics()
+    ranks: list[Any] = [mine]
+    if dist.is_initialized() and world > 1:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, mine)
+    return {"backend": "zarr" if mine else "memory", "ranks": ranks}
 
 
 def param_count(model: torch.nn.Module) -> int:

@@ -86,10 +86,11 @@ class Trainer:
         batch = self._batch(self.step)
         out = pilot_forward(self.pilot, self.tap, batch)
         entries = collect(out, topk=self.cfg.mistake_log.topk, step=self.step, rank=self.rank,
-                          sample_id=batch["sample_id"], storage_dtype=self.storage_dtype)
+                          sample_id=batch["sample_id"], storage_dtype=self.storage_dtype,
+                          device=self.device)
+        self.log.append(entries)  # asynchronous: the write overlaps the Pilot's backward
         self.pilot.backward(out.loss)
         self.pilot.step()
-        self.log.append(entries)
         m = StepMetrics(pilot_loss=float(out.loss.detach()),
                         tokens=int(batch["attention_mask"].sum()))
         if self.step >= self.cfg.train.copilot_start_step:
@@ -137,6 +138,7 @@ class Trainer:
         pl, cl, zr, tok = vals.tolist()
         row = {"step": float(self.step), "pilot_loss": pl / self.world,
                "tokens_per_s": tok / max(seconds, 1e-9)}
+        row.update({f"mistake_log/{k}": v for k, v in self.log.metrics().items()})  # this rank
         if cop:
             row.update(copilot_rmse=cl / self.world, zero_rmse=zr / self.world)
             row["rmse_ratio"] = row["copilot_rmse"] / max(row["zero_rmse"], 1e-12)

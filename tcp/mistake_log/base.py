@@ -1,4 +1,4 @@
-"""The `MistakeLog` interface every backend implements (memory now; Zarr on disk next).
+"""The `MistakeLog` interface every backend implements: memory.py (RAM window), disk.py (Zarr).
 
 Sampling decisions are pure functions of (seed, step, rank): a resumed run draws the same entries.
 """
@@ -43,4 +43,8 @@ class MistakeLog(abc.ABC):
         """Restore from `state_dict`."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends need it
-        """Flush and release resources."""
+        """Flush and release resources. Idempotent."""
+
+    def metrics(self) -> dict[str, float]:
+        """Backend counters worth tracking (bytes, queue depth, waits); empty by default."""
+        return {}

@@ -1,0 +1,65 @@
+"""`ZarrMistakeLog`: the durable backend — an asynchronous writer and a streaming sampler over
+one rank's shard of a Zarr v3 store, behind the `MistakeLog` interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tcp.config import ZarrStoreConfig
+from tcp.mistake_log.base import MistakeLog
+from tcp.mistake_log.record import MistakeBatch
+from tcp.mistake_log.sampler import StreamingSampler
+from tcp.mistake_log.store import RankStoreReader, RankStoreWriter, Schema
+from tcp.mistake_log.writer import AsyncWriter
+
+
+class ZarrMistakeLog(MistakeLog):
+    """Every entry goes to disk; replay batches are read back, never from RAM."""
+
+    def __init__(self, root: Path | str, *, rank: int, schema: Schema, cfg: ZarrStoreConfig,
+                 window_steps: int | None, replay_size: int, seed: int) -> None:
+        self.root, self.rank, self.cfg = Path(root), rank, cfg
+        self.writer = AsyncWriter(RankStoreWriter(root, rank, schema, cfg),
+                                  queue_depth=cfg.queue_depth, on_full=cfg.on_full)
+        self.reader = RankStoreReader(root, rank)
+        self.sampler = StreamingSampler(
+            self.reader, seed=seed, rank=rank, num=replay_size, window_steps=window_steps,
+            lag_steps=cfg.replay_lag_steps, recency_half_life=cfg.recency_half_life,
+            prefetch=cfg.prefetch,
+            wait=lambda s: self.writer.wait_committed(s, timeout=cfg.wait_timeout_s),
+            submitted=self.writer.submitted_through)
+
+    def append(self, batch: MistakeBatch) -> None:
+        self.writer.submit(batch)
+
+    def sample(self, *, step: int, num: int) -> MistakeBatch | None:
+        if num != self.sampler.num:
+            raise ValueError(f"this log replays {self.sampler.num} entries per step "
+                             f"(mistake_log.replay_size), asked for {num}")
+        return self.sampler.sample(step)
+
+    def __len__(self) -> int:
+        return self.writer.metrics.committed_entries
+
+    def metrics(self) -> dict[str, float]:
+        """Writer counters plus the sampler's wait time (for MLflow and results.json)."""
+        m = self.writer.metrics.as_dict()
+        m["sampler_wait_s"] = self.sampler.wait_s
+        return m
+
+    def state_dict(self) -> dict[str, Any]:
+        man = self.writer.store.manifest
+        return {"backend": "zarr", "root": str(self.root), "sampler": self.sampler.state_dict(),
+                "committed": {"entries": man.entries, "tokens": man.tokens,
+                              "prompt_rows": man.prompt_rows, "last_step": man.last_step}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("backend") != "zarr":
+            raise ValueError("trainer state holds a non-zarr Mistake Log; resume with the "
+                             "run's original mistake_log.backend")
+        self.sampler.load_state_dict(state["sampler"])
+
+    def close(self) -> None:
+        self.sampler.close()
+        self.writer.close()
