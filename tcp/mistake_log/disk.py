@@ -49,6 +49,8 @@ class ZarrMistakeLog(MistakeLog):
         return m
 
     def state_dict(self) -> dict[str, Any]:
+        """Flushes first: the recorded commit cursor covers every entry appended so far."""
+        self.writer.flush()
         man = self.writer.store.manifest
         return {"backend": "zarr", "root": str(self.root), "sampler": self.sampler.state_dict(),
                 "committed": {"entries": man.entries, "tokens": man.tokens,

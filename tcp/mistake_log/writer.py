@@ -208,7 +208,8 @@ class AsyncWriter:
     def flush(self) -> None:
         """Wait until everything submitted is committed."""
         self._raise_if_failed()
-        self._q.join()
+        if not self._closed:
+            self._q.join()
         self._raise_if_failed()
 
     def close(self) -> Manifest:

@@ -56,6 +56,36 @@ def test_two_rank_zero3_joint_run(tmp_path):
                 "checkpoints/trainer_rank1.pt"):
         assert (run / rel).exists(), rel
     assert (tmp_path / "mlflow.db").exists()
+    check_mistake_log(run, res, steps=24, micro_batch_size=8)
+
+
+def check_mistake_log(run: Path, res: dict, *, steps: int, micro_batch_size: int) -> None:
+    """The default Zarr backend: it verifies, and each rank's shard holds exactly the entries
+    that rank produced (one per sample of its micro-batch, every step, in order)."""
+    from tcp.data.collate import batch_indices
+    from tcp.mistake_log.maintenance import verify
+    from tcp.mistake_log.store import RankStoreReader
+
+    rep = verify(run / "mistake_log")
+    assert rep.ok, rep.summary()
+    assert [r.rank for r in rep.ranks] == [0, 1]
+    train = res["data"]["train"]
+    assert train["kept"] == train["total"]  # so sample ids are dataset indices
+    for rank in (0, 1):
+        rd = RankStoreReader(run / "mistake_log", rank)
+        got = rd.read_range(0, rd.num_entries)
+        want_steps, want_ids = [], []
+        for step in range(steps):
+            ids = batch_indices(seed=res["seed"], step=step, rank=rank, world_size=2,
+                                micro_batch_size=micro_batch_size, num_samples=train["total"])
+            want_steps += [step] * len(ids)
+            want_ids += ids
+        assert got.step.tolist() == want_steps
+        assert got.sample_id.tolist() == want_ids
+        assert (got.rank == rank).all() and (got.loss > 0).all()
+        assert (got.topk_probs.sum(-1) + got.residual - 1).abs().max() < 1e-4
+    for r in res["mistake_log"]["ranks"]:
+        assert r["committed_entries"] == steps * micro_batch_size and r["dropped_entries"] == 0
 
 
 def test_local_pretrained_pilot_and_jsonl_data(tmp_path):

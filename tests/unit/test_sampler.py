@@ -1,0 +1,141 @@
+"""The streaming sampler: deterministic, exact resume, waits for commits, same draw as RAM."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from tcp.config import ZarrStoreConfig
+from tcp.mistake_log.disk import ZarrMistakeLog
+from tcp.mistake_log.memory import MemoryMistakeLog
+from tcp.mistake_log.sampler import StreamingSampler
+from tcp.mistake_log.store import RankStoreReader, RankStoreWriter, Schema
+from tcp.mistake_log.writer import AsyncWriter
+from tests.helpers import fake_entries
+from tests.unit.test_zarr_store import SMALL, assert_same, write_steps
+
+
+def key(b):
+    return sorted(zip(b.step.tolist(), b.sample_id.tolist(), strict=True))
+
+
+def sampler(root, **kw):
+    args = dict(seed=3, rank=0, num=6, window_steps=8, lag_steps=1, prefetch=2) | kw
+    return StreamingSampler(RankStoreReader(root, 0), **args)
+
+
+def test_deterministic_and_within_window(tmp_path):
+    write_steps(tmp_path, range(40), commit_every=7)
+    a, b = sampler(tmp_path), sampler(tmp_path, prefetch=0)
+    for step in range(0, 41):
+        x, y = a.sample(step), b.sample(step)
+        if step <= 1:  # window [step - 9, step - 1) is empty
+            assert x is None and y is None
+            continue
+        assert key(x) == key(y)
+        assert_same(x, y)
+        lo, hi = max(0, step - 9), step - 1
+        assert all(lo <= s < hi for s in x.step.tolist())
+        if 4 * (hi - lo) >= 6:  # without replacement while the window holds enough entries
+            assert x.sample_id.unique().numel() == x.num_entries
+    assert key(sampler(tmp_path, seed=4).sample(30)) != key(a.draw(30))
+    assert key(sampler(tmp_path, rank=1).draw(30)) != key(a.draw(30))
+    a.close()
+
+
+def test_resumes_exactly_from_state_dict(tmp_path):
+    write_steps(tmp_path, range(30))
+    a = sampler(tmp_path, recency_half_life=4.0)
+    first = [key(a.sample(s)) for s in range(10, 20)]
+    state = a.state_dict()
+    rest = [key(a.sample(s)) for s in range(20, 30)]
+    b = sampler(tmp_path, recency_half_life=4.0)
+    b.load_state_dict(state)
+    assert b.last_step == 19
+    assert [key(b.sample(s)) for s in range(20, 30)] == rest
+    assert first != rest
+    with pytest.raises(ValueError, match="seed"):
+        sampler(tmp_path, seed=9, recency_half_life=4.0).load_state_dict(state)
+
+
+def test_same_draw_as_the_memory_log(tmp_path):
+    """With lag 0 the window is the memory backend's [t - window, t): the same entries."""
+    write_steps(tmp_path, range(25))
+    mem = MemoryMistakeLog(window_steps=8, seed=3, rank=0)
+    st = sampler(tmp_path, lag_steps=0)
+    for step in range(25):
+        a, b = st.sample(step), mem.sample(step=step, num=6)
+        assert (a is None) == (b is None) == (step == 0)
+        if a is not None:
+            assert key(a) == key(b)
+        mem.append(fake_entries(step))
+
+
+def test_recency_weighting_prefers_recent_steps(tmp_path):
+    write_steps(tmp_path, range(200))
+    flat = sampler(tmp_path, num=400, window_steps=None, prefetch=0).draw(200)
+    recent = sampler(tmp_path, num=400, window_steps=None, recency_half_life=10.0,
+                     prefetch=0).draw(200)
+    assert flat.step.float().mean() < 120 < recent.step.float().mean()
+    assert recent.step.min() >= 0 and recent.step.max() <= 198
+    # 'all' covers the whole log, not just a window
+    assert flat.step.min() < 20
+
+
+def test_waits_for_commits_instead_of_guessing(tmp_path):
+    """A slow writer never changes what is drawn: the sampler waits for the window."""
+    write_steps(tmp_path, range(1))
+    store = RankStoreWriter(tmp_path, 0, Schema(16, 3, "float32"),
+                            ZarrStoreConfig(chunk_mib=SMALL))
+    real = store.commit
+
+    def slow_commit():
+        time.sleep(0.03)
+        return real()
+
+    store.commit = slow_commit  # type: ignore[method-assign]
+    w = AsyncWriter(store, queue_depth=16)
+    live = sampler(tmp_path, lag_steps=0, prefetch=2,
+                   wait=lambda s: w.wait_committed(s, timeout=30), submitted=w.submitted_through)
+    got = {}
+    for step in range(1, 20):
+        w.submit(fake_entries(step))
+        got[step] = key(live.sample(step))  # needs steps < step: often not committed yet
+    w.close()
+    live.close()
+    offline = sampler(tmp_path, lag_steps=0, prefetch=0)
+    for step, k in got.items():
+        assert k == key(offline.draw(step)), step
+    assert live.wait_s > 0
+
+
+def test_wait_times_out_with_a_clear_error(tmp_path):
+    store = RankStoreWriter(tmp_path, 0, Schema(16, 3, "float32"), ZarrStoreConfig(chunk_mib=SMALL))
+    w = AsyncWriter(store)
+    release = threading.Event()
+    real = store.commit
+    store.commit = lambda: (release.wait(), real())[1]  # type: ignore[method-assign]
+    w.submit(fake_entries(0))
+    with pytest.raises(TimeoutError, match="step 0 of the Mistake Log not committed"):
+        w.wait_committed(0, timeout=0.2)
+    release.set()
+    w.close()
+
+
+def test_zarr_log_behind_the_mistake_log_interface(tmp_path):
+    cfg = ZarrStoreConfig(chunk_mib=SMALL, replay_lag_steps=1)
+    log = ZarrMistakeLog(tmp_path, rank=0, schema=Schema(16, 3, "float32"), cfg=cfg,
+                         window_steps=4, replay_size=5, seed=1)
+    seen = []
+    for step in range(12):
+        log.append(fake_entries(step))
+        b = log.sample(step=step, num=5)
+        if b is not None:
+            seen.append(key(b))
+            assert all(step - 5 <= s < step - 1 for s in b.step.tolist())
+    state = log.state_dict()
+    log.close()
+    assert len(log) == 48 and log.metrics()["committed_entries"] == 48
+    assert state["committed"]["last_step"] == 11 and state["sampler"]["last_step"] == 11
+    assert torch.tensor(len(seen)) == 10
