@@ -217,7 +217,9 @@ class ZarrStoreConfig:
     before compressing (numcodecs BitRound; relative error <= 2^-(keepbits+1)). None = lossless.
     Not available for bfloat16 storage."""
     chunk_mib: float = 1.0
-    """Target uncompressed size of one chunk of the per-token/per-prompt-row arrays."""
+    """Target uncompressed size of one chunk of the per-token/per-prompt-row arrays (at least
+    64 rows). Small chunks make replay reads cheap (a sampled entry decodes its chunk) and the
+    per-commit rewrite of the open chunk small; large ones compress slightly better."""
     shard_chunks: int = 0
     """If > 0, pack this many chunks into one shard file (Zarr sharding codec) to bound the file
     count. Each commit rewrites the open shard, so keep it small (e.g. 8-32)."""
@@ -235,6 +237,9 @@ class ZarrStoreConfig:
     """The sampler at step t replays steps [t - lag - window, t - lag): a lag of 1 gives the
     writer a whole step to commit before anyone waits on it. Sampling waits (never guesses) when
     a needed step is not committed yet."""
+    read_cache_mib: float = 256.0
+    """Decoded chunks the sampler keeps (LRU, sealed chunks only): replaying a window then
+    re-reads little. Bounds the reader's memory whatever the log's size."""
     prefetch: int = 2
     """Replay batches the sampler reads ahead in a background thread (bounds its memory)."""
     recency_half_life: float | None = None
@@ -248,6 +253,7 @@ class ZarrStoreConfig:
         _check(self.queue_depth >= 1, "queue_depth", "must be >= 1")
         _check(self.replay_lag_steps >= 0, "replay_lag_steps", "must be >= 0")
         _check(self.prefetch >= 0, "prefetch", "must be >= 0")
+        _check(self.read_cache_mib >= 0, "read_cache_mib", "must be >= 0")
         _check(self.wait_timeout_s > 0, "wait_timeout_s", "must be > 0")
         _check(self.recency_half_life is None or self.recency_half_life > 0,
                "recency_half_life", "must be > 0 or null")

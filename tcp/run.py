@@ -79,6 +79,18 @@ def build_copilot(cfg: RunConfig, *, vocab: int, d_pilot: int, base: Path | None
     return cop
 
 
+def build_engines(cfg: RunConfig, tokenizer: Any, base: Path | None,
+                  world: int) -> tuple[Any, Any, PilotTap]:
+    """Both models wrapped in their DeepSpeed engines, and the Pilot's tap. Collective."""
+    pilot_model = build_pilot(cfg, tokenizer, base, world)
+    vocab, d_pilot = int(pilot_model.config.vocab_size), int(pilot_model.config.hidden_size)
+    copilot_model = build_copilot(cfg, vocab=vocab, d_pilot=d_pilot, base=base)
+    tap = PilotTap(pilot_model)  # hooks on submodules survive DeepSpeed wrapping
+    pilot = build_engine(pilot_model, render_deepspeed(cfg, "pilot", world_size=world))
+    copilot = build_engine(copilot_model, render_deepspeed(cfg, "copilot", world_size=world))
+    return pilot, copilot, tap
+
+
 def build_mistake_log(cfg: RunConfig, out: Path, *, rank: int, d_model: int,
                       vocab: int) -> MistakeLog:
     """The configured backend. A fresh run replaces a previous run's Zarr log at the same
@@ -129,12 +141,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if cfg.model.name_or_path is None and cfg.base.enabled:
         base = ensure_base_model(cfg, tokenizer, rank=rank, world=world, device=device)
     t_base = time.time()
-    pilot_model = build_pilot(cfg, tokenizer, base, world)
+    pilot, copilot, tap = build_engines(cfg, tokenizer, base, world)
+    pilot_model, copilot_model = pilot.module, copilot.module
     vocab, d_pilot = int(pilot_model.config.vocab_size), int(pilot_model.config.hidden_size)
-    copilot_model = build_copilot(cfg, vocab=vocab, d_pilot=d_pilot, base=base)
-    tap = PilotTap(pilot_model)  # hooks on submodules survive DeepSpeed wrapping
-    pilot = build_engine(pilot_model, render_deepspeed(cfg, "pilot", world_size=world))
-    copilot = build_engine(copilot_model, render_deepspeed(cfg, "copilot", world_size=world))
     partitioned = {"pilot": zero3_partitioned(pilot_model, world),
                    "copilot": zero3_partitioned(copilot_model, world)}
     n_p, n_c = param_count(pilot_model), param_count(copilot_model)

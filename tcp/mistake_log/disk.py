@@ -22,7 +22,7 @@ class ZarrMistakeLog(MistakeLog):
         self.root, self.rank, self.cfg = Path(root), rank, cfg
         self.writer = AsyncWriter(RankStoreWriter(root, rank, schema, cfg),
                                   queue_depth=cfg.queue_depth, on_full=cfg.on_full)
-        self.reader = RankStoreReader(root, rank)
+        self.reader = RankStoreReader(root, rank, cache_mib=cfg.read_cache_mib)
         self.sampler = StreamingSampler(
             self.reader, seed=seed, rank=rank, num=replay_size, window_steps=window_steps,
             lag_steps=cfg.replay_lag_steps, recency_half_life=cfg.recency_half_life,

@@ -21,11 +21,13 @@ Every chunk also carries a CRC32C (Zarr's crc32c codec), so a corrupt chunk fail
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
 import warnings
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ import zarr
 from zarr.abc.codec import ArrayArrayCodec, BytesBytesCodec
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.buffer import Buffer
+from zarr.core.sync import sync as zarr_sync
 from zarr.storage import LocalStore
 
 from tcp.config import ZarrStoreConfig
@@ -392,11 +395,13 @@ class RankStoreWriter:
         if not self._pending_meta:
             return self.manifest
         m = self.manifest
+        jobs: list[Any] = []
         for name in ALL_ARRAYS:
             new = np.concatenate(self._pending[name]) if len(self._pending[name]) > 1 else \
                 self._pending[name][0]
             m.digests[name] = zlib.crc32(np.ascontiguousarray(new).data, m.digests[name])
-            self._write_rows(name, m.rows(name), new)
+            jobs += self._write_rows(name, m.rows(name), new)
+        zarr_sync(_gather(jobs))  # all arrays' chunks encoded and written concurrently
         self.store.sync(self.cfg.fsync)
         n_entries = sum(e for e, _, _ in self._pending_meta)
         m.entries += n_entries
@@ -419,9 +424,10 @@ class RankStoreWriter:
         """Count entries the asynchronous writer had to drop (recorded at the next commit)."""
         self.manifest.dropped_entries += entries
 
-    def _write_rows(self, name: str, start: int, new: np.ndarray) -> None:
-        """Write rows [start, start + len(new)) as whole write units (chunks or shards): the
-        open unit is rewritten from the in-memory tail, padded, so Zarr never reads it back."""
+    def _write_rows(self, name: str, start: int, new: np.ndarray) -> list[Any]:
+        """Plan rows [start, start + len(new)) as whole write units (chunks or shards): the
+        open unit is rewritten from the in-memory tail, padded, so Zarr never reads it back.
+        Grows the array if needed; returns the write coroutines (run by `commit`)."""
         unit = write_unit(self.schema, name, self.cfg)
         tail = self._tail[name]
         buf = np.concatenate([tail, new]) if tail.shape[0] else new
@@ -435,14 +441,17 @@ class RankStoreWriter:
             grow = -(-grow // unit) * unit
             arr.resize((grow, *arr.shape[1:]))
         full = (buf.shape[0] // unit) * unit
+        jobs = []
+        aa = arr.async_array
         if full:
-            arr[base:base + full] = buf[:full]
+            jobs.append(aa.setitem(slice(base, base + full), buf[:full]))
         rest = buf[full:]
         if rest.shape[0]:
             padded = np.full((unit, *rest.shape[1:]), arr.fill_value, dtype=rest.dtype)
             padded[:rest.shape[0]] = rest
-            arr[base + full:base + full + unit] = padded
+            jobs.append(aa.setitem(slice(base + full, base + full + unit), padded))
         self._tail[name] = rest.copy()
+        return jobs
 
     def _publish(self) -> None:
         self.manifest.updated = time.time()
@@ -464,8 +473,12 @@ def _listdir_keys(root: Path, prefix: str) -> list[str]:
 class RankStoreReader:
     """Reads one rank's committed entries. `refresh()` picks up newer commits."""
 
-    def __init__(self, root: Path | str, rank: int) -> None:
+    def __init__(self, root: Path | str, rank: int, *, cache_mib: float = 256.0) -> None:
+        """`cache_mib` bounds the decoded-chunk cache (memory independent of the log's size)."""
         self.root, self.rank = Path(root), rank
+        self.cache_bytes = int(cache_mib * 2**20)
+        self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._cache_bytes = 0
         self.dir = self.root / rank_group(rank)
         if not (self.root / "zarr.json").exists():
             raise FileNotFoundError(f"{self.root}: no Mistake Log here (no zarr.json)")
@@ -538,14 +551,13 @@ class RankStoreReader:
         if idx.size and (idx.min() < 0 or idx.max() >= self.manifest.entries):
             raise IndexError(f"rank {self.rank}: entry index out of committed range "
                              f"[0, {self.manifest.entries})")
-        a = self.arrays
-        meta = {n: _take(a[n], idx) for n in ENTRY_ARRAYS}
+        meta = self._rows(dict.fromkeys(ENTRY_ARRAYS, idx))
         y_rows = ranges_to_rows(meta["y_start"], meta["y_len"])
         x_rows = ranges_to_rows(meta["x_start"], meta["x_len"])
-        tok = {n: _take(a[n], y_rows) for n in TOKEN_ARRAYS}
+        tok = self._rows({**dict.fromkeys(TOKEN_ARRAYS, y_rows), "x_tilde": x_rows})
         sd = self.schema.state_dtype
         return MistakeBatch(
-            x_tilde=state_tensor(_take(a["x_tilde"], x_rows), sd),
+            x_tilde=state_tensor(tok["x_tilde"], sd),
             x_offsets=offsets_from_lengths(torch.from_numpy(meta["x_len"])),
             h=state_tensor(tok["h"], sd),
             y_offsets=offsets_from_lengths(torch.from_numpy(meta["y_len"])),
@@ -559,19 +571,58 @@ class RankStoreReader:
             loss=torch.from_numpy(meta["loss"]),
         )
 
+    def _rows(self, requests: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows of several arrays. Whole chunks are read (all missing ones concurrently, in one
+        round trip to Zarr's event loop) and sealed chunks are kept in an LRU of decoded
+        chunks bounded by `cache_mib`, so replaying a window re-reads little."""
+        plan: dict[str, tuple[int, np.ndarray]] = {}
+        keys: list[tuple[str, int, bool]] = []
+        jobs: list[Any] = []
+        for name, rows in requests.items():
+            arr, c = self.arrays[name], int(self.arrays[name].chunks[0])
+            cids = np.unique(rows // c)
+            plan[name] = (c, cids)
+            n = self.manifest.rows(name)
+            for ci in cids.tolist():
+                if (name, ci) not in self._cache:
+                    hi = min((ci + 1) * c, n)
+                    jobs.append(arr.async_array.getitem(slice(ci * c, hi)))
+                    keys.append((name, ci, hi - ci * c == c))
+        fetched = {}
+        for (name, ci, sealed), res in zip(keys, zarr_sync(_gather(jobs)), strict=True):
+            fetched[(name, ci)] = res = np.asarray(res)
+            if sealed:
+                self._cache_put((name, ci), res)
+        out = {}
+        for name, rows in requests.items():
+            c, cids = plan[name]
+            arr = self.arrays[name]
+            res = np.empty((rows.size, *arr.shape[1:]), dtype=arr.dtype)
+            which = rows // c
+            for ci in cids.tolist():
+                chunk = fetched.get((name, ci))
+                if chunk is None:
+                    chunk = self._cache[(name, ci)]
+                    self._cache.move_to_end((name, ci))
+                sel = which == ci
+                res[sel] = chunk[rows[sel] - ci * c]
+            out[name] = res
+        return out
+
+    def _cache_put(self, key: tuple[str, int], chunk: np.ndarray) -> None:
+        self._cache[key] = chunk
+        self._cache_bytes += chunk.nbytes
+        while self._cache_bytes > self.cache_bytes and self._cache:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= old.nbytes
+
     def read_range(self, first: int, last: int) -> MistakeBatch:
         """Entries [first, last)."""
         return self.read(np.arange(first, last, dtype=np.int64))
 
 
-def _take(arr: Any, rows: np.ndarray) -> np.ndarray:
-    """Rows of a Zarr array; one contiguous slice when the rows are a run."""
-    if rows.size == 0:
-        return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
-    if rows[-1] - rows[0] + 1 == rows.size and bool((np.diff(rows) == 1).all()):
-        return np.asarray(arr[int(rows[0]):int(rows[-1]) + 1])
-    uniq, inv = np.unique(rows, return_inverse=True)
-    return np.asarray(arr.oindex[uniq])[inv]
+async def _gather(jobs: list[Any]) -> list[Any]:
+    return list(await asyncio.gather(*jobs))
 
 
 def ranks_in(root: Path | str) -> list[int]:

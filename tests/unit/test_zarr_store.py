@@ -15,6 +15,7 @@ from tcp.mistake_log.record import MistakeBatch
 from tcp.mistake_log.store import RankStoreReader, RankStoreWriter, Schema
 from tcp.mistake_log.writer import AsyncWriter, MistakeLogWriteError
 from tests.helpers import fake_entries
+from tools.mistake_log import main as mistake_log_tool
 
 SMALL = 64 * 16 * 4 / 2**20  # chunk_mib giving 64-row chunks at d=16 float32
 
@@ -131,6 +132,7 @@ def test_uncommitted_tail_is_ignored_and_reported(tmp_path):
 
 def test_corrupt_chunk_is_detected(tmp_path):
     write_steps(tmp_path, range(20))
+    assert mistake_log_tool(["verify", str(tmp_path)]) == 0
     chunk = sorted((tmp_path / "rank00000" / "h" / "c").rglob("*"))
     victim = next(p for p in chunk if p.is_file())
     data = bytearray(victim.read_bytes())
@@ -138,6 +140,8 @@ def test_corrupt_chunk_is_detected(tmp_path):
     victim.write_bytes(bytes(data))
     rep = verify(tmp_path)
     assert not rep.ok and any(e.startswith("h:") for e in rep.ranks[0].errors)
+    assert mistake_log_tool(["verify", str(tmp_path)]) == 1
+    assert mistake_log_tool(["verify", "--quick", str(tmp_path)]) == 0  # metadata is fine
     with pytest.raises(ValueError, match="checksum"):
         RankStoreReader(tmp_path, 0).read_range(0, 80)
 

@@ -1,0 +1,340 @@
+"""Benchmark of the on-disk Mistake Log (issue: asynchronous writer + streaming sampler).
+
+Measures, side by side in one run (one process, DeepSpeed world of 1, ZeRO-3 engines):
+  (a) joint step time with the Zarr log on vs the RAM-only log (interleaved blocks of steps);
+  (b) writer throughput vs a raw sequential write of the same bytes to the same disk, and the
+      training thread's pure-Python rate while the writer compresses (GIL check);
+  (c) stored/raw bytes per codec on the entries logged in (a) (real Pilot states), with the
+      measured error of the lossy options;
+  (d) Copilot step time replaying from the store vs the same entries preloaded in RAM, and the
+      reader's headroom over the Copilot's consumption rate.
+
+    .venv/bin/python tools/bench_mistake_log.py [--config configs/default.yaml] [--steps 120]
+        [--out runs/bench-mistake-log] [key=value overrides...]
+
+Prints a Markdown report (paste into docs/benchmarks.md) and writes <out>/bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tcp.config import ZarrStoreConfig, load_config
+from tcp.data.collate import tokenize_records
+from tcp.data.loaders import load_split
+from tcp.engines import init_distributed
+from tcp.mistake_log.disk import ZarrMistakeLog
+from tcp.mistake_log.memory import MemoryMistakeLog
+from tcp.mistake_log.record import MistakeBatch
+from tcp.mistake_log.sampler import StreamingSampler
+from tcp.mistake_log.store import RankStoreReader, RankStoreWriter, Schema
+from tcp.mistake_log.writer import AsyncWriter
+from tcp.run import build_engines, load_tokenizer
+from tcp.tracking import Tracker
+from tcp.train import Trainer
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def single_rank_env() -> None:
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                 ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(29700 + os.getpid() % 200))):
+        os.environ.setdefault(k, v)
+
+
+# ---------------------------------------------------------------------- (a)
+def bench_steps(cfg: Any, out: Path, steps: int, block: int) -> dict[str, Any]:
+    _, world, device = init_distributed()
+    tok = load_tokenizer(cfg)
+    samples, _ = tokenize_records(load_split(cfg.data, "train", seed=cfg.seed), tok,
+                                  max_length=cfg.data.max_length, overlength=cfg.data.overlength)
+    pilot, copilot, tap = build_engines(cfg, tok, None, world)
+    vocab, d = int(pilot.module.config.vocab_size), int(pilot.module.config.hidden_size)
+    ml = cfg.mistake_log
+    root = out / "mistake_log"
+    shutil.rmtree(root, ignore_errors=True)
+    schema = Schema(d, min(ml.topk, vocab), ml.storage_dtype)
+    on_log = ZarrMistakeLog(root, rank=0, schema=schema, cfg=ml.store,
+                            window_steps=ml.window_steps, replay_size=ml.replay_size, seed=cfg.seed)
+    off_log = MemoryMistakeLog(window_steps=ml.window_steps, seed=cfg.seed, rank=0)
+    tracker = Tracker(cfg, rank=1)  # rank != 0: tracking off
+    common = dict(pilot=pilot, copilot=copilot, tap=tap, samples=samples,
+                  pad_id=tok.pad_token_id, rank=0, world=1, device=device, tracker=tracker)
+    trainers = {"on": Trainer(cfg, log=on_log, **common),
+                "off": Trainer(cfg, log=off_log, **common)}
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    for name in ("on", "off"):  # warm-up (allocator, first replay)
+        for _ in range(3):
+            trainers[name].train_step()
+            trainers[name].step += 1
+    for i in range(steps // block):
+        for name in (("on", "off") if i % 2 == 0 else ("off", "on")):
+            t = trainers[name]
+            for _ in range(block):
+                t0 = time.perf_counter()
+                t.train_step()
+                times[name].append(time.perf_counter() - t0)
+                t.step += 1
+    on_log.close()
+    res = {name: {"median_s": statistics.median(v), "p99_s": pct(v, 0.99), "n": len(v)}
+           for name, v in times.items()}
+    res["median_ratio"] = res["on"]["median_s"] / res["off"]["median_s"]
+    res["p99_ratio"] = res["on"]["p99_s"] / res["off"]["p99_s"]
+    res["writer"] = on_log.metrics()
+    res["entries_per_step"] = cfg.train.pilot.micro_batch_size
+    res["_trainers"] = trainers  # reused by (d)
+    return res
+
+
+# ---------------------------------------------------------------------- (b)
+def python_rate(seconds: float) -> float:
+    """Iterations/s of a pure-Python loop (needs the GIL the whole time)."""
+    n, t_end = 0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        for _ in range(1000):
+            n += 1
+    return n / seconds
+
+
+def bench_writer(entries: list[MistakeBatch], schema: Schema, cfg: ZarrStoreConfig, out: Path,
+                 target_mib: float) -> dict[str, Any]:
+    root = out / "throughput"
+    shutil.rmtree(root, ignore_errors=True)
+    raw_per_round = sum(_raw_bytes(b) for b in entries)
+    rounds = max(1, int(target_mib * 2**20 // raw_per_round))
+    w = AsyncWriter(RankStoreWriter(root, 0, schema, cfg), queue_depth=cfg.queue_depth)
+    batches = [MistakeBatch(**{**b.state_dict(), "step": torch.full_like(b.step, i)})
+               for i, b in enumerate(entries * rounds)]
+    t0 = time.perf_counter()
+    for b in batches:
+        w.submit(b)
+    w.close()
+    dt = time.perf_counter() - t0
+    raw = w.metrics.raw_bytes
+    gil = gil_check(entries, schema, cfg, out)
+    # Raw sequential write of the same number of bytes, same directory, fsync at the end.
+    buf = np.random.default_rng(0).integers(0, 255, 8 * 2**20, dtype=np.uint8).tobytes()
+    path = root / "raw.bin"
+    t1 = time.perf_counter()
+    with open(path, "wb") as f:
+        left = raw
+        while left > 0:
+            n = min(left, len(buf))
+            f.write(buf[:n])
+            left -= n
+        f.flush()
+        os.fsync(f.fileno())
+    dt_raw = time.perf_counter() - t1
+    path.unlink()
+    return {"raw_mib": raw / 2**20, "stored_mib": w.metrics.stored_bytes / 2**20,
+            "writer_mib_s": raw / 2**20 / dt, "sequential_mib_s": raw / 2**20 / dt_raw,
+            "ratio": (raw / dt) / (raw / dt_raw), "commits": w.metrics.commits,
+            "python_rate_busy_vs_idle": gil}
+
+
+def gil_check(entries: list[MistakeBatch], schema: Schema, cfg: ZarrStoreConfig,
+              out: Path) -> float:
+    """A pure-Python loop's rate on the 'training' thread while the writer writes the entries
+    once, relative to its rate alone: 1.0 means the writer never held the GIL against it."""
+    root = out / "gil"
+    shutil.rmtree(root, ignore_errors=True)
+    idle = python_rate(1.0)
+    w = AsyncWriter(RankStoreWriter(root, 0, schema, cfg), queue_depth=len(entries) + 1)
+    for i, b in enumerate(entries):
+        w.submit(MistakeBatch(**{**b.state_dict(), "step": torch.full_like(b.step, i)}))
+    rates = []
+    while not w.committed_through(len(entries) - 1):
+        rates.append(python_rate(0.1))
+    w.close()
+    return statistics.median(rates) / idle if rates else float("nan")
+
+
+def _raw_bytes(b: MistakeBatch) -> int:
+    from tcp.mistake_log.store import batch_to_rows
+
+    schema = Schema(b.h.shape[1], b.topk_ids.shape[1], "float32")
+    return sum(a.nbytes for a in batch_to_rows(b, schema).values())
+
+
+# ---------------------------------------------------------------------- (c)
+CODECS = {
+    "zstd-3": {},
+    "zstd-9": {"level": 9},
+    "blosc-zstd-5 + shuffle": {"compressor": "blosc", "level": 5},
+    "blosc-zstd-5, no shuffle": {"compressor": "blosc", "level": 5, "shuffle": False},
+    "zstd-3, sharded x8": {"shard_chunks": 8},
+    "none": {"compressor": "none"},
+    "zstd-3 + bitround 10 (lossy)": {"lossy_keepbits": 10},
+    "zstd-3 + bitround 7 (lossy)": {"lossy_keepbits": 7},
+}
+
+
+def bench_codecs(entries: list[MistakeBatch], schema: Schema, base: ZarrStoreConfig,
+                 out: Path) -> list[dict[str, Any]]:
+    rows = []
+    ref = MistakeBatch.cat(entries)
+    for name, kw in CODECS.items():
+        root = out / "codecs" / name.replace(" ", "_").replace(",", "").replace("+", "")
+        shutil.rmtree(root, ignore_errors=True)
+        cfg = ZarrStoreConfig(**{**base.__dict__, **kw, "fsync": False})
+        w = RankStoreWriter(root, 0, schema, cfg)
+        t0 = time.perf_counter()
+        for b in entries:
+            w.append(b)
+            w.commit()
+        dt = time.perf_counter() - t0
+        m = w.manifest
+        rd = RankStoreReader(root, 0)
+        got = rd.read_range(0, rd.num_entries)
+        err = max(_rel_err(got.h, ref.h), _rel_err(got.x_tilde, ref.x_tilde))
+        by_array = {n: _array_stored(root / "rank00000" / n) for n in ("h", "x_tilde")}
+        rows.append({"codec": name, "stored_over_raw": m.stored_bytes / m.raw_bytes,
+                     "h_stored_mib": by_array["h"] / 2**20,
+                     "x_tilde_stored_mib": by_array["x_tilde"] / 2**20,
+                     "raw_mib": m.raw_bytes / 2**20, "max_rel_err_states": err,
+                     "stated_bound": m.codec.get("max_relative_error", 0.0),
+                     "write_mib_s": m.raw_bytes / 2**20 / dt})
+    return rows
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    ok = b.abs() >= torch.finfo(torch.float32).tiny
+    return float(((a - b).abs()[ok] / b.abs()[ok]).max()) if ok.any() else 0.0
+
+
+def _array_stored(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+# ---------------------------------------------------------------------- (d)
+def bench_replay(trainers: dict[str, Trainer], cfg: Any, root: Path, steps: int) -> dict[str, Any]:
+    ml = cfg.mistake_log
+    rd = RankStoreReader(root, 0)
+    last = int(rd.manifest.last_step)
+    everything = rd.read_range(0, rd.num_entries)
+    ram = MemoryMistakeLog(window_steps=ml.window_steps, seed=cfg.seed, rank=0)
+    for s in range(last + 1):
+        sel = (everything.step == s).nonzero().flatten()
+        if sel.numel():
+            ram.append(everything.select(sel))
+    lag = ml.store.replay_lag_steps
+    stream = StreamingSampler(rd, seed=cfg.seed, rank=0, num=ml.replay_size,
+                              window_steps=ml.window_steps, lag_steps=lag,
+                              prefetch=ml.store.prefetch, )
+
+    class Streamed(MemoryMistakeLog):  # the Trainer's interface over the streaming sampler
+        def sample(self, *, step: int, num: int) -> MistakeBatch | None:
+            return stream.sample(step + lag)  # same window as the RAM log's [t - W, t)
+
+    t = trainers["off"]
+    cur = everything.select(list(range(cfg.train.pilot.micro_batch_size)))
+    times: dict[str, list[float]] = {"store": [], "ram": []}
+    start = max(1, last + 1 - steps)
+    logs = {"store": Streamed(window_steps=1, seed=0, rank=0), "ram": ram}
+    for i, s in enumerate(range(start, last + 1)):
+        for name in (("store", "ram") if i % 2 == 0 else ("ram", "store")):
+            t.log, t.step = logs[name], s
+            t0 = time.perf_counter()
+            t.copilot_step(cur)
+            times[name].append(time.perf_counter() - t0)
+    stream.close()
+    # Reader alone: draws/s without prefetch, on the same steps.
+    plain = StreamingSampler(rd, seed=cfg.seed, rank=0, num=ml.replay_size,
+                             window_steps=ml.window_steps, lag_steps=0, prefetch=0)
+    t0 = time.perf_counter()
+    n = 0
+    for s in range(start, last + 1):
+        b = plain.draw(s)
+        n += b.num_entries if b is not None else 0
+    read_s = time.perf_counter() - t0
+    med = {k: statistics.median(v) for k, v in times.items()}
+    consume = ml.replay_size / med["store"]
+    return {"copilot_step_store_s": med["store"], "copilot_step_ram_s": med["ram"],
+            "ratio": med["store"] / med["ram"], "reader_entries_s": n / read_s,
+            "copilot_entries_s": consume, "headroom": (n / read_s) / consume,
+            "read_ms_per_batch": 1e3 * read_s / max(1, last + 1 - start)}
+
+
+# ---------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--steps", type=int, default=120, help="timed joint steps per arm in (a)")
+    ap.add_argument("--block", type=int, default=10, help="steps per interleaved block in (a)")
+    ap.add_argument("--writer-mib", type=float, default=256.0,
+                    help="raw MiB written in the throughput test (b)")
+    ap.add_argument("--out", default="runs/bench-mistake-log")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    single_rank_env()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(args.config, ["base.enabled=false", "copilot.init_from=none",
+                                    "eval.enabled=false", f"output_dir={out}", *args.overrides])
+    a = bench_steps(cfg, out, args.steps, args.block)
+    trainers = a.pop("_trainers")
+    root = out / "mistake_log"
+    rd = RankStoreReader(root, 0)
+    logged = rd.read_range(0, rd.num_entries)
+    per_step = [logged.select((logged.step == s).nonzero().flatten())
+                for s in logged.step.unique().tolist()]
+    b = bench_writer(per_step, rd.schema, cfg.mistake_log.store, out, args.writer_mib)
+    c = bench_codecs(per_step, rd.schema, cfg.mistake_log.store, out)
+    d = bench_replay(trainers, cfg, root, steps=60)
+    res = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, "
+                      f"torch {torch.__version__}",
+           "command": " ".join([sys.argv[0], *sys.argv[1:]]), "a": a, "b": b, "c": c, "d": d}
+    (out / "bench.json").write_text(json.dumps(res, indent=2))
+    print(report(res))
+
+
+def report(r: dict[str, Any]) -> str:
+    a, b, d = r["a"], r["b"], r["d"]
+    lines = [f"Machine: {r['machine']}", f"Command: `{r['command']}`", "",
+             "| measure | value | goal |", "|---|---|---|",
+             f"| (a) joint step median, log on / off | {a['on']['median_s']*1e3:.1f} ms / "
+             f"{a['off']['median_s']*1e3:.1f} ms = **{a['median_ratio']:.3f}** | <= 1.02 |",
+             f"| (a) joint step p99, log on / off | {a['on']['p99_s']*1e3:.1f} ms / "
+             f"{a['off']['p99_s']*1e3:.1f} ms = **{a['p99_ratio']:.3f}** | <= 1.05 |",
+             f"| (a) trainer blocked on the writer / staging | {a['writer']['blocked_s']:.3f} s / "
+             f"{a['writer']['stage_s']:.3f} s over {a['on']['n'] + 3} steps | |",
+             f"| (b) writer / raw sequential write | {b['writer_mib_s']:.0f} / "
+             f"{b['sequential_mib_s']:.0f} MiB/s = **{b['ratio']:.2f}** "
+             f"({b['raw_mib']:.0f} MiB raw, {b['commits']} commits) | >= 0.7 |",
+             f"| (b) trainer-thread Python rate while writing / idle | "
+             f"**{b['python_rate_busy_vs_idle']:.2f}** | (GIL check) |",
+             f"| (d) Copilot step, replay from store / RAM | {d['copilot_step_store_s']*1e3:.1f}"
+             f" / {d['copilot_step_ram_s']*1e3:.1f} ms = **{d['ratio']:.3f}** | <= 1.05 |",
+             f"| (d) reader / Copilot consumption | {d['reader_entries_s']:.0f} / "
+             f"{d['copilot_entries_s']:.0f} entries/s = **{d['headroom']:.1f}x** | >= 3x |",
+             "", "(c) stored/raw on the entries logged in (a):", "",
+             "| codec | stored/raw | h MiB | X~ MiB | max rel. err (states) | stated bound |"
+             " write MiB/s |", "|---|---|---|---|---|---|---|"]
+    for c in r["c"]:
+        lines.append(f"| {c['codec']} | **{c['stored_over_raw']:.3f}** | {c['h_stored_mib']:.2f}"
+                     f" | {c['x_tilde_stored_mib']:.2f} | {c['max_rel_err_states']:.2e} | "
+                     f"{c['stated_bound']:.2e} | {c['write_mib_s']:.0f} |")
+    lines.append(f"\nraw MiB logged in (a): {r['c'][0]['raw_mib']:.1f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
