@@ -74,18 +74,26 @@ def bench_steps(cfg: Any, out: Path, steps: int, block: int) -> dict[str, Any]:
     on_log = ZarrMistakeLog(root, rank=0, schema=schema, cfg=ml.store,
                             window_steps=ml.window_steps, replay_size=ml.replay_size, seed=cfg.seed)
     off_log = MemoryMistakeLog(window_steps=ml.window_steps, seed=cfg.seed, rank=0)
+    wo_root = out / "mistake_log_write_only"
+    shutil.rmtree(wo_root, ignore_errors=True)
+    write_only = WriteOnly(ZarrMistakeLog(wo_root, rank=0, schema=schema, cfg=ml.store,
+                                          window_steps=ml.window_steps,
+                                          replay_size=ml.replay_size, seed=cfg.seed),
+                           MemoryMistakeLog(window_steps=ml.window_steps, seed=cfg.seed, rank=0))
     tracker = Tracker(cfg, rank=1)  # rank != 0: tracking off
     common = dict(pilot=pilot, copilot=copilot, tap=tap, samples=samples,
                   pad_id=tok.pad_token_id, rank=0, world=1, device=device, tracker=tracker)
     trainers = {"on": Trainer(cfg, log=on_log, **common),
-                "off": Trainer(cfg, log=off_log, **common)}
-    times: dict[str, list[float]] = {"on": [], "off": []}
-    for name in ("on", "off"):  # warm-up (allocator, first replay)
+                "off": Trainer(cfg, log=off_log, **common),
+                "write_only": Trainer(cfg, log=write_only, **common)}
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    arms = list(trainers)
+    for name in arms:  # warm-up (allocator, first replay)
         for _ in range(3):
             trainers[name].train_step()
             trainers[name].step += 1
     for i in range(steps // block):
-        for name in (("on", "off") if i % 2 == 0 else ("off", "on")):
+        for name in (arms if i % 2 == 0 else arms[::-1]):
             t = trainers[name]
             for _ in range(block):
                 t0 = time.perf_counter()
@@ -93,14 +101,34 @@ def bench_steps(cfg: Any, out: Path, steps: int, block: int) -> dict[str, Any]:
                 times[name].append(time.perf_counter() - t0)
                 t.step += 1
     on_log.close()
+    write_only.close()
     res = {name: {"median_s": statistics.median(v), "p99_s": pct(v, 0.99), "n": len(v)}
            for name, v in times.items()}
+    res["write_only_median_ratio"] = res["write_only"]["median_s"] / res["off"]["median_s"]
     res["median_ratio"] = res["on"]["median_s"] / res["off"]["median_s"]
     res["p99_ratio"] = res["on"]["p99_s"] / res["off"]["p99_s"]
     res["writer"] = on_log.metrics()
     res["entries_per_step"] = cfg.train.pilot.micro_batch_size
     res["_trainers"] = trainers  # reused by (d)
     return res
+
+
+class WriteOnly(MemoryMistakeLog):
+    """Writes to the store but replays from RAM: separates the writer's cost from the
+    reader's in (a)."""
+
+    def __init__(self, disk: ZarrMistakeLog, ram: MemoryMistakeLog) -> None:
+        self.disk, self.ram = disk, ram
+
+    def append(self, batch: MistakeBatch) -> None:
+        self.disk.append(batch)
+        self.ram.append(batch)
+
+    def sample(self, *, step: int, num: int) -> MistakeBatch | None:
+        return self.ram.sample(step=step, num=num)
+
+    def close(self) -> None:
+        self.disk.close()
 
 
 # ---------------------------------------------------------------------- (b)
@@ -314,6 +342,9 @@ def report(r: dict[str, Any]) -> str:
              f"{a['off']['median_s']*1e3:.1f} ms = **{a['median_ratio']:.3f}** | <= 1.02 |",
              f"| (a) joint step p99, log on / off | {a['on']['p99_s']*1e3:.1f} ms / "
              f"{a['off']['p99_s']*1e3:.1f} ms = **{a['p99_ratio']:.3f}** | <= 1.05 |",
+             f"| (a) joint step median, write-only (replay from RAM) / off | "
+             f"{a['write_only']['median_s']*1e3:.1f} ms = **{a['write_only_median_ratio']:.3f}**"
+             " | (attribution) |",
              f"| (a) trainer blocked on the writer / staging | {a['writer']['blocked_s']:.3f} s / "
              f"{a['writer']['stage_s']:.3f} s over {a['on']['n'] + 3} steps | |",
              f"| (b) writer / raw sequential write | {b['writer_mib_s']:.0f} / "

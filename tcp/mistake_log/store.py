@@ -573,35 +573,35 @@ class RankStoreReader:
 
     def _rows(self, requests: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Rows of several arrays. Whole chunks are read (all missing ones concurrently, in one
-        round trip to Zarr's event loop) and sealed chunks are kept in an LRU of decoded
-        chunks bounded by `cache_mib`, so replaying a window re-reads little."""
+        round trip to Zarr's event loop) and kept in an LRU of decoded chunks bounded by
+        `cache_mib`. A chunk's committed rows never change, so a cached chunk serves every
+        row it holds; the open tail chunk is re-read only for rows committed since."""
         plan: dict[str, tuple[int, np.ndarray]] = {}
-        keys: list[tuple[str, int, bool]] = []
+        keys: list[tuple[str, int]] = []
         jobs: list[Any] = []
         for name, rows in requests.items():
             arr, c = self.arrays[name], int(self.arrays[name].chunks[0])
-            cids = np.unique(rows // c)
-            plan[name] = (c, cids)
+            which = rows // c
+            plan[name] = (c, which)
             n = self.manifest.rows(name)
-            for ci in cids.tolist():
-                if (name, ci) not in self._cache:
-                    hi = min((ci + 1) * c, n)
-                    jobs.append(arr.async_array.getitem(slice(ci * c, hi)))
-                    keys.append((name, ci, hi - ci * c == c))
+            for ci in np.unique(which).tolist():
+                cached = self._cache.get((name, ci))
+                need = int(rows[which == ci].max()) - ci * c
+                if cached is None or cached.shape[0] <= need:
+                    jobs.append(arr.async_array.getitem(slice(ci * c, min((ci + 1) * c, n))))
+                    keys.append((name, ci))
         fetched = {}
-        for (name, ci, sealed), res in zip(keys, zarr_sync(_gather(jobs)), strict=True):
-            fetched[(name, ci)] = res = np.asarray(res)
-            if sealed:
-                self._cache_put((name, ci), res)
+        for key, res in zip(keys, zarr_sync(_gather(jobs)), strict=True):
+            fetched[key] = np.asarray(res)
+            self._cache_put(key, fetched[key])
         out = {}
         for name, rows in requests.items():
-            c, cids = plan[name]
+            c, which = plan[name]
             arr = self.arrays[name]
             res = np.empty((rows.size, *arr.shape[1:]), dtype=arr.dtype)
-            which = rows // c
-            for ci in cids.tolist():
+            for ci in np.unique(which).tolist():
                 chunk = fetched.get((name, ci))
-                if chunk is None:
+                if chunk is None:  # a hit (this call's own fetches may already be evicted)
                     chunk = self._cache[(name, ci)]
                     self._cache.move_to_end((name, ci))
                 sel = which == ci
@@ -610,9 +610,12 @@ class RankStoreReader:
         return out
 
     def _cache_put(self, key: tuple[str, int], chunk: np.ndarray) -> None:
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self._cache_bytes -= old.nbytes
         self._cache[key] = chunk
         self._cache_bytes += chunk.nbytes
-        while self._cache_bytes > self.cache_bytes and self._cache:
+        while self._cache_bytes > self.cache_bytes and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
             self._cache_bytes -= old.nbytes
 

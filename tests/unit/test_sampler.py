@@ -9,6 +9,7 @@ import torch
 from tcp.config import ZarrStoreConfig
 from tcp.mistake_log.disk import ZarrMistakeLog
 from tcp.mistake_log.memory import MemoryMistakeLog
+from tcp.mistake_log.record import MistakeBatch
 from tcp.mistake_log.sampler import StreamingSampler
 from tcp.mistake_log.store import RankStoreReader, RankStoreWriter, Schema
 from tcp.mistake_log.writer import AsyncWriter
@@ -139,3 +140,16 @@ def test_zarr_log_behind_the_mistake_log_interface(tmp_path):
     assert len(log) == 48 and log.metrics()["committed_entries"] == 48
     assert state["committed"]["last_step"] == 11 and state["sampler"]["last_step"] == 11
     assert torch.tensor(len(seen)) == 10
+
+
+def test_cached_tail_chunk_serves_only_rows_it_holds(tmp_path):
+    """A reader that cached the open tail chunk still sees rows committed after that read."""
+    w = write_steps(tmp_path, range(3))
+    rd = RankStoreReader(tmp_path, 0)
+    first = rd.read_range(0, rd.num_entries)  # caches the partial tail chunks
+    for s in range(3, 6):
+        w.append(fake_entries(s))
+        w.commit()
+    rd.refresh()
+    assert_same(rd.read_range(0, rd.num_entries), MistakeBatch.cat(
+        [first, *[fake_entries(s) for s in range(3, 6)]]))

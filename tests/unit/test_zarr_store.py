@@ -65,6 +65,8 @@ def test_exact_round_trip(tmp_path, name, dtype):
     assert got.h.dtype == getattr(torch, dtype)
     assert_same(got, expected(steps), state_dtype=getattr(torch, dtype))
     sub = rd.read([7, 2, 100, 2])
+    tiny_cache = RankStoreReader(tmp_path, 0, cache_mib=0)  # every chunk evicted at once
+    assert_same(tiny_cache.read([7, 2, 100, 2]), sub, state_dtype=getattr(torch, dtype))
     assert_same(sub, expected(steps).select([7, 2, 100, 2]), state_dtype=getattr(torch, dtype))
     assert verify(tmp_path).ok
 
