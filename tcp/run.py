@@ -21,7 +21,7 @@ from tcp.engines import build_engine, init_distributed, save_hf, save_module
 from tcp.mistake_log.base import MistakeLog
 from tcp.mistake_log.disk import ZarrMistakeLog
 from tcp.mistake_log.memory import MemoryMistakeLog
-from tcp.mistake_log.store import FORMAT, Schema
+from tcp.mistake_log.store import FORMAT, Schema, create_root
 from tcp.models.copilot import Copilot, init_from_llama
 from tcp.models.pilot import PilotTap, build_llama, load_pretrained
 from tcp.tracking import Tracker
@@ -107,10 +107,12 @@ def build_mistake_log(cfg: RunConfig, out: Path, *, rank: int, d_model: int,
                                "mistake_log.store.path to an empty or new directory")
         print_rank0(f"[tcp] replacing the Mistake Log of a previous run at {root}")
         shutil.rmtree(root)
+    schema = Schema(d_model, min(ml.topk, vocab), ml.storage_dtype)
+    if rank == 0:
+        create_root(root, schema)  # one writer of the root metadata; ranks add their shards
     if dist.is_initialized():
         dist.barrier()
-    return ZarrMistakeLog(root, rank=rank, cfg=ml.store,
-                          schema=Schema(d_model, min(ml.topk, vocab), ml.storage_dtype),
+    return ZarrMistakeLog(root, rank=rank, cfg=ml.store, schema=schema,
                           window_steps=None if ml.window_steps == "all" else ml.window_steps,
                           replay_size=ml.replay_size, seed=cfg.seed)
 

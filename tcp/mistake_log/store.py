@@ -299,6 +299,21 @@ def ranges_to_rows(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return offs + np.arange(total, dtype=np.int64)
 
 
+def create_root(store: LocalStore | Path | str, schema: Schema) -> Any:
+    """Open (creating if needed) a run's root group and check it holds this schema. In a
+    distributed run rank 0 calls it before the others open their shards."""
+    if not isinstance(store, LocalStore):
+        store = TrackingStore(store)
+    g = zarr.open_group(store=store, mode="a", zarr_format=3)
+    if not g.attrs.get("format"):
+        g.attrs.update(schema.attrs())
+    found = Schema.from_attrs(dict(g.attrs), Path(str(store.root)))
+    if found != schema:
+        raise ValueError(f"{store.root}: existing Mistake Log has {found}, this run needs "
+                         f"{schema}; point mistake_log.store.path elsewhere")
+    return g
+
+
 # ---------------------------------------------------------------------- writer (one rank)
 class RankStoreWriter:
     """The single synchronous writer of one rank's shard. `append` buffers, `commit` writes
@@ -308,13 +323,7 @@ class RankStoreWriter:
         self.root, self.rank, self.schema, self.cfg = Path(root), rank, schema, cfg
         self.dir = self.root / rank_group(rank)
         self.store = TrackingStore(self.root)
-        g = zarr.open_group(store=self.store, mode="a", zarr_format=3)
-        if not g.attrs.get("format"):
-            g.attrs.update(schema.attrs())
-        found = Schema.from_attrs(dict(g.attrs), self.root)
-        if found != schema:
-            raise ValueError(f"{self.root}: existing Mistake Log has {found}, this run needs "
-                             f"{schema}; point mistake_log.store.path elsewhere")
+        g = create_root(self.store, schema)
         self.group = g.require_group(rank_group(rank))
         self.arrays: dict[str, Any] = {}
         for name in ALL_ARRAYS:
@@ -328,6 +337,9 @@ class RankStoreWriter:
                             if cfg.shard_chunks else None),
                     fill_value=-1 if name in ENTRY_ARRAYS and name != "loss" else 0,
                     **codecs(schema, name, cfg))
+        # Every chunk written holds data, so skip Zarr's per-chunk "all fill value?" scan.
+        self.arrays = {n: a.with_config({"write_empty_chunks": True})
+                       for n, a in self.arrays.items()}
         mpath = self.dir / MANIFEST
         if mpath.exists():
             self.manifest = Manifest.read(mpath)

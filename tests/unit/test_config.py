@@ -31,6 +31,10 @@ def test_every_config_loads_and_renders(path):
     ("eval.fusion=sum", "eval.fusion"),
     ("eval.lambdas=[]", "eval.lambdas"),
     ("mistake_log.topk=0", "mistake_log.topk"),
+    ("mistake_log.store.on_full=skip", "mistake_log.store.on_full"),
+    ("mistake_log.store.compressor=gzip", "mistake_log.store.compressor"),
+    ("mistake_log.store.level=42", "mistake_log.store.level"),
+    ("mistake_log.window_steps=0", "mistake_log.window_steps"),
     ("train.steps=ten", "train.steps"),
     ("data.source=jsonl", "data.train_path"),
     ("copilot.hidden_size=64", "copilot"),
@@ -76,3 +80,13 @@ def test_dry_run_prints_both_deepspeed_configs():
     text = dry_run(RunConfig())
     assert "# resolved config" in text and '"pilot"' in text and '"copilot"' in text
     assert '"stage": 3' in text
+
+
+def test_mistake_log_cross_checks_name_the_key():
+    with pytest.raises(ConfigError, match=r"^mistake_log\.store\.lossy_keepbits: bit rounding"):
+        load_config(None, ["mistake_log.storage_dtype=bfloat16",
+                           "mistake_log.store.lossy_keepbits=8"])
+    with pytest.raises(ConfigError, match=r"^mistake_log\.window_steps: 'all' needs"):
+        load_config(None, ["mistake_log.backend=memory", "mistake_log.window_steps=all"])
+    cfg = load_config(None, ["mistake_log.window_steps=all"])
+    assert cfg.mistake_log.backend == "zarr" and cfg.mistake_log.window_steps == "all"
