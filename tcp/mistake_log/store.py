@@ -343,10 +343,14 @@ class RankStoreWriter:
         mpath = self.dir / MANIFEST
         if mpath.exists():
             self.manifest = Manifest.read(mpath)
+            if self.manifest.codec != codec_description(cfg):
+                raise ValueError(
+                    f"{self.dir}: this shard was written with store options "
+                    f"{self.manifest.codec}; appending needs the same mistake_log.store codec and "
+                    f"chunk options (got {codec_description(cfg)}), or a new store path")
         else:
             self.manifest = Manifest(rank=rank, codec=codec_description(cfg))
             self._publish()
-        self.manifest.codec = codec_description(cfg)
         for key in _listdir_keys(self.root, rank_group(rank)):
             self.store.sizes[key] = (self.root / key).stat().st_size
         self.store.unsynced.clear()

@@ -102,6 +102,9 @@ def test_reopen_appends_after_committed_entries(tmp_path):
     with pytest.raises(ValueError, match="must not decrease"):
         w = RankStoreWriter(tmp_path, 0, Schema(16, 3, "float32"), ZarrStoreConfig(chunk_mib=SMALL))
         w.append(fake_entries(3))
+    with pytest.raises(ValueError, match=r"same mistake_log\.store codec"):
+        RankStoreWriter(tmp_path, 0, Schema(16, 3, "float32"),
+                        ZarrStoreConfig(chunk_mib=SMALL, compressor="blosc"))
     with pytest.raises(ValueError, match="existing Mistake Log"):
         RankStoreWriter(tmp_path, 0, Schema(32, 3, "float32"), ZarrStoreConfig())
 
