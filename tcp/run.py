@@ -100,7 +100,7 @@ def build_mistake_log(cfg: RunConfig, out: Path, *, rank: int, d_model: int,
         assert ml.window_steps != "all"  # rejected by the config
         return MemoryMistakeLog(window_steps=ml.window_steps, seed=cfg.seed, rank=rank)
     root = Path(ml.store.path) if ml.store.path else out / "mistake_log"
-    if rank == 0 and root.exists():
+    if rank == 0 and root.exists() and any(root.iterdir()):
         meta = root / "zarr.json"
         if not meta.exists() or f'"{FORMAT}"' not in meta.read_text():
             raise RuntimeError(f"{root} exists and is not a tcp Mistake Log; set "

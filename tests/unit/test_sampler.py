@@ -1,5 +1,6 @@
 """The streaming sampler: deterministic, exact resume, waits for commits, same draw as RAM."""
 
+import shutil
 import threading
 import time
 
@@ -153,3 +154,28 @@ def test_cached_tail_chunk_serves_only_rows_it_holds(tmp_path):
     rd.refresh()
     assert_same(rd.read_range(0, rd.num_entries), MistakeBatch.cat(
         [first, *[fake_entries(s) for s in range(3, 6)]]))
+
+
+def test_run_replaces_a_previous_log_and_refuses_other_directories(tmp_path):
+    from tcp.config import load_config
+    from tcp.run import build_mistake_log
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "mistake_log.topk=3"])
+    log = build_mistake_log(cfg, tmp_path, rank=0, d_model=16, vocab=100)
+    log.append(fake_entries(0))
+    log.close()
+    assert RankStoreReader(tmp_path / "mistake_log", 0).num_entries == 4
+    again = build_mistake_log(cfg, tmp_path, rank=0, d_model=16, vocab=100)  # a fresh run
+    assert len(again) == 0
+    again.close()
+    other = tmp_path / "not_a_log"
+    other.mkdir()
+    empty = load_config(None, [f"mistake_log.store.path={other}"])
+    build_mistake_log(empty, tmp_path, rank=0, d_model=16, vocab=100).close()  # empty: fine
+    shutil.rmtree(other)
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    bad = load_config(None, [f"mistake_log.store.path={other}"])
+    with pytest.raises(RuntimeError, match="is not a tcp Mistake Log"):
+        build_mistake_log(bad, tmp_path, rank=0, d_model=16, vocab=100)
+    assert (other / "precious.txt").read_text() == "keep me"
