@@ -180,7 +180,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                      "eval": t_eval - t_train, "total": time.time() - t_start},
             world_size=world,
             zero3_partitioned=partitioned,
-            mistake_log=gather_log_metrics(log, world),
+            mistake_log=gather_log_metrics(log, world, backend=cfg.mistake_log.backend),
         )
         if rank == 0:
             write_json(out / "results.json", results)
@@ -206,14 +206,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             dist.barrier()
 
 
-def gather_log_metrics(log: MistakeLog, world: int) -> dict[str, Any]:
+def gather_log_metrics(log: MistakeLog, world: int, *, backend: str) -> dict[str, Any]:
     """Every rank's writer/sampler counters (zarr backend), for results.json."""
     mine = log.metrics()
     ranks: list[Any] = [mine]
     if dist.is_initialized() and world > 1:
         ranks = [None] * world
         dist.all_gather_object(ranks, mine)
-    return {"backend": "zarr" if mine else "memory", "ranks": ranks}
+    return {"backend": backend, "ranks": ranks}
 
 
 def param_count(model: torch.nn.Module) -> int:

@@ -145,7 +145,7 @@ def bench_writer(entries: list[MistakeBatch], schema: Schema, cfg: ZarrStoreConf
                  target_mib: float) -> dict[str, Any]:
     root = out / "throughput"
     shutil.rmtree(root, ignore_errors=True)
-    raw_per_round = sum(_raw_bytes(b) for b in entries)
+    raw_per_round = sum(_raw_bytes(b, schema) for b in entries)
     rounds = max(1, int(target_mib * 2**20 // raw_per_round))
     w = AsyncWriter(RankStoreWriter(root, 0, schema, cfg), queue_depth=cfg.queue_depth)
     batches = [MistakeBatch(**{**b.state_dict(), "step": torch.full_like(b.step, i)})
@@ -194,10 +194,9 @@ def gil_check(entries: list[MistakeBatch], schema: Schema, cfg: ZarrStoreConfig,
     return statistics.median(rates) / idle if rates else float("nan")
 
 
-def _raw_bytes(b: MistakeBatch) -> int:
+def _raw_bytes(b: MistakeBatch, schema: Schema) -> int:
     from tcp.mistake_log.store import batch_to_rows
 
-    schema = Schema(b.h.shape[1], b.topk_ids.shape[1], "float32")
     return sum(a.nbytes for a in batch_to_rows(b, schema).values())
 
 

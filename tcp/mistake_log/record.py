@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 PER_TOKEN = ("h", "labels", "topk_ids", "topk_probs", "residual")
@@ -141,9 +142,17 @@ def _offsets(lengths: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(offsets: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    if idx.numel() == 0:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in idx.tolist()])
+    starts, ends = offsets[:-1][idx].numpy(), offsets[1:][idx].numpy()
+    return torch.from_numpy(ranges_to_rows(starts, ends - starts))
+
+
+def ranges_to_rows(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenated aranges [s, s + n) without a Python loop (int64)."""
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offs = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+    return offs + np.arange(total, dtype=np.int64)
 
 
 def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ from zarr.core.sync import sync as zarr_sync
 from zarr.storage import LocalStore
 
 from tcp.config import ZarrStoreConfig
-from tcp.mistake_log.record import MistakeBatch, offsets_from_lengths
+from tcp.mistake_log.record import MistakeBatch, offsets_from_lengths, ranges_to_rows
 
 # BitRound (lossy option) is a numcodecs codec, not a Zarr v3 spec codec; zarr-python reads it
 # (docs/mistake_log.md says so). Silence the per-array reminder, nothing else.
@@ -190,11 +190,18 @@ class TrackingStore(LocalStore):
     def __init__(self, root: Path | str, *, read_only: bool = False) -> None:
         super().__init__(root, read_only=read_only)
         self.sizes: dict[str, int] = {}
+        self.total = 0
+        """Sum of `sizes`, kept current so a commit does not re-add every key."""
         self.unsynced: set[str] = set()
+
+    def note_existing(self, key: str, size: int) -> None:
+        """Account for a file written before this store was opened (a reopened shard)."""
+        self.total += size - self.sizes.get(key, 0)
+        self.sizes[key] = size
 
     async def set(self, key: str, value: Buffer) -> None:
         await super().set(key, value)
-        self.sizes[key] = len(value)
+        self.note_existing(key, len(value))
         self.unsynced.add(key)
 
     def with_read_only(self, read_only: bool = False) -> TrackingStore:
@@ -290,15 +297,6 @@ def state_tensor(a: np.ndarray, state_dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def ranges_to_rows(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenated aranges [s, s + n) without a Python loop."""
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    offs = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
-    return offs + np.arange(total, dtype=np.int64)
-
-
 def create_root(store: LocalStore | Path | str, schema: Schema) -> Any:
     """Open (creating if needed) a run's root group and check it holds this schema. In a
     distributed run rank 0 calls it before the others open their shards."""
@@ -352,7 +350,7 @@ class RankStoreWriter:
             self.manifest = Manifest(rank=rank, codec=codec_description(cfg))
             self._publish()
         for key in _listdir_keys(self.root, rank_group(rank)):
-            self.store.sizes[key] = (self.root / key).stat().st_size
+            self.store.note_existing(key, (self.root / key).stat().st_size)
         self.store.unsynced.clear()
         # Tail of the open write unit of each array (rows not yet in a sealed unit).
         self._tail: dict[str, np.ndarray] = {}
@@ -364,7 +362,7 @@ class RankStoreWriter:
                 np.zeros((0, *schema.row_shape(name)), dtype=schema.dtype(name))
         self._pending: dict[str, list[np.ndarray]] = {n: [] for n in ALL_ARRAYS}
         self._pending_rows = dict.fromkeys(ALL_ARRAYS, 0)
-        self._pending_meta: list[tuple[int, int, int]] = []  # (entries, first step, last step)
+        self._pending_steps: list[tuple[int, int]] = []  # (first, last) step of each append
         self._pending_raw = 0
         self.last_step = self.manifest.last_step
 
@@ -383,7 +381,7 @@ class RankStoreWriter:
             self._pending[name].append(a)
             self._pending_rows[name] += a.shape[0]
             raw += a.nbytes
-        self._pending_meta.append((batch.num_entries, lo, hi))
+        self._pending_steps.append((lo, hi))
         self.last_step = hi
         self._pending_raw += raw
         return raw
@@ -402,13 +400,9 @@ class RankStoreWriter:
                              f" this store holds d={self.schema.d_model}, k={self.schema.topk}")
         return lo, hi
 
-    @property
-    def pending_entries(self) -> int:
-        return self._pending_rows["step"]
-
     def commit(self) -> Manifest:
         """Write everything appended since the last commit, make it durable, publish it."""
-        if not self._pending_meta:
+        if not self._pending_steps:
             return self.manifest
         m = self.manifest
         jobs: list[Any] = []
@@ -419,20 +413,19 @@ class RankStoreWriter:
             jobs += self._write_rows(name, m.rows(name), new)
         zarr_sync(_gather(jobs))  # all arrays' chunks encoded and written concurrently
         self.store.sync(self.cfg.fsync)
-        n_entries = sum(e for e, _, _ in self._pending_meta)
-        m.entries += n_entries
+        m.entries += self._pending_rows["step"]
         m.tokens += self._pending_rows["h"]
         m.prompt_rows += self._pending_rows["x_tilde"]
         if m.first_step is None:
-            m.first_step = self._pending_meta[0][1]
-        m.last_step = self._pending_meta[-1][2]
+            m.first_step = self._pending_steps[0][0]
+        m.last_step = self._pending_steps[-1][1]
         m.raw_bytes += self._pending_raw
-        m.stored_bytes = sum(self.store.sizes.values())
+        m.stored_bytes = self.store.total
         m.commits += 1
         self._publish()
         self._pending = {n: [] for n in ALL_ARRAYS}
         self._pending_rows = dict.fromkeys(ALL_ARRAYS, 0)
-        self._pending_meta = []
+        self._pending_steps = []
         self._pending_raw = 0
         return m
 
@@ -500,7 +493,6 @@ class RankStoreReader:
             raise FileNotFoundError(f"{self.root}: no Mistake Log here (no zarr.json)")
         g = zarr.open_group(self.root, mode="r", zarr_format=3)
         self.schema = Schema.from_attrs(dict(g.attrs), self.root)
-        self._step_cache: dict[int, np.ndarray] = {}
         self.manifest = Manifest(rank=rank)
         self.arrays: dict[str, Any] = {}
         self.refresh()
@@ -522,8 +514,6 @@ class RankStoreReader:
                 if self.arrays[n].shape[0] < m.rows(n):
                     raise MistakeLogCorrupt(f"{self.dir}/{n}: {self.arrays[n].shape[0]} rows "
                                             f"on disk, manifest commits {m.rows(n)}")
-        self._step_cache = {k: v for k, v in self._step_cache.items()
-                            if (k + 1) * ENTRY_CHUNK_ROWS <= m.entries}
         return m
 
     @property
@@ -532,14 +522,10 @@ class RankStoreReader:
 
     # -------------------------------------------------------------- step index
     def _step_chunk(self, ci: int) -> np.ndarray:
-        """Committed `step` values of entry chunk ci (small LRU; full chunks never change)."""
-        if ci not in self._step_cache:
-            lo = ci * ENTRY_CHUNK_ROWS
-            hi = min(lo + ENTRY_CHUNK_ROWS, self.manifest.entries)
-            if len(self._step_cache) >= 8:
-                self._step_cache.pop(next(iter(self._step_cache)))
-            self._step_cache[ci] = np.asarray(self.arrays["step"][lo:hi])
-        return self._step_cache[ci]
+        """Committed `step` values of entry chunk ci (through the reader's chunk cache)."""
+        lo = ci * ENTRY_CHUNK_ROWS
+        hi = min(lo + ENTRY_CHUNK_ROWS, self.manifest.entries)
+        return self._rows({"step": np.arange(lo, hi, dtype=np.int64)})["step"]
 
     def first_entry_at_or_after(self, step: int) -> int:
         """Index of the first committed entry with entry.step >= step (steps are sorted)."""

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -46,13 +46,13 @@ class WriterMetrics:
     write_s: float = 0.0
     """Worker time spent appending, compressing, writing and committing."""
     commits: int = 0
-    latencies_s: list[float] | None = None
+    latencies_s: list[float] = field(default_factory=list)
     """Submit-to-commit latency of recent steps (bounded)."""
 
     def as_dict(self) -> dict[str, float]:
         out = {f.name: float(getattr(self, f.name)) for f in fields(self)
                if f.name != "latencies_s"}
-        lat = sorted(self.latencies_s or [])
+        lat = sorted(self.latencies_s)
         if lat:
             out["latency_p50_s"] = lat[len(lat) // 2]
             out["latency_p99_s"] = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
@@ -106,7 +106,7 @@ class AsyncWriter:
         if on_full not in ("block", "drop"):
             raise ValueError(f"on_full must be 'block' or 'drop', got {on_full!r}")
         self.store, self.on_full = store, on_full
-        self.metrics = WriterMetrics(latencies_s=[])
+        self.metrics = WriterMetrics()
         self.metrics.committed_entries = store.manifest.entries
         self.metrics.raw_bytes = store.manifest.raw_bytes
         self.metrics.stored_bytes = store.manifest.stored_bytes
@@ -289,7 +289,6 @@ class AsyncWriter:
         mt.raw_bytes, mt.stored_bytes = m.raw_bytes, m.stored_bytes
         mt.queue_depth = self._q.qsize()
         lat = mt.latencies_s
-        assert lat is not None
         lat.extend(now - it.t_submit for it in work)
         if len(lat) > self._max_lat:
             del lat[: len(lat) - self._max_lat]
