@@ -60,9 +60,17 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(dry_run(cfg))
         return 0
+    from tcp.checkpoint import CheckpointError
+    from tcp.preemption import StopSignal
     from tcp.run import run
 
-    run(cfg)
+    try:
+        results = run(cfg)
+    except CheckpointError as e:
+        print(f"resume error: {e}", file=sys.stderr)
+        return 2
+    if results.get("stopped_by"):
+        return StopSignal.exit_code(results["stopped_by"])
     return 0
 
 

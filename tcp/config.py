@@ -385,9 +385,13 @@ class TrainConfig:
     """The Copilot's engine."""
     copilot_start_step: int = 0
     """Joint step at which Copilot updates begin (entries are logged from step 0)."""
+    collective_timeout_s: float = 1800.0
+    """Seconds a collective may wait for the other ranks before it fails with an error (so a
+    rank that died takes the job down instead of leaving the others waiting forever)."""
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "steps", f"must be > 0 (got {self.steps})")
+        _check(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0 seconds")
         _check(self.log_every > 0, "log_every", "must be > 0")
         _check(self.copilot_start_step >= 0, "copilot_start_step", "must be >= 0")
 
@@ -421,11 +425,37 @@ class TrackingConfig:
     enabled: bool = True
     """Log params, metrics and results to MLflow."""
     uri: str | None = None
-    """Tracking URI; None = sqlite database `mlflow.db` in the parent of output_dir."""
+    """Tracking URI; None = sqlite database `mlflow.db` in the parent of output_dir.
+    MLFLOW_TRACKING_URI in the environment wins."""
     experiment: str = "tcp"
-    """MLflow experiment name."""
+    """MLflow experiment name (MLFLOW_EXPERIMENT_NAME wins)."""
     run_name: str | None = None
     """MLflow run name; None uses the output directory's name."""
+    close_timeout_s: float = 30.0
+    """At the end, wait at most this long for queued updates to reach the tracking server."""
+
+    def __post_init__(self) -> None:
+        _check(self.close_timeout_s >= 0, "close_timeout_s", "must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """Composite checkpoints: both engines, every rank's trainer state, a manifest written last."""
+
+    every: int = 500
+    """Save every this many joint steps (0: only at the end and on SIGTERM/SIGINT)."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted only after a newer one is complete."""
+    dir: str | None = None
+    """Where checkpoints go; None: `<output_dir>/checkpoints`. Must be visible to every rank
+    (a shared filesystem on multi-node runs)."""
+    on_signal: bool = True
+    """On SIGTERM/SIGINT: finish the current step, flush the Mistake Log, save, exit 143/130."""
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "every", f"must be >= 0 (got {self.every}); 0 saves only at "
+               "the end and on SIGTERM/SIGINT")
+        _check(self.keep_last >= 1, "keep_last", f"must be >= 1 (got {self.keep_last})")
 
 
 @dataclass
@@ -452,6 +482,13 @@ class RunConfig:
     """Evaluation."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Experiment tracking."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
+    resume: str | None = None
+    """None: a fresh run (a previous run's checkpoints and Mistake Log in the same place are
+    replaced). 'auto': continue from the latest complete checkpoint if there is one, else
+    start fresh. A path: that checkpoint (a `step_*` folder, or a checkpoint directory whose
+    `latest` is used)."""
 
     def __post_init__(self) -> None:
         # Cross-section checks; keys are given in full because they span sections.

@@ -12,12 +12,15 @@ import torch.distributed as dist
 from torch import nn
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
     """Initialise the one process group both engines share. Returns (rank, world, device).
 
     NCCL on CUDA hosts, gloo on CPU. On CPU each rank uses a single intra-op thread: ranks are
     already one per core, and oversubscription makes every collective wait on the slowest rank.
+    `timeout_s` bounds every collective: a rank waiting on a dead peer fails instead of hanging.
     """
+    from datetime import timedelta
+
     import deepspeed
 
     cuda = torch.cuda.is_available()
@@ -25,7 +28,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(int(os.environ.get("TCP_THREADS_PER_RANK", "1")))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
+                                   timeout=timedelta(seconds=timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -11,13 +11,13 @@ from tqdm import tqdm
 class Progress:
     """Progress of a loop; silent on ranks other than 0."""
 
-    def __init__(self, *, total: int, desc: str, enabled: bool) -> None:
+    def __init__(self, *, total: int, desc: str, enabled: bool, initial: int = 0) -> None:
         self.enabled = enabled
         self.tty = sys.stderr.isatty()
         self.desc, self.total = desc, total
         self._last_line = 0.0
-        self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True) if enabled and self.tty \
-            else None
+        self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, initial=initial) \
+            if enabled and self.tty else None
 
     def update(self, done: int, **fields: str) -> None:
         """Set progress to `done` steps with postfix fields."""

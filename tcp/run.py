@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -12,8 +11,9 @@ import torch
 import torch.distributed as dist
 
 from tcp.base_model import ensure_base_model
+from tcp.checkpoint import CheckpointInfo, CheckpointManager, step_name
 from tcp.cli import elapsed, print_rank0
-from tcp.config import RunConfig, render_deepspeed
+from tcp.config import RunConfig, render_deepspeed, to_dict
 from tcp.data.collate import tokenize_records
 from tcp.data.loaders import load_split
 from tcp.data.tokenizer import build_char_tokenizer
@@ -24,7 +24,9 @@ from tcp.mistake_log.memory import MemoryMistakeLog
 from tcp.mistake_log.store import FORMAT, Schema, create_root
 from tcp.models.copilot import Copilot, init_from_llama
 from tcp.models.pilot import PilotTap, build_llama, load_pretrained
-from tcp.tracking import Tracker
+from tcp.plots import save_plots
+from tcp.preemption import StopSignal
+from tcp.tracking import Tracker, flatten
 from tcp.train import Trainer, evaluate_and_report, format_table, save_config, write_json
 
 
@@ -92,9 +94,10 @@ def build_engines(cfg: RunConfig, tokenizer: Any, base: Path | None,
 
 
 def build_mistake_log(cfg: RunConfig, out: Path, *, rank: int, d_model: int,
-                      vocab: int) -> MistakeLog:
+                      vocab: int, resume: bool = False) -> MistakeLog:
     """The configured backend. A fresh run replaces a previous run's Zarr log at the same
-    path (rank 0, announced); anything at that path that is not a Mistake Log is refused."""
+    path (rank 0, announced); anything at that path that is not a Mistake Log is refused. A
+    resumed run reopens the log (the trainer state then truncates it to the checkpoint)."""
     ml = cfg.mistake_log
     if ml.backend == "memory":
         assert ml.window_steps != "all"  # rejected by the config
@@ -105,8 +108,12 @@ def build_mistake_log(cfg: RunConfig, out: Path, *, rank: int, d_model: int,
         if not meta.exists() or f'"{FORMAT}"' not in meta.read_text():
             raise RuntimeError(f"{root} exists and is not a tcp Mistake Log; set "
                                "mistake_log.store.path to an empty or new directory")
-        print_rank0(f"[tcp] replacing the Mistake Log of a previous run at {root}")
-        shutil.rmtree(root)
+        if not resume:
+            print_rank0(f"[tcp] replacing the Mistake Log of a previous run at {root}")
+            shutil.rmtree(root)
+    elif resume and rank == 0:
+        raise RuntimeError(f"resuming needs the run's Mistake Log, but {root} is missing or "
+                           "empty; restore it, or start a fresh run (resume unset)")
     schema = Schema(d_model, min(ml.topk, vocab), ml.storage_dtype)
     if rank == 0:
         create_root(root, schema)  # one writer of the root metadata; ranks add their shards
@@ -118,10 +125,13 @@ def build_mistake_log(cfg: RunConfig, out: Path, *, rank: int, d_model: int,
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
-    """The main job. Collective: every rank calls it."""
+    """The main job. Collective: every rank calls it. Returns results; `results["stopped_by"]`
+    is the signal number when SIGTERM/SIGINT stopped training (after a clean checkpoint)."""
     t_start = time.time()
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(timeout_s=cfg.train.collective_timeout_s)
     out = Path(cfg.output_dir)
+    ckpts = CheckpointManager(cfg.checkpoint, out, rank=rank, world=world)
+    resumed = ckpts.resolve(cfg.resume)  # a bad resume fails here, before any model loads
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
     if rank == 0:
@@ -152,16 +162,32 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     print_rank0(f"[tcp] world={world} device={device.type}; Pilot {n_p / 1e6:.2f}M params, "
                 f"Copilot {n_c / 1e6:.2f}M params; {len(train_samples)} train samples")
 
-    tracker = Tracker(cfg, rank=rank)
-    log = build_mistake_log(cfg, out, rank=rank, d_model=d_pilot, vocab=vocab)
+    tracker = Tracker(cfg, rank=rank,
+                      run_id=resumed.manifest.get("mlflow_run_id") if resumed else None)
+    ckpts.prepare(resumed)
+    log = build_mistake_log(cfg, out, rank=rank, d_model=d_pilot, vocab=vocab,
+                            resume=resumed is not None)
+    stop = StopSignal().install() if cfg.checkpoint.on_signal else None
     trainer = Trainer(cfg, pilot=pilot, copilot=copilot, tap=tap, log=log,
                       samples=train_samples, pad_id=tokenizer.pad_token_id, rank=rank,
-                      world=world, device=device, tracker=tracker)
+                      world=world, device=device, tracker=tracker, checkpoints=ckpts, stop=stop)
     status = "FAILED"
     try:
+        if resumed is not None:
+            resume_from(resumed, trainer, ckpts, tracker)
+        if rank == 0:
+            tracker.artifact(out / "config.yaml")
+            tracker.artifact(out / "deepspeed.json")
         trainer.train()
-        log.close()  # flush: every entry committed before evaluation and checkpoints
+        trainer.save_checkpoint()  # the last step, or where a signal stopped us
+        log.close()  # every entry committed before evaluation
         t_train = time.time()
+        if trainer.stopped_by is not None:
+            print_rank0(f"[tcp] stopped by signal {trainer.stopped_by} after step "
+                        f"{trainer.step}; checkpoint {ckpts.root / step_name(trainer.step)}. "
+                        "Continue with resume=auto")
+            status = "KILLED"
+            return {"stopped_by": trainer.stopped_by, "step": trainer.step}
         print_rank0(f"[tcp] joint training done in {t_train - t_base:.1f}s")
         results: dict[str, Any] = {"seed": cfg.seed}
         if cfg.eval.enabled:
@@ -170,7 +196,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 val_records=splits["validation"], test_records=splits["test"],
                 val_samples=val_samples, rank=rank, world=world, device=device))
         t_eval = time.time()
-        save_final(out, pilot=pilot, copilot=copilot, trainer=trainer, rank=rank)
+        save_hf(pilot.module, out / "final" / "pilot")
+        save_module(copilot.module, out / "final" / "copilot.pt")
         results.update(
             history=trainer.history.rows,
             data={"train": vars(train_rep) | {"skipped_ids": train_rep.skipped_ids[:20]},
@@ -181,20 +208,20 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             world_size=world,
             zero3_partitioned=partitioned,
             mistake_log=gather_log_metrics(log, world, backend=cfg.mistake_log.backend),
+            checkpoint=str(ckpts.root / step_name(trainer.step)),
+            resumed_from=str(resumed.path) if resumed else None,
+            mlflow_run_id=tracker.run_id,
         )
         if rank == 0:
             write_json(out / "results.json", results)
-            tracker.artifact(out / "results.json")
-            if "pilot" in results:
-                tracker.metrics({"test_accuracy_pilot": results["pilot"]["accuracy"],
-                                 "test_accuracy_pilot_copilot":
-                                     results["pilot+copilot"]["accuracy"]}, step=cfg.train.steps)
-                print(format_table(results), flush=True)
+            report(results, out, tracker, step=trainer.step)
             print(f"[tcp] results: {out / 'results.json'} (total {elapsed(t_start)})",
                   flush=True)
         status = "FINISHED"
         return results
     finally:
+        if stop is not None:
+            stop.restore()
         try:
             log.close()
         except Exception:
@@ -202,8 +229,47 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 raise  # otherwise the original error is the one to see
         tracker.close(status)
         tap.remove()
-        if dist.is_initialized():
-            dist.barrier()
+        if status != "FAILED" and dist.is_initialized():
+            dist.barrier()  # never on failure: the other ranks may be gone
+
+
+def resume_from(info: CheckpointInfo, trainer: Trainer, ckpts: CheckpointManager,
+                tracker: Tracker) -> None:
+    """Load both engines and this rank's trainer state from `info`; report config changes."""
+    state = ckpts.load(info, pilot=trainer.pilot, copilot=trainer.copilot)
+    trainer.load_state_dict(state)
+    cut = getattr(trainer.log, "truncated_entries", 0)
+    old = flatten(info.manifest.get("config", {}))
+    new = flatten(to_dict(trainer.cfg))
+    changed = {k: (old.get(k), v) for k, v in new.items() if k != "resume" and old.get(k) != v}
+    if trainer.rank == 0:
+        print(f"[tcp] resumed from {info.path} at step {trainer.step}"
+              + (f"; {cut} Mistake Log entries past its cursor were dropped (rank 0)" if cut
+                 else ""), flush=True)
+        if changed:
+            print("[tcp] config changed since the checkpoint: " + ", ".join(
+                f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())), flush=True)
+        tracker.tags({"tcp.resumed_from": str(info.path), "tcp.resumed_at_step": str(info.step)})
+
+
+def report(results: dict[str, Any], out: Path, tracker: Tracker, *, step: int) -> None:
+    """Rank 0: the final metrics, results.json and plots to MLflow, and the printed table."""
+    if "pilot" in results:
+        v = results["validation"]
+        final = {"test_accuracy_pilot": results["pilot"]["accuracy"],
+                 "test_accuracy_pilot_copilot": results["pilot+copilot"]["accuracy"],
+                 "val_accuracy_pilot": v["pilot_accuracy"],
+                 "chosen_lambda": results["pilot+copilot"]["lambda"]}
+        final.update({f"val/{k}": float(x) for k, x in v["teacher_forced"].items()
+                      if isinstance(x, int | float)})
+        tracker.metrics(final, step=step)
+        for s in v["sweep"]:
+            tracker.metrics({"val_accuracy_pilot_copilot_by_lambda": s["accuracy"]},
+                            step=round(s["lambda"] * 1000))
+        print(format_table(results), flush=True)
+    tracker.artifact(out / "results.json")
+    for png in save_plots(results, out / "plots"):
+        tracker.artifact(png, "plots")
 
 
 def gather_log_metrics(log: MistakeLog, world: int, *, backend: str) -> dict[str, Any]:
@@ -227,16 +293,3 @@ def zero3_partitioned(model: torch.nn.Module, world: int) -> bool:
         hasattr(p, "ds_id") and p.ds_tensor.numel() <= -(-p.ds_numel // world)
         for p in model.parameters()
     )
-
-
-def save_final(out: Path, *, pilot: Any, copilot: Any, trainer: Trainer, rank: int) -> None:
-    """Both engines' DeepSpeed checkpoints, an HF-format Pilot, the Copilot's full weights, and
-    each rank's trainer state (the Mistake Log window is per rank)."""
-    ckpt = out / "checkpoints"
-    pilot.save_checkpoint(str(ckpt / "pilot"), tag="final")
-    copilot.save_checkpoint(str(ckpt / "copilot"), tag="final")
-    save_hf(pilot.module, out / "final" / "pilot")
-    save_module(copilot.module, out / "final" / "copilot.pt")
-    tmp = ckpt / f"trainer_rank{rank}.pt.tmp"
-    torch.save(trainer.state_dict(), tmp)
-    os.replace(tmp, ckpt / f"trainer_rank{rank}.pt")

@@ -15,15 +15,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tcp.config import RunConfig, dump_yaml, render_deepspeed
+from tcp.checkpoint import CheckpointManager, rng_state, set_rng_state
+from tcp.config import RunConfig, dump_yaml, render_deepspeed, to_dict
 from tcp.data.collate import TokenizedSample, batch_indices, collate
 from tcp.evaluate import choose_lambda, generation_eval, teacher_forced_diagnostics
+from tcp.faults import fault_point
 from tcp.kernels.copilot_loss import copilot_rmse_loss
 from tcp.mistake_log.base import MistakeLog
 from tcp.mistake_log.collect import collect
 from tcp.mistake_log.record import MistakeBatch
 from tcp.models.copilot import build_inputs
 from tcp.models.pilot import PilotTap, pilot_forward, torch_dtype
+from tcp.preemption import StopSignal
 from tcp.progress import Progress
 from tcp.tracking import Tracker
 
@@ -50,19 +53,28 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotTap,
                  log: MistakeLog, samples: list[TokenizedSample], pad_id: int, rank: int,
-                 world: int, device: torch.device, tracker: Tracker) -> None:
+                 world: int, device: torch.device, tracker: Tracker,
+                 checkpoints: CheckpointManager | None = None,
+                 stop: StopSignal | None = None) -> None:
         self.cfg, self.pilot, self.copilot, self.tap, self.log = cfg, pilot, copilot, tap, log
         self.samples, self.pad_id = samples, pad_id
         self.rank, self.world, self.device, self.tracker = rank, world, device, tracker
+        self.checkpoints, self.stop = checkpoints, stop
         self.step = 0
+        self.saved_step: int | None = None
+        """Step of the newest checkpoint written or resumed from."""
+        self.stopped_by: int | None = None
+        """The signal that stopped `train()` early, if one did."""
         self.history = History()
         self.storage_dtype = torch_dtype(cfg.mistake_log.storage_dtype)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> History:
-        """Run `train.steps` joint steps from `self.step`."""
+        """Run joint steps from `self.step` to `train.steps`, checkpointing every
+        `checkpoint.every`; stops early (all ranks after the same step) on SIGTERM/SIGINT."""
         c = self.cfg.train
-        bar = Progress(total=c.steps, desc="joint", enabled=self.rank == 0)
+        every = self.cfg.checkpoint.every
+        bar = Progress(total=c.steps, desc="joint", enabled=self.rank == 0, initial=self.step)
         window: list[StepMetrics] = []
         t0 = time.time()
         while self.step < c.steps:
@@ -78,8 +90,26 @@ class Trainer:
                            zero=f"{row.get('zero_rmse', float('nan')):.4f}",
                            tok_s=f"{row['tokens_per_s']:.0f}")
                 window, t0 = [], time.time()
+            if self.stop is not None:
+                self.stopped_by = self.stop.should_stop(self.device)
+                if self.stopped_by:
+                    break
+            if every and self.step % every == 0 and self.step < c.steps:
+                self.save_checkpoint()
         bar.close()
         return self.history
+
+    def save_checkpoint(self) -> Path | None:
+        """The composite checkpoint of the current step (collective); skipped if that step is
+        already saved."""
+        if self.checkpoints is None or self.saved_step == self.step:
+            return None
+        path = self.checkpoints.save(self.step, pilot=self.pilot, copilot=self.copilot,
+                                     trainer_state=self.state_dict(),
+                                     meta={"mlflow_run_id": self.tracker.run_id,
+                                           "config": to_dict(self.cfg)})
+        self.saved_step = self.step
+        return path
 
     def train_step(self) -> StepMetrics:
         """One joint step: Pilot forward/log/backward/step, then a Copilot update."""
@@ -89,6 +119,7 @@ class Trainer:
                           sample_id=batch["sample_id"], storage_dtype=self.storage_dtype,
                           device=self.device)
         self.log.append(entries)  # asynchronous: the write overlaps the Pilot's backward
+        fault_point("step", step=self.step, rank=self.rank)
         self.pilot.backward(out.loss)
         self.pilot.step()
         m = StepMetrics(pilot_loss=float(out.loss.detach()),
@@ -137,7 +168,9 @@ class Trainer:
             dist.all_reduce(vals)
         pl, cl, zr, tok = vals.tolist()
         row = {"step": float(self.step), "pilot_loss": pl / self.world,
-               "tokens_per_s": tok / max(seconds, 1e-9)}
+               "tokens_per_s": tok / max(seconds, 1e-9),
+               "lr_pilot": float(self.pilot.get_lr()[0]),
+               "lr_copilot": float(self.copilot.get_lr()[0])}
         row.update({f"mistake_log/{k}": v for k, v in self.log.metrics().items()})  # this rank
         if cop:
             row.update(copilot_rmse=cl / self.world, zero_rmse=zr / self.world)
@@ -145,15 +178,31 @@ class Trainer:
         return row
 
     def state_dict(self) -> dict[str, Any]:
-        """Loop position and the Mistake Log (engines checkpoint themselves)."""
-        return {"step": self.step, "log": self.log.state_dict(),
-                "history": self.history.rows}
+        """This rank's loop position, data position, RNGs, the Mistake Log's commit cursor and
+        sampler, and the metric history (the engines checkpoint themselves). Flushes the log."""
+        return {"rank": self.rank, "world_size": self.world, "step": self.step,
+                "data": self._data_position(), "rng": rng_state(),
+                "log": self.log.state_dict(), "history": self.history.rows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from `state_dict`."""
+        """Restore from `state_dict` (after the engines are loaded): truncates the Mistake Log
+        to the saved cursor and restores every RNG."""
+        if state["data"] != self._data_position():
+            raise ValueError(f"the checkpoint's data position {state['data']} does not match "
+                             f"this run's {self._data_position()}: the training data, seed or "
+                             "batch size changed; resume with the original ones")
         self.step = state["step"]
+        self.saved_step = self.step
         self.log.load_state_dict(state["log"])
         self.history.rows = list(state["history"])
+        set_rng_state(state["rng"])
+
+    def _data_position(self) -> dict[str, int]:
+        """Batches are a pure function of (seed, step, rank, world, batch size, dataset size),
+        so the step is the data position; the rest must match for it to mean the same."""
+        return {"seed": self.cfg.seed, "world_size": self.world,
+                "micro_batch_size": self.cfg.train.pilot.micro_batch_size,
+                "num_samples": len(self.samples)}
 
 
 # ---------------------------------------------------------------------- evaluation & report

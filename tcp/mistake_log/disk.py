@@ -29,6 +29,8 @@ class ZarrMistakeLog(MistakeLog):
             prefetch=cfg.prefetch,
             wait=lambda s: self.writer.wait_committed(s, timeout=cfg.wait_timeout_s),
             submitted=self.writer.submitted_through)
+        self.truncated_entries = 0
+        """Entries past the resumed checkpoint's cursor that `load_state_dict` forgot."""
 
     def append(self, batch: MistakeBatch) -> None:
         self.writer.submit(batch)
@@ -53,13 +55,15 @@ class ZarrMistakeLog(MistakeLog):
         self.writer.flush()
         man = self.writer.store.manifest
         return {"backend": "zarr", "root": str(self.root), "sampler": self.sampler.state_dict(),
-                "committed": {"entries": man.entries, "tokens": man.tokens,
-                              "prompt_rows": man.prompt_rows, "last_step": man.last_step}}
+                "committed": man.to_json()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: truncate the shard to the saved commit cursor, then restore the sampler."""
         if state.get("backend") != "zarr":
             raise ValueError("trainer state holds a non-zarr Mistake Log; resume with the "
                              "run's original mistake_log.backend")
+        self.truncated_entries = self.writer.rollback(state["committed"])
+        self.reader.reset()
         self.sampler.load_state_dict(state["sampler"])
 
     def close(self) -> None:

@@ -352,19 +352,50 @@ class RankStoreWriter:
         for key in _listdir_keys(self.root, rank_group(rank)):
             self.store.note_existing(key, (self.root / key).stat().st_size)
         self.store.unsynced.clear()
-        # Tail of the open write unit of each array (rows not yet in a sealed unit).
         self._tail: dict[str, np.ndarray] = {}
-        for name in ALL_ARRAYS:
-            n = self.manifest.rows(name)
-            unit = write_unit(schema, name, cfg)
-            start = n - n % unit
-            self._tail[name] = np.asarray(self.arrays[name][start:n]) if n > start else \
-                np.zeros((0, *schema.row_shape(name)), dtype=schema.dtype(name))
+        self._load_tails()
         self._pending: dict[str, list[np.ndarray]] = {n: [] for n in ALL_ARRAYS}
         self._pending_rows = dict.fromkeys(ALL_ARRAYS, 0)
         self._pending_steps: list[tuple[int, int]] = []  # (first, last) step of each append
         self._pending_raw = 0
         self.last_step = self.manifest.last_step
+
+    def _load_tails(self) -> None:
+        """Read the committed rows of each array's open write unit (not yet sealed) into RAM."""
+        for name in ALL_ARRAYS:
+            n = self.manifest.rows(name)
+            unit = write_unit(self.schema, name, self.cfg)
+            start = n - n % unit
+            self._tail[name] = np.asarray(self.arrays[name][start:n]) if n > start else \
+                np.zeros((0, *self.schema.row_shape(name)), dtype=self.schema.dtype(name))
+
+    def rollback(self, cursor: dict[str, Any]) -> int:
+        """Forget every entry committed after `cursor` (a manifest as `to_json()` gave it at a
+        checkpoint), so a resumed run logs each (step, sample) exactly once. Rows up to the
+        cursor are never rewritten by later commits, so restoring the cursor's counts and
+        digests is the whole truncation; the abandoned rows are overwritten by the next
+        commits. Returns the number of entries forgotten. Nothing may be pending."""
+        if self._pending_steps:
+            raise RuntimeError("rollback() with uncommitted appends")
+        snap = Manifest(**{k: v for k, v in cursor.items() if k not in ("format", "version")})
+        m = self.manifest
+        if snap.rank != self.rank:
+            raise ValueError(f"cursor of rank {snap.rank} given to rank {self.rank}'s shard")
+        if any(snap.rows(n) > m.rows(n) for n in ALL_ARRAYS):
+            raise MistakeLogCorrupt(
+                f"{self.dir}: the checkpoint's cursor ({snap.entries} entries) is beyond what "
+                f"this shard committed ({m.entries}); the Mistake Log is not the one this "
+                "checkpoint was written with (was it replaced or restored from elsewhere?)")
+        if snap.entries and int(self.arrays["step"][snap.entries - 1]) != snap.last_step:
+            raise MistakeLogCorrupt(f"{self.dir}: entry {snap.entries - 1} does not hold step "
+                                    f"{snap.last_step} as the checkpoint recorded")
+        dropped = m.entries - snap.entries
+        snap.codec, snap.stored_bytes = m.codec, self.store.total
+        self.manifest = snap
+        self._publish()
+        self._load_tails()
+        self.last_step = snap.last_step
+        return dropped
 
     # -------------------------------------------------------------- appending
     def append(self, batch: MistakeBatch) -> int:
@@ -496,6 +527,14 @@ class RankStoreReader:
         self.manifest = Manifest(rank=rank)
         self.arrays: dict[str, Any] = {}
         self.refresh()
+
+    def reset(self) -> Manifest:
+        """Forget cached chunks and re-read the manifest, also when it went backwards (after
+        the writer's `rollback` on resume)."""
+        self._cache.clear()
+        self._cache_bytes = 0
+        self.manifest = Manifest(rank=self.rank)
+        return self.refresh()
 
     def refresh(self) -> Manifest:
         """Re-read the manifest (and array metadata when capacity grew)."""

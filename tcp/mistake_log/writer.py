@@ -191,6 +191,19 @@ class AsyncWriter:
                 self._cond.wait(timeout=1.0 if left is None else min(left, 1.0))
         self._raise_if_failed()
 
+    def rollback(self, cursor: dict[str, Any]) -> int:
+        """Truncate the shard to a checkpoint's commit cursor (`RankStoreWriter.rollback`).
+        Only before the first submit of a resumed run. Returns the entries forgotten."""
+        with self._cond:
+            if self._pending or not self._q.empty():
+                raise RuntimeError("rollback() while entries are queued")
+            dropped = self.store.rollback(cursor)
+            self._last_submitted = self.store.manifest.last_step
+        m = self.store.manifest
+        self.metrics.committed_entries = m.entries
+        self.metrics.raw_bytes, self.metrics.stored_bytes = m.raw_bytes, m.stored_bytes
+        return dropped
+
     def submitted_through(self, step: int) -> bool:
         """Whether the trainer has handed over step `step` (or a later one)."""
         with self._cond:

@@ -1,0 +1,280 @@
+"""Composite checkpoints: both DeepSpeed engines and every rank's trainer state, complete only
+when the manifest exists.
+
+Layout (under `checkpoint.dir`, default `<output_dir>/checkpoints`):
+
+    step_00000200/
+      pilot/{latest, step_00000200/...}      DeepSpeed checkpoint of the Pilot engine
+      copilot/{latest, step_00000200/...}    DeepSpeed checkpoint of the Copilot engine
+      trainer_rank{r}.pt                     step, RNG states, sampler + Mistake Log cursor, ...
+      manifest.json                          written last, atomically, after every rank is done
+    latest                                   name of the newest complete checkpoint
+
+Protocol of `save` (collective): write engines and trainer files -> each rank fsyncs what it
+wrote -> barrier -> rank 0 writes manifest.json (temp, fsync, rename) -> moves `latest` ->
+deletes checkpoints beyond `keep_last` and any incomplete ones -> barrier. A process killed at
+any point leaves the previous complete checkpoint untouched; a folder without a manifest is
+never resumed from and is removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tcp.config import CheckpointConfig
+from tcp.faults import fault_point
+from tcp.mistake_log.store import atomic_write_json, fsync_path
+
+FORMAT = "tcp-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ENGINES = ("pilot", "copilot")
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit this launch; the message says why."""
+
+
+def step_name(step: int) -> str:
+    """Folder (and DeepSpeed tag) of the checkpoint at `step`."""
+    return f"step_{step:08d}"
+
+
+def trainer_file(rank: int) -> str:
+    """Per-rank trainer state file name."""
+    return f"trainer_rank{rank}.pt"
+
+
+@dataclass
+class CheckpointInfo:
+    """A complete checkpoint on disk."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    @property
+    def world_size(self) -> int:
+        return int(self.manifest["world_size"])
+
+
+def read_complete(path: Path) -> CheckpointInfo | None:
+    """The checkpoint at `path` if it is complete (manifest valid, every part present)."""
+    try:
+        m = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if m.get("format") != FORMAT or m.get("version") != FORMAT_VERSION:
+        return None
+    tag = m.get("tag")
+    parts = [path / trainer_file(r) for r in range(int(m.get("world_size", 0)))]
+    parts += [path / e / "latest" for e in ENGINES] + [path / e / str(tag) for e in ENGINES]
+    if not all(p.exists() for p in parts):
+        return None
+    return CheckpointInfo(path, m)
+
+
+def list_checkpoints(root: Path) -> tuple[list[CheckpointInfo], list[Path]]:
+    """(complete checkpoints oldest first, incomplete step folders) under `root`."""
+    complete, partial = [], []
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            if p.is_dir() and _STEP_DIR.match(p.name):
+                info = read_complete(p)
+                if info is None:
+                    partial.append(p)
+                else:
+                    complete.append(info)
+    complete.sort(key=lambda i: i.step)
+    return complete, partial
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the loop may touch (python, numpy, torch CPU, every CUDA device)."""
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    """Saves, finds and loads composite checkpoints. `save`, `load` and `prepare` are
+    collective: every rank calls them."""
+
+    def __init__(self, cfg: CheckpointConfig, output_dir: Path, *, rank: int, world: int) -> None:
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.root = Path(cfg.dir) if cfg.dir else Path(output_dir) / "checkpoints"
+
+    # -------------------------------------------------------------- finding
+    def resolve(self, resume: str | None) -> CheckpointInfo | None:
+        """The checkpoint `resume` names (None: none). Checks that it fits this launch.
+        Cheap and model-free: called before anything is loaded."""
+        if resume is None:
+            return None
+        if resume == "auto":
+            info = self.newest()
+            if info is None:
+                return None
+        else:
+            p = Path(resume)
+            info = read_complete(p)
+            if info is None and p.is_dir():
+                done, _ = list_checkpoints(p)
+                info = done[-1] if done else None
+            if info is None:
+                raise CheckpointError(
+                    f"resume={resume!r}: no complete checkpoint there (a `step_*` folder with "
+                    f"{MANIFEST}, or a folder holding them); use resume=auto to continue from "
+                    f"{self.root}, or leave resume unset for a fresh run")
+        if info.world_size != self.world:
+            raise CheckpointError(
+                f"checkpoint {info.path} was written by {info.world_size} ranks, this launch has "
+                f"{self.world}. Relaunch with {info.world_size} ranks (the data order, the "
+                "optimizer shards and the per-rank Mistake Log all depend on it). To change the "
+                "world size, start a new run from the consolidated weights instead: the run's "
+                "`final/pilot` (or `python <ckpt>/pilot/zero_to_fp32.py`) as "
+                "model.name_or_path, with a fresh Mistake Log")
+        return info
+
+    def newest(self) -> CheckpointInfo | None:
+        """The newest complete checkpoint under this run's checkpoint directory."""
+        done, _ = list_checkpoints(self.root)
+        return done[-1] if done else None
+
+    # -------------------------------------------------------------- lifecycle
+    def prepare(self, resumed: CheckpointInfo | None) -> None:
+        """Before training. Fresh run: remove a previous run's checkpoints here (announced).
+        Resumed run: remove checkpoints newer than the one resumed from (an abandoned future)
+        so the timeline is linear. Collective."""
+        if self.rank == 0 and self.root.is_dir():
+            done, partial = list_checkpoints(self.root)
+            doomed = [i.path for i in done if resumed is None or i.step > resumed.step]
+            doomed += partial
+            if doomed:
+                what = "a previous run's" if resumed is None else "newer or incomplete"
+                print(f"[tcp] removing {what} checkpoints: {', '.join(p.name for p in doomed)}",
+                      flush=True)
+            for p in doomed:
+                shutil.rmtree(p, ignore_errors=True)
+            if resumed is None:
+                (self.root / "latest").unlink(missing_ok=True)
+            else:
+                self._point_latest(resumed.path.name)
+        _barrier()
+
+    def save(self, step: int, *, pilot: Any, copilot: Any, trainer_state: dict[str, Any],
+             meta: dict[str, Any]) -> Path:
+        """Write the composite checkpoint of `step`. Returns its folder once it is complete on
+        every rank. `meta` (JSON) goes into the manifest."""
+        name = step_name(step)
+        path = self.root / name
+        if self.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)  # an incomplete attempt at this step
+            path.mkdir(parents=True)
+        _barrier()
+        for engine_name, engine in zip(ENGINES, (pilot, copilot), strict=True):
+            engine.save_checkpoint(str(path / engine_name), tag=name)
+        _atomic_torch_save(trainer_state, path / trainer_file(self.rank))
+        self._fsync_mine(path)
+        fault_point("checkpoint", step=step, rank=self.rank)
+        _barrier()  # every rank's part is durable
+        if self.rank == 0:
+            manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "tag": name,
+                        "world_size": self.world, "engines": list(ENGINES),
+                        "created": time.time(), **meta}
+            atomic_write_json(path / MANIFEST, manifest, fsync=True)
+            self._point_latest(name)
+            self._rotate(keep=path)
+        _barrier()
+        return path
+
+    def load(self, info: CheckpointInfo, *, pilot: Any, copilot: Any) -> dict[str, Any]:
+        """Load both engines (weights, optimizer, LR schedule) and return this rank's trainer
+        state. Collective."""
+        for engine_name, engine in zip(ENGINES, (pilot, copilot), strict=True):
+            loaded, _ = engine.load_checkpoint(
+                str(info.path / engine_name), tag=info.manifest["tag"],
+                load_optimizer_states=True, load_lr_scheduler_states=True)
+            if loaded is None:
+                raise CheckpointError(f"{info.path / engine_name}: DeepSpeed could not load the "
+                                      f"{engine_name} engine's checkpoint")
+        state = torch.load(info.path / trainer_file(self.rank), map_location="cpu",
+                           weights_only=False)
+        if state.get("rank") != self.rank:
+            raise CheckpointError(f"{info.path / trainer_file(self.rank)} belongs to rank "
+                                  f"{state.get('rank')}, not {self.rank}")
+        return state
+
+    # -------------------------------------------------------------- helpers
+    def _point_latest(self, name: str) -> None:
+        tmp = self.root / ".latest.tmp"
+        with open(tmp, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / "latest")
+        fsync_path(self.root)
+
+    def _rotate(self, *, keep: Path) -> None:
+        """Delete complete checkpoints beyond `keep_last` (never `keep`) and incomplete ones."""
+        done, partial = list_checkpoints(self.root)
+        old = [i.path for i in done[:-self.cfg.keep_last]]
+        for p in old + [p for p in partial if p != keep]:
+            if p != keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _fsync_mine(self, path: Path) -> None:
+        """fsync the files this rank wrote (DeepSpeed names per-rank files zero_pp_rank_{r}_*;
+        rank 0 also takes the shared ones), then their folders."""
+        mine = re.compile(rf"(^|_)rank_{self.rank}_")
+        other = re.compile(r"(^|_)rank_\d+_")
+        dirs = set()
+        for f in path.rglob("*"):
+            if not f.is_file():
+                continue
+            if mine.search(f.name) or (self.rank == 0 and not other.search(f.name)) or \
+                    f.name == trainer_file(self.rank):
+                fsync_path(f)
+                dirs.add(f.parent)
+        for d in dirs:
+            fsync_path(d)

@@ -1,0 +1,52 @@
+"""Evaluation plots of a finished run (PNG, logged to MLflow): training curves and the λ sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def save_plots(results: dict[str, Any], folder: Path) -> list[Path]:
+    """Write the plots `results` has data for into `folder`; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    hist = results.get("history") or []
+    if hist:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+        steps = [r["step"] for r in hist]
+        a.plot(steps, [r["pilot_loss"] for r in hist], label="Pilot loss")
+        a.set_xlabel("step")
+        a.set_ylabel("cross-entropy")
+        a.legend()
+        cop = [r for r in hist if "copilot_rmse" in r]
+        if cop:
+            b.plot([r["step"] for r in cop], [r["copilot_rmse"] for r in cop],
+                   label="Copilot RMSE")
+            b.plot([r["step"] for r in cop], [r["zero_rmse"] for r in cop],
+                   label="zero baseline", linestyle="--")
+            b.set_xlabel("step")
+            b.set_ylabel("RMSE")
+            b.legend()
+        fig.tight_layout()
+        written.append(folder / "training.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    val = results.get("validation")
+    if val and val.get("sweep"):
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        lams = [s["lambda"] for s in val["sweep"]]
+        ax.plot(lams, [s["accuracy"] for s in val["sweep"]], marker="o", label="Pilot+Copilot")
+        ax.axhline(val["pilot_accuracy"], color="gray", linestyle="--", label="Pilot")
+        ax.set_xlabel("λ")
+        ax.set_ylabel("validation accuracy")
+        ax.legend()
+        fig.tight_layout()
+        written.append(folder / "lambda_sweep.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written
