@@ -22,6 +22,7 @@ Every chunk also carries a CRC32C (Zarr's crc32c codec), so a corrupt chunk fail
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import time
@@ -249,7 +250,8 @@ class Manifest:
         return self.entries
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": FORMAT_VERSION, **self.__dict__}
+        """A snapshot (deep copy: later commits do not change it)."""
+        return copy.deepcopy({"format": FORMAT, "version": FORMAT_VERSION, **self.__dict__})
 
     @staticmethod
     def read(path: Path) -> Manifest:
@@ -377,7 +379,8 @@ class RankStoreWriter:
         commits. Returns the number of entries forgotten. Nothing may be pending."""
         if self._pending_steps:
             raise RuntimeError("rollback() with uncommitted appends")
-        snap = Manifest(**{k: v for k, v in cursor.items() if k not in ("format", "version")})
+        snap = Manifest(**copy.deepcopy({k: v for k, v in cursor.items()
+                                          if k not in ("format", "version")}))
         m = self.manifest
         if snap.rank != self.rank:
             raise ValueError(f"cursor of rank {snap.rank} given to rank {self.rank}'s shard")

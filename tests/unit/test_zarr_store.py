@@ -12,7 +12,7 @@ import zarr
 from tcp.config import ZarrStoreConfig
 from tcp.mistake_log.maintenance import verify
 from tcp.mistake_log.record import MistakeBatch
-from tcp.mistake_log.store import RankStoreReader, RankStoreWriter, Schema
+from tcp.mistake_log.store import MistakeLogCorrupt, RankStoreReader, RankStoreWriter, Schema
 from tcp.mistake_log.writer import AsyncWriter, MistakeLogWriteError
 from tests.helpers import fake_entries
 from tools.mistake_log import main as mistake_log_tool
@@ -107,6 +107,56 @@ def test_reopen_appends_after_committed_entries(tmp_path):
                         ZarrStoreConfig(chunk_mib=SMALL, compressor="blosc"))
     with pytest.raises(ValueError, match="existing Mistake Log"):
         RankStoreWriter(tmp_path, 0, Schema(32, 3, "float32"), ZarrStoreConfig())
+
+
+def test_rollback_to_a_checkpoint_cursor_logs_each_step_once(tmp_path):
+    """Resume: entries committed after the checkpoint's cursor are forgotten, the resumed run
+    re-logs those steps (here with different values), and every step is in the log once."""
+    w = write_steps(tmp_path, range(7), commit_every=2)
+    cursor = w.manifest.to_json()  # what a checkpoint at step 7 records (after a flush)
+    for s in range(7, 12):  # the run goes on past the checkpoint, then dies
+        w.append(fake_entries(s))
+        w.commit()
+    w2 = RankStoreWriter(tmp_path, 0, Schema(16, 3, "float32"), ZarrStoreConfig(chunk_mib=SMALL))
+    assert w2.rollback(cursor) == 20
+    assert RankStoreReader(tmp_path, 0).num_entries == 28
+    assert verify(tmp_path).ranks[0].uncommitted_entries == 20  # the abandoned rows, ignored
+    for s in range(7, 15):
+        w2.append(fake_entries(s, seed=1))
+        w2.commit()
+    rd = RankStoreReader(tmp_path, 0)
+    want = MistakeBatch.cat([expected(range(7)), *[fake_entries(s, seed=1) for s in range(7, 15)]])
+    assert_same(rd.read_range(0, rd.num_entries), want)
+    assert verify(tmp_path).ok
+    # A cursor from beyond what the shard holds (another log) is refused.
+    bad = dict(cursor, entries=10**6, tokens=10**7, prompt_rows=10**7)
+    with pytest.raises(MistakeLogCorrupt, match="beyond what this shard committed"):
+        RankStoreWriter(tmp_path, 0, Schema(16, 3, "float32"),
+                        ZarrStoreConfig(chunk_mib=SMALL)).rollback(bad)
+
+
+def test_async_writer_rollback_and_reader_reset(tmp_path):
+    cfg = ZarrStoreConfig(chunk_mib=SMALL)
+    with AsyncWriter(RankStoreWriter(tmp_path, 0, Schema(16, 3, "float32"), cfg)) as aw:
+        for s in range(6):
+            aw.submit(fake_entries(s))
+        aw.flush()
+        cursor = aw.store.manifest.to_json()
+        for s in range(6, 9):
+            aw.submit(fake_entries(s))
+    rd = RankStoreReader(tmp_path, 0)
+    rd.read_range(0, rd.num_entries)  # cache the chunks holding steps 6..8
+    with AsyncWriter(RankStoreWriter(tmp_path, 0, Schema(16, 3, "float32"), cfg)) as aw:
+        assert aw.rollback(cursor) == 12 and aw.metrics.committed_entries == 24
+        assert not aw.submitted_through(6)
+        for s in range(6, 8):
+            aw.submit(fake_entries(s, seed=2))
+    with pytest.raises(MistakeLogCorrupt, match="went backwards"):
+        rd.refresh()
+    rd.reset()
+    assert_same(rd.read_range(0, rd.num_entries),
+                MistakeBatch.cat([expected(range(6)), fake_entries(6, seed=2),
+                                  fake_entries(7, seed=2)]))
 
 
 def test_readable_with_plain_zarr(tmp_path):

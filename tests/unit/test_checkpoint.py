@@ -1,0 +1,201 @@
+"""Composite checkpoints without DeepSpeed: completeness, rotation, resolution, signals, faults.
+(The real engines are exercised by tests/distributed/test_resume.py.)"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tcp.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    list_checkpoints,
+    read_complete,
+    rng_state,
+    set_rng_state,
+)
+from tcp.config import CheckpointConfig
+from tcp.faults import _plan
+from tcp.preemption import StopSignal
+from tcp.tracking import parse_tags
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class FakeEngine:
+    """The two DeepSpeed engine methods the manager calls, writing files the same way."""
+
+    def __init__(self, value: float = 0.0) -> None:
+        self.value = value
+
+    def save_checkpoint(self, save_dir: str, tag: str) -> None:
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({"value": self.value}, d / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        (Path(save_dir) / "latest").write_text(tag)
+
+    def load_checkpoint(self, load_dir: str, tag: str, **_: bool):
+        p = Path(load_dir) / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+        self.value = torch.load(p)["value"]
+        return str(p), {}
+
+
+def save(m: CheckpointManager, step: int, value: float = 0.0):
+    return m.save(step, pilot=FakeEngine(value), copilot=FakeEngine(-value),
+                  trainer_state={"rank": 0, "step": step}, meta={"mlflow_run_id": "abc"})
+
+
+def test_save_load_rotation_and_latest(tmp_path):
+    m = CheckpointManager(CheckpointConfig(keep_last=2), tmp_path, rank=0, world=1)
+    for step in (2, 4, 6):
+        save(m, step, value=float(step))
+    done, partial = list_checkpoints(m.root)
+    assert [i.step for i in done] == [4, 6] and not partial  # keep_last=2
+    assert (m.root / "latest").read_text().strip() == "step_00000006"
+    info = m.resolve("auto")
+    assert info.step == 6 and info.manifest["mlflow_run_id"] == "abc"
+    p, c = FakeEngine(), FakeEngine()
+    state = m.load(info, pilot=p, copilot=c)
+    assert state == {"rank": 0, "step": 6} and (p.value, c.value) == (6.0, -6.0)
+    assert m.resolve(str(m.root / "step_00000004")).step == 4  # an explicit folder
+    assert m.resolve(str(m.root)).step == 6  # a checkpoint directory: its newest
+
+
+def test_checkpoint_without_manifest_is_never_resumed(tmp_path, monkeypatch):
+    m = CheckpointManager(CheckpointConfig(), tmp_path, rank=0, world=1)
+    save(m, 4)
+    # Die after the parts are written but before the manifest (what kill@checkpoint does).
+    monkeypatch.setenv("TCP_FAULT_INJECT", "term@checkpoint=8")
+    got = []
+    old = signal.signal(signal.SIGTERM, lambda *a: got.append(1))
+    try:
+        monkeypatch.setattr("tcp.checkpoint.atomic_write_json",
+                            lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            save(m, 8)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert got == [1]  # the fault point fired between the parts and the manifest
+    assert (m.root / "step_00000008" / "trainer_rank0.pt").exists()
+    assert read_complete(m.root / "step_00000008") is None
+    assert m.resolve("auto").step == 4
+    assert (m.root / "latest").read_text().strip() == "step_00000004"
+    monkeypatch.undo()
+    save(m, 12)  # the next save removes the incomplete folder
+    assert not (m.root / "step_00000008").exists()
+
+
+def test_prepare_fresh_and_resumed(tmp_path):
+    m = CheckpointManager(CheckpointConfig(keep_last=5), tmp_path, rank=0, world=1)
+    for step in (2, 4, 6):
+        save(m, step)
+    (m.root / "step_00000008").mkdir()  # incomplete
+    m.prepare(m.resolve(str(m.root / "step_00000004")))
+    done, partial = list_checkpoints(m.root)
+    assert [i.step for i in done] == [2, 4] and not partial  # the abandoned future is gone
+    assert (m.root / "latest").read_text().strip() == "step_00000004"
+    m.prepare(None)  # a fresh run replaces the previous run's checkpoints
+    assert list_checkpoints(m.root) == ([], []) and not (m.root / "latest").exists()
+    assert m.resolve("auto") is None  # auto with nothing to resume: start fresh
+
+
+def test_resolve_refuses_what_does_not_fit(tmp_path):
+    m = CheckpointManager(CheckpointConfig(), tmp_path, rank=0, world=2)
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        m.resolve(str(tmp_path / "nowhere"))
+    m1 = CheckpointManager(CheckpointConfig(), tmp_path, rank=0, world=1)
+    save(m1, 3)
+    with pytest.raises(CheckpointError, match=r"written by 1 ranks, this launch has 2.*"
+                                              r"zero_to_fp32"):
+        m.resolve("auto")
+    man = json.loads((m.root / "step_00000003" / "manifest.json").read_text())
+    man["version"] = 99
+    (m.root / "step_00000003" / "manifest.json").write_text(json.dumps(man))
+    assert m1.resolve("auto") is None
+
+
+def test_rng_state_round_trip():
+    s = rng_state()
+    a = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    set_rng_state(s)
+    b = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_stop_signal_records_then_forces():
+    stop = StopSignal().install()
+    try:
+        assert stop.should_stop(torch.device("cpu")) is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.should_stop(torch.device("cpu")) == signal.SIGTERM
+        assert StopSignal.exit_code(signal.SIGTERM) == 143
+    finally:
+        stop.restore()
+    # A second SIGTERM is a forced stop: the default action (process killed by the signal).
+    code = textwrap.dedent("""
+        import os, signal
+        from tcp.preemption import StopSignal
+        s = StopSignal().install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("survived the first", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("survived the second", flush=True)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert "survived the first" in p.stdout and "second" not in p.stdout
+    assert p.returncode == -signal.SIGTERM
+
+
+def test_fault_plan_parsing():
+    plan = _plan("kill@step=6, term@checkpoint=8:rank=1")
+    assert plan[("step", 6)] == [(signal.SIGKILL, None)]
+    assert plan[("checkpoint", 8)] == [(signal.SIGTERM, 1)]
+    with pytest.raises(ValueError, match="TCP_FAULT_INJECT"):
+        _plan("explode@step=1")
+
+
+def test_mlflow_tags_from_environment_formats():
+    assert parse_tags('{"team": "nlp", "n": 3}') == {"team": "nlp", "n": "3"}
+    assert parse_tags("team=nlp, exp = a=b") == {"team": "nlp", "exp": "a=b"}
+    assert parse_tags(None) == {}
+    with pytest.raises(ValueError, match="MLFLOW_TAGS"):
+        parse_tags("novalue")
+
+
+def test_collective_timeout_fails_instead_of_hanging(tmp_path):
+    """A rank that never joins the collective: the other fails after collective_timeout_s."""
+    code = textwrap.dedent("""
+        import os, sys, time
+        import torch.distributed as dist
+        from tcp.engines import init_distributed
+        rank, world, _ = init_distributed(timeout_s=3)
+        if rank == 1:
+            time.sleep(20)
+            sys.exit(0)
+        t = time.time()
+        try:
+            dist.barrier()
+        except Exception as e:
+            print(f"failed after {time.time() - t:.1f}s: {type(e).__name__}", flush=True)
+            os._exit(7)
+        print("barrier passed", flush=True)
+    """)
+    port = str(29700 + os.getpid() % 200)
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    out0, _ = procs[0].communicate(timeout=120)
+    procs[1].kill()
+    assert procs[0].returncode == 7, out0[-2000:]
+    secs = float(out0.split("failed after ")[1].split("s:")[0])
+    assert 2.5 <= secs < 15
