@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from tcp.config import ArchConfig, CopilotConfig
@@ -48,3 +54,27 @@ def fake_entries(step: int, *, n: int = 4, d: int = 16, k: int = 3, vocab: int =
         residual=1 - top_p.sum(-1), step=torch.full((n,), step, dtype=torch.long),
         sample_id=torch.arange(n) + 1000 * step, rank=torch.full((n,), rank, dtype=torch.long),
         loss=torch.rand(n, generator=g))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(run_dir: Path, *overrides: str, env: dict[str, str] | None = None,
+           check: bool = True, timeout: int = 400, ranks: int = 2,
+           popen: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
+    """`deepspeed --num_gpus <ranks> launcher/train.py` on the default config into `run_dir`,
+    tracking to `<run_dir>.db` unless overridden. `check` asserts exit code 0."""
+    deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    port = str(29500 + (os.getpid() + hash(str(run_dir))) % 1000)
+    cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", port,
+           str(ROOT / "launcher/train.py"), "--config", str(ROOT / "configs/default.yaml"),
+           f"output_dir={run_dir}", f"tracking.uri=sqlite:///{run_dir}.db", *overrides]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    if popen:
+        return subprocess.Popen(cmd, cwd=run_dir.parent, env=full_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, cwd=run_dir.parent, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc

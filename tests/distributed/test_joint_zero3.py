@@ -1,29 +1,20 @@
 """Real DeepSpeed: 2 CPU ranks (gloo), both engines ZeRO-3, a few joint steps end to end."""
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import launch as _launch
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def launch(tmp_path: Path, *overrides: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    port = str(29500 + os.getpid() % 1000)
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", port, str(ROOT / "launcher/train.py"),
-           "--config", str(ROOT / "configs/default.yaml"), f"output_dir={tmp_path / 'run'}",
-           f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
+def launch(tmp_path: Path, *overrides: str, timeout: int = 400):
+    return _launch(tmp_path / "run", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                   *overrides, timeout=timeout)
 
 
 SMALL = ("base.steps=30", "base.corpus_size=2000", "data.train_size=1000", "data.val_size=32",
@@ -51,9 +42,13 @@ def test_two_rank_zero3_joint_run(tmp_path):
     assert "Pilot+Copilot" in proc.stdout
     run = tmp_path / "run"
     for rel in ("config.yaml", "deepspeed.json", "tokenizer/tokenizer.json",
-                "final/pilot/config.json", "final/copilot.pt", "checkpoints/pilot/final",
-                "checkpoints/copilot/final", "checkpoints/trainer_rank0.pt",
-                "checkpoints/trainer_rank1.pt"):
+                "final/pilot/config.json", "final/copilot.pt", "plots/training.png",
+                "plots/lambda_sweep.png", "checkpoints/latest",
+                "checkpoints/step_00000024/manifest.json",
+                "checkpoints/step_00000024/pilot/latest",
+                "checkpoints/step_00000024/copilot/step_00000024",
+                "checkpoints/step_00000024/trainer_rank0.pt",
+                "checkpoints/step_00000024/trainer_rank1.pt"):
         assert (run / rel).exists(), rel
     assert (tmp_path / "mlflow.db").exists()
     check_mistake_log(run, res, steps=24, micro_batch_size=8)
