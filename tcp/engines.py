@@ -28,7 +28,13 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(int(os.environ.get("TCP_THREADS_PER_RANK", "1")))
     if not dist.is_initialized():
+        launched = "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+        if not launched:  # plain `python launcher/train.py`: one process, no MPI probing
+            for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+                os.environ.setdefault(k, v)
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
+                                   auto_mpi_discovery=launched,
                                    timeout=timedelta(seconds=timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:
@@ -36,6 +42,14 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def build_engine(model: nn.Module, ds_config: dict[str, Any]) -> Any:

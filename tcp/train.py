@@ -63,6 +63,8 @@ class Trainer:
         self.step = 0
         self.saved_step: int | None = None
         """Step of the newest checkpoint written or resumed from."""
+        self.checkpoint_s = 0.0
+        """Wall time spent writing checkpoints (this run, this rank)."""
         self.stopped_by: int | None = None
         """The signal that stopped `train()` early, if one did."""
         self.history = History()
@@ -104,11 +106,15 @@ class Trainer:
         already saved."""
         if self.checkpoints is None or self.saved_step == self.step:
             return None
+        t0 = time.time()
         path = self.checkpoints.save(self.step, pilot=self.pilot, copilot=self.copilot,
                                      trainer_state=self.state_dict(),
                                      meta={"mlflow_run_id": self.tracker.run_id,
                                            "config": to_dict(self.cfg)})
         self.saved_step = self.step
+        self.checkpoint_s += time.time() - t0
+        if self.rank == 0:
+            print(f"[tcp] checkpoint {path} ({time.time() - t0:.1f}s)", flush=True)
         return path
 
     def train_step(self) -> StepMetrics:
