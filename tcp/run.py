@@ -180,6 +180,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             tracker.artifact(out / "deepspeed.json")
         trainer.train()
         trainer.save_checkpoint()  # the last step, or where a signal stopped us
+        if stop is not None:  # a signal during that save still stops the job (all ranks agree)
+            trainer.stopped_by = trainer.stopped_by or stop.should_stop(device)
+            stop.restore()  # from here on (evaluation) signals act as usual
         log.close()  # every entry committed before evaluation
         t_train = time.time()
         if trainer.stopped_by is not None:
