@@ -264,7 +264,9 @@ def report(results: dict[str, Any], out: Path, tracker: Tracker, *, step: int) -
                  "test_accuracy_pilot_copilot": results["pilot+copilot"]["accuracy"],
                  "val_accuracy_pilot": v["pilot_accuracy"],
                  "chosen_lambda": results["pilot+copilot"]["lambda"]}
-        final.update({f"val/{k}": float(x) for k, x in v["teacher_forced"].items()
+        # METHOD.md §6 diagnostics; fixes/breaks per λ become e.g. val/fixes.lambda_0.5
+        final.update({f"val/{k.replace('.', '.lambda_', 1) if '.' in k else k}": float(x)
+                      for k, x in flatten(v["teacher_forced"]).items()
                       if isinstance(x, int | float)})
         tracker.metrics(final, step=step)
         for s in v["sweep"]:

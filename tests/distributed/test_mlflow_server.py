@@ -84,7 +84,8 @@ def test_one_run_with_params_metrics_artifacts_and_resume_appends(tmp_path):
                     "tokens_per_s", "mistake_log/raw_bytes", "mistake_log/stored_bytes",
                     "mistake_log/queue_depth", "mistake_log/blocked_s",
                     "test_accuracy_pilot", "test_accuracy_pilot_copilot", "val/rmse_ratio",
-                    "val/cosine", "val_accuracy_pilot"):
+                    "val/cosine", "val/fixes.lambda_1.0", "val/breaks.lambda_1.0",
+                    "val_accuracy_pilot"):
             assert key in r.data.metrics, key
         arts = {a.path for a in client.list_artifacts(rid)}
         assert {"results.json", "config.yaml", "deepspeed.json", "plots"} <= arts
