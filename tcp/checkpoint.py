@@ -259,7 +259,7 @@ class CheckpointManager:
         """Delete complete checkpoints beyond `keep_last` (never `keep`) and incomplete ones."""
         done, partial = list_checkpoints(self.root)
         old = [i.path for i in done[:-self.cfg.keep_last]]
-        for p in old + [p for p in partial if p != keep]:
+        for p in old + partial:
             if p != keep:
                 shutil.rmtree(p, ignore_errors=True)
 
