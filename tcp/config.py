@@ -459,6 +459,23 @@ class CheckpointConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """The fused kernels of `tcp.kernels` (pooling, Pilot loss, Copilot loss)."""
+
+    fused: bool = True
+    """Fused Pilot cross-entropy (LM head + loss + top-k, no (N, V) logits) and fused Copilot
+    RMSE (head + loss, no (N, V) f). false: the eager paths (full logits / f), for comparison."""
+    impl: Literal["auto", "torch", "triton"] = "auto"
+    """Backend: 'auto' = Triton on CUDA tensors, the torch reference on CPU; 'torch'; 'triton'
+    (CUDA, or CPU under TRITON_INTERPRET=1). TCP_KERNELS in the environment wins."""
+    chunk_mib: float = 64.0
+    """Size of the one (tokens, vocabulary) fp32 chunk buffer each fused loss works in."""
+
+    def __post_init__(self) -> None:
+        _check(self.chunk_mib > 0, "chunk_mib", f"must be > 0 MiB (got {self.chunk_mib})")
+
+
+@dataclass
 class RunConfig:
     """A whole run."""
 
@@ -484,6 +501,8 @@ class RunConfig:
     """Experiment tracking."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints."""
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    """Fused kernels."""
     resume: str | None = None
     """None: a fresh run (a previous run's checkpoints and Mistake Log in the same place are
     replaced). 'auto': continue from the latest complete checkpoint if there is one, else

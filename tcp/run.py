@@ -23,7 +23,7 @@ from tcp.mistake_log.disk import ZarrMistakeLog
 from tcp.mistake_log.memory import MemoryMistakeLog
 from tcp.mistake_log.store import FORMAT, Schema, create_root
 from tcp.models.copilot import Copilot, init_from_llama
-from tcp.models.pilot import PilotTap, build_llama, load_pretrained
+from tcp.models.pilot import PilotTap, build_llama, load_pretrained, use_fused_head
 from tcp.plots import save_plots
 from tcp.preemption import StopSignal
 from tcp.tracking import Tracker, flatten
@@ -87,7 +87,9 @@ def build_engines(cfg: RunConfig, tokenizer: Any, base: Path | None,
     pilot_model = build_pilot(cfg, tokenizer, base, world)
     vocab, d_pilot = int(pilot_model.config.vocab_size), int(pilot_model.config.hidden_size)
     copilot_model = build_copilot(cfg, vocab=vocab, d_pilot=d_pilot, base=base)
-    tap = PilotTap(pilot_model)  # hooks on submodules survive DeepSpeed wrapping
+    if cfg.kernels.fused:
+        use_fused_head(pilot_model)  # before DeepSpeed wraps it, so ZeRO-3 hooks the new head
+    tap = PilotTap(pilot_model, impl=cfg.kernels.impl)  # hooks survive DeepSpeed wrapping
     pilot = build_engine(pilot_model, render_deepspeed(cfg, "pilot", world_size=world))
     copilot = build_engine(copilot_model, render_deepspeed(cfg, "copilot", world_size=world))
     return pilot, copilot, tap

@@ -20,12 +20,11 @@ from tcp.config import RunConfig, dump_yaml, render_deepspeed, to_dict
 from tcp.data.collate import TokenizedSample, batch_indices, collate
 from tcp.evaluate import choose_lambda, generation_eval, teacher_forced_diagnostics
 from tcp.faults import fault_point
-from tcp.kernels.copilot_loss import copilot_rmse_loss
 from tcp.mistake_log.base import MistakeLog
 from tcp.mistake_log.collect import collect
 from tcp.mistake_log.record import MistakeBatch
-from tcp.models.copilot import build_inputs
-from tcp.models.pilot import PilotTap, pilot_forward, torch_dtype
+from tcp.models.copilot import ErrorTarget, build_inputs
+from tcp.models.pilot import HeadOptions, PilotTap, pilot_forward, torch_dtype
 from tcp.preemption import StopSignal
 from tcp.progress import Progress
 from tcp.tracking import Tracker
@@ -120,7 +119,10 @@ class Trainer:
     def train_step(self) -> StepMetrics:
         """One joint step: Pilot forward/log/backward/step, then a Copilot update."""
         batch = self._batch(self.step)
-        out = pilot_forward(self.pilot, self.tap, batch)
+        k = self.cfg.kernels
+        out = pilot_forward(self.pilot, self.tap, batch, pooled_dtype=self.storage_dtype,
+                            head=HeadOptions(topk=self.cfg.mistake_log.topk, fused=k.fused,
+                                             impl=k.impl, chunk_mib=k.chunk_mib))
         entries = collect(out, topk=self.cfg.mistake_log.topk, step=self.step, rank=self.rank,
                           sample_id=batch["sample_id"], storage_dtype=self.storage_dtype,
                           device=self.device)
@@ -145,11 +147,10 @@ class Trainer:
             return None, None
         entries = MistakeBatch.cat(parts).to(self.device)
         inputs = build_inputs(entries, self.device)
-        f = self.copilot(inputs)[inputs.q_valid]
-        seq = torch.repeat_interleave(torch.arange(entries.num_entries, device=self.device),
-                                      entries.target_lens.to(self.device))
-        loss, zero = copilot_rmse_loss(f, entries.labels, entries.topk_ids, entries.topk_probs,
-                                       seq, entries.num_entries)
+        k = self.cfg.kernels
+        target = ErrorTarget.from_batch(entries, self.device, fused=k.fused, impl=k.impl,
+                                        chunk_mib=k.chunk_mib)
+        loss, zero = self.copilot(inputs, target=target)  # fused: f is never materialised
         self.copilot.backward(loss)
         self.copilot.step()
         return float(loss.detach()), float(zero)

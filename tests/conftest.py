@@ -1,4 +1,5 @@
-"""Test setup: never touch a hub (a failed lookup costs ~25 s here), single-threaded torch."""
+"""Test setup: never touch a hub (a failed lookup costs ~25 s here); Triton kernels in the
+interpreter when there is no GPU."""
 
 import os
 
@@ -9,6 +10,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in the interpreter on CPU tensors. Set before any test module imports
+    # tcp.kernels: @triton.jit reads it when the kernels are defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -36,6 +36,15 @@ def tiny_copilot(vocab: int, d_pilot: int, *, d: int = 24, layers: int = 4,
     return cop
 
 
+def tokenized_batch(tok, seed: int = 0, n: int = 6):
+    """n generated arithmetic samples, tokenised (ragged prompts and answers)."""
+    from tcp.data.arithmetic import generate
+    from tcp.data.collate import tokenize_records
+
+    samples, _ = tokenize_records(generate(seed, "train", n), tok, max_length=96)
+    return samples
+
+
 def fake_entries(step: int, *, n: int = 4, d: int = 16, k: int = 3, vocab: int = 100,
                  rank: int = 0, seed: int = 0):
     """A deterministic MistakeBatch for `step` (ragged lengths, realistic value ranges)."""

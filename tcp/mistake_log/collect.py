@@ -14,12 +14,18 @@ def collect(out: PilotStep, *, topk: int, step: int, rank: int, sample_id: torch
             device: torch.device | str = "cpu") -> MistakeBatch:
     """Build one entry per sample from a teacher-forced Pilot forward.
 
-    The top-k is taken in fp32 from softmax(z_i); k is capped at the vocabulary size, where the
-    sparse error becomes exact.
+    The top-k is the Pilot's (`pilot_forward(head=HeadOptions(topk=...))`, in fp32 from
+    softmax(z_i)), or taken here from `target_logits`; k is capped at the vocabulary size, where
+    the sparse error becomes exact.
     """
-    probs = torch.softmax(out.target_logits.detach().float(), dim=-1)
-    k = min(topk, probs.shape[-1])
-    top_p, top_i = probs.topk(k, dim=-1)
+    if out.topk_probs is not None and out.topk_ids is not None:
+        top_p, top_i = out.topk_probs[:, :topk], out.topk_ids[:, :topk]
+    elif out.target_logits is not None:
+        probs = torch.softmax(out.target_logits.detach().float(), dim=-1)
+        top_p, top_i = probs.topk(min(topk, probs.shape[-1]), dim=-1)
+    else:
+        raise ValueError("collect: the Pilot step has neither top-k nor logits; call "
+                         "pilot_forward with head=HeadOptions(topk=...)")
     residual = (1.0 - top_p.sum(-1)).clamp_min(0.0)
     B = out.prompt_len.numel()
     return MistakeBatch(

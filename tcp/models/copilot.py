@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tcp.config import CopilotConfig
+from tcp.kernels.copilot_loss import copilot_rmse_loss, fused_copilot_rmse_loss
 from tcp.mistake_log.record import MistakeBatch
 
 
@@ -228,6 +229,54 @@ def build_inputs(batch: MistakeBatch, device: torch.device | str) -> CopilotInpu
 
 
 @dataclass
+class ErrorTarget:
+    """The teacher-forced loss target, flat over the real target tokens (grouped by entry)."""
+
+    labels: torch.Tensor
+    """(N,) y_i."""
+    topk_ids: torch.Tensor
+    """(N, k) the Pilot's top-k token ids."""
+    topk_probs: torch.Tensor
+    """(N, k) their probabilities."""
+    seq_index: torch.Tensor
+    """(N,) entry of each token, non-decreasing."""
+    num_seqs: int
+    fused: bool = True
+    """Fused head + RMSE (no (N, V) matrix) or the eager path (dense f)."""
+    impl: str | None = "auto"
+    """Kernel backend of the fused path: auto | torch | triton."""
+    chunk_mib: float = 64.0
+    """Chunk buffer size of the fused path."""
+
+    @classmethod
+    def from_batch(cls, batch: MistakeBatch, device: torch.device | str,
+                   **options: object) -> ErrorTarget:
+        """The target of every token of `batch`, in `build_inputs`' q_valid order."""
+        seq = torch.repeat_interleave(torch.arange(batch.num_entries),
+                                      batch.target_lens.cpu()).to(device)
+        return cls(labels=batch.labels.to(device), topk_ids=batch.topk_ids.to(device),
+                   topk_probs=batch.topk_probs.to(device), seq_index=seq,
+                   num_seqs=batch.num_entries, **options)  # type: ignore[arg-type]
+
+
+class ErrorHead(nn.Linear):
+    """The output layer f = W h + b. Given a target, its forward returns the loss instead of f,
+    so the loss runs where DeepSpeed ZeRO-3 has gathered W (fused: without the (N, V) f)."""
+
+    def forward(self, x: torch.Tensor, target: ErrorTarget | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if target is None:
+            return super().forward(x)
+        t = target
+        if t.fused:
+            return fused_copilot_rmse_loss(x, self.weight, self.bias, t.labels, t.topk_ids,
+                                           t.topk_probs, t.seq_index, t.num_seqs, impl=t.impl,
+                                           chunk_mib=t.chunk_mib)
+        return copilot_rmse_loss(super().forward(x), t.labels, t.topk_ids, t.topk_probs,
+                                 t.seq_index, t.num_seqs)
+
+
+@dataclass
 class CopilotCache:
     """Per-layer keys/values for incremental decoding (cross layers: [X~ ; h_<=i] memory)."""
 
@@ -257,7 +306,7 @@ class Copilot(nn.Module):
         # Layer 1, 3, ... (index 0, 2, ...) self-attend; layer 2, 4, ... cross-attend.
         self.layers = nn.ModuleList(Block(cfg, cross=(i % 2 == 1)) for i in range(cfg.num_layers))
         self.norm = RMSNorm(d)
-        self.head = nn.Linear(d, vocab_size)
+        self.head = ErrorHead(d, vocab_size)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         if pilot_hidden == d:
@@ -267,26 +316,30 @@ class Copilot(nn.Module):
     def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rope(pos, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta)
 
-    def forward(self, inputs: CopilotInputs | None = None, *, cache: CopilotCache | None = None,
-                prev_f: torch.Tensor | None = None, h_new: torch.Tensor | None = None,
-                pos: torch.Tensor | None = None, prefix: tuple | None = None
-                ) -> torch.Tensor | CopilotCache:
-        """Three modes, all through forward so ZeRO-3 gathers parameters:
+    def forward(self, inputs: CopilotInputs | None = None, *, target: ErrorTarget | None = None,
+                cache: CopilotCache | None = None, prev_f: torch.Tensor | None = None,
+                h_new: torch.Tensor | None = None, pos: torch.Tensor | None = None,
+                prefix: tuple | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CopilotCache:
+        """Four modes, all through forward so ZeRO-3 gathers parameters:
 
         - teacher-forced: `forward(inputs)` -> f (B, n, V);
+        - training: `forward(inputs, target=)` -> (RMSE loss, zero-baseline RMSE), fused by
+          default (`target.fused`): f is never materialised;
         - start decoding: `forward(prefix=(x_tilde (B,P,d_P), x_valid (B,P), x_pos (B,P)))`
           -> a `CopilotCache` holding the X~ part of every cross layer's memory;
         - one decoding step: `forward(cache=, prev_f=(B,V) or None, h_new=(B,d_P), pos=(B,))`
           -> f_i (B, V); appends to the cache.
         """
         if inputs is not None:
-            return self._teacher_forced(inputs)
+            return self._teacher_forced(inputs, target)
         if prefix is not None:
             return self._start(*prefix)
         assert cache is not None and h_new is not None and pos is not None
         return self._step(cache, prev_f, h_new, pos)
 
-    def _teacher_forced(self, x: CopilotInputs) -> torch.Tensor:
+    def _teacher_forced(self, x: CopilotInputs, target: ErrorTarget | None
+                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         B, T = x.q_pos.shape
         is_start = torch.zeros(B, T, dtype=torch.bool, device=x.q_pos.device)
         is_start[:, 0] = True
@@ -301,6 +354,8 @@ class Copilot(nn.Module):
         for layer in self.layers:
             hid, _ = layer(hid, mem_new=mem if layer.cross else None, q_rope=q_rope,
                            k_rope=k_rope, mask=cross_mask if layer.cross else self_mask, past=None)
+        if target is not None:
+            return self.head(self.norm(hid)[x.q_valid], target)
         return self.head(self.norm(hid))
 
     def _start(self, x_tilde: torch.Tensor, x_valid: torch.Tensor, x_pos: torch.Tensor

@@ -2,8 +2,13 @@
 
 The tap registers forward hooks once. During a `capture(...)`, the embedding hook keeps the
 prompt rows of the embedding output (X~) and every decoder-layer hook adds its output rows at the
-target-producing positions into one fp32 accumulator, so the layer-mean pooled state h costs one
-(N, d) buffer, never an (L, B, T, d) stack of `output_hidden_states`.
+target-producing positions into one fp32 accumulator (`tcp.kernels.pooling`), so the layer-mean
+pooled state h costs one (N, d) buffer, never an (L, B, T, d) stack of `output_hidden_states`.
+
+`FusedLMHead` replaces the LM head (same parameters, same state-dict keys): an ordinary Linear,
+except during `pilot_forward(..., head=HeadOptions(...))`, where its forward computes the fused
+cross-entropy and top-k of the target rows (`tcp.kernels.pilot_loss`) instead of the logits. The
+loss runs inside the head's own forward, which is where DeepSpeed ZeRO-3 gathers its weight.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tcp.config import ArchConfig, ModelConfig
+from tcp.kernels.pilot_loss import CEResult, fused_linear_cross_entropy, logits_cross_entropy
+from tcp.kernels.pooling import pool_layer_
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -95,18 +101,23 @@ class Capture:
     x_tilde: torch.Tensor
     """(Nx, d_P) prompt embeddings, flat over the batch."""
     pooled: torch.Tensor
-    """(N, d_P) fp32 layer-mean hidden states at target-producing positions."""
+    """(N, d_P) layer-mean hidden states at target-producing positions (the capture's dtype)."""
+    acc: torch.Tensor | None = None
+    """(N, d_P) fp32 accumulator while the forward runs."""
     layers_seen: int = 0
 
 
 class PilotTap:
     """Forward hooks on an HF causal LM that capture X~ and layer-mean pooled states."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, impl: str | None = "auto") -> None:
         self.layers = decoder_layers(model)
         self.embed = model.get_input_embeddings()
+        self.impl = impl
+        """Pooling kernel backend (tcp.kernels.dispatch)."""
         self._prompt_index: tuple[torch.Tensor, torch.Tensor] | None = None
         self._target_index: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rows: torch.Tensor | None = None
         self._cap: Capture | None = None
         self._handles = [self.embed.register_forward_hook(self._on_embed)]
         self._handles += [layer.register_forward_hook(self._on_layer) for layer in self.layers]
@@ -117,35 +128,116 @@ class PilotTap:
         self._cap.x_tilde = out.detach()[self._prompt_index]
 
     def _on_layer(self, _mod: nn.Module, _inp: Any, out: Any) -> None:
-        if self._cap is None or self._target_index is None:
+        cap, index = self._cap, self._target_index
+        if cap is None or index is None or cap.acc is None:
             return
-        hs = out[0] if isinstance(out, tuple) else out
-        self._cap.pooled += hs.detach()[self._target_index].float()
-        self._cap.layers_seen += 1
+        hs = (out[0] if isinstance(out, tuple) else out).detach()  # (B, T, d)
+        if self._rows is None:  # flat row b * T + t of each target-producing position
+            self._rows = (index[0] * hs.shape[1] + index[1]).long()
+        L = len(self.layers)
+        last = cap.layers_seen == L - 1
+        pool_layer_(cap.acc, hs, self._rows, first=cap.layers_seen == 0,
+                    final_scale=1.0 / L if last else None, out=cap.pooled if last else None,
+                    impl=self.impl)
+        cap.layers_seen += 1
 
     @contextlib.contextmanager
     def capture(self, *, prompt_index: tuple[torch.Tensor, torch.Tensor],
                 target_index: tuple[torch.Tensor, torch.Tensor], hidden_size: int,
-                device: torch.device) -> Iterator[Capture]:
-        """Capture during one forward. Indices are (batch_idx, pos_idx) pairs of flat rows."""
+                device: torch.device, dtype: torch.dtype = torch.float32) -> Iterator[Capture]:
+        """Capture during one forward. Indices are (batch_idx, pos_idx) pairs of flat rows;
+        `dtype` is the pooled output's (the mean is accumulated in fp32)."""
         n = target_index[0].numel()
         self._cap = Capture(
             x_tilde=torch.empty(0, hidden_size, device=device),
-            pooled=torch.zeros(n, hidden_size, dtype=torch.float32, device=device),
+            pooled=torch.zeros(n, hidden_size, dtype=dtype, device=device),
+            acc=torch.empty(n, hidden_size, dtype=torch.float32, device=device),
         )
-        self._prompt_index, self._target_index = prompt_index, target_index
+        self._prompt_index, self._target_index, self._rows = prompt_index, target_index, None
         try:
             yield self._cap
         finally:
             cap = self._cap
-            self._cap = self._prompt_index = self._target_index = None
-            if cap.layers_seen:
-                cap.pooled /= cap.layers_seen
+            self._cap = self._prompt_index = self._target_index = self._rows = None
+            cap.acc = None
+            if cap.layers_seen not in (0, len(self.layers)):
+                raise RuntimeError(f"the Pilot ran {cap.layers_seen} of its {len(self.layers)} "
+                                   "decoder layers during one capture; pooling needs all")
 
     def remove(self) -> None:
         """Detach the hooks."""
         for h in self._handles:
             h.remove()
+
+
+@dataclass
+class HeadOptions:
+    """How `pilot_forward` computes the loss: fused in the LM head, or from full logits."""
+
+    topk: int
+    """Top-k probabilities per target token for the Mistake Log (0: none)."""
+    fused: bool = True
+    """Fused cross-entropy in `FusedLMHead` (no (N, V) logits); False: eager, from logits."""
+    impl: str | None = "auto"
+    """Kernel backend of the fused path (tcp.kernels.dispatch)."""
+    chunk_mib: float = 64.0
+    """Chunk buffer size of the fused path."""
+
+
+@dataclass
+class _HeadRequest:
+    rows: tuple[torch.Tensor, torch.Tensor]
+    labels: torch.Tensor
+    options: HeadOptions
+    result: CEResult | None = None
+
+
+class FusedLMHead(nn.Linear):
+    """The Pilot's LM head. Outside `request(...)` it is the Linear it replaced; inside, its
+    forward takes the (B, T, d) final hidden states, keeps the target rows and returns the fused
+    cross-entropy (scalar, with grad), leaving token losses and top-k on the request."""
+
+    @classmethod
+    def replacing(cls, linear: nn.Linear) -> FusedLMHead:
+        """A head that shares `linear`'s parameters (ties to the embedding survive)."""
+        head = cls.__new__(cls)
+        nn.Module.__init__(head)
+        head.in_features, head.out_features = linear.in_features, linear.out_features
+        head.weight = linear.weight
+        head.bias = linear.bias  # a Parameter or None (registered either way)
+        head._request = None
+        return head
+
+    @contextlib.contextmanager
+    def request(self, req: _HeadRequest) -> Iterator[_HeadRequest]:
+        self._request = req
+        try:
+            yield req
+        finally:
+            self._request = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        req: _HeadRequest | None = self._request
+        if req is None:
+            return super().forward(x)
+        o = req.options
+        req.result = fused_linear_cross_entropy(x[req.rows], self.weight, req.labels,
+                                                topk=o.topk, bias=self.bias, impl=o.impl,
+                                                chunk_mib=o.chunk_mib)
+        return req.result.loss
+
+
+def use_fused_head(model: nn.Module) -> FusedLMHead:
+    """Swap an HF causal LM's output layer for a `FusedLMHead` (before DeepSpeed wraps it)."""
+    head = model.get_output_embeddings()
+    if isinstance(head, FusedLMHead):
+        return head
+    if not isinstance(head, nn.Linear):
+        raise RuntimeError(f"{type(model).__name__}'s output layer is a {type(head).__name__}, "
+                           "not a Linear; set kernels.fused=false to use its logits")
+    fused = FusedLMHead.replacing(head)
+    model.set_output_embeddings(fused)
+    return fused
 
 
 @dataclass
@@ -156,18 +248,22 @@ class PilotStep:
     """Scalar mean cross-entropy over target tokens (with grad)."""
     sample_loss: torch.Tensor
     """(B,) per-sample mean cross-entropy (detached)."""
-    target_logits: torch.Tensor
-    """(N, V) logits at target-producing positions (with grad)."""
     labels: torch.Tensor
     """(N,) target tokens y_i."""
     x_tilde: torch.Tensor
     """(Nx, d_P) prompt embeddings (detached)."""
     pooled: torch.Tensor
-    """(N, d_P) fp32 layer-mean pooled states (detached)."""
+    """(N, d_P) layer-mean pooled states (detached; the capture's dtype, fp32 by default)."""
     prompt_len: torch.Tensor
     """(B,) rows of x_tilde per sample."""
     target_len: torch.Tensor
     """(B,) rows of pooled/labels per sample."""
+    topk_probs: torch.Tensor | None = None
+    """(N, k) fp32 top-k probabilities of p_hat_i (detached), when `head` asked for them."""
+    topk_ids: torch.Tensor | None = None
+    """(N, k) their token ids."""
+    target_logits: torch.Tensor | None = None
+    """(N, V) logits at target-producing positions (with grad); eager path only."""
 
 
 def flat_indices(prompt_len: torch.Tensor, target_len: torch.Tensor
@@ -183,26 +279,47 @@ def flat_indices(prompt_len: torch.Tensor, target_len: torch.Tensor
     return (b_in, t_in), (b_y, t_y)
 
 
-def pilot_forward(model: nn.Module, tap: PilotTap, batch: dict[str, torch.Tensor]) -> PilotStep:
+def pilot_forward(model: nn.Module, tap: PilotTap, batch: dict[str, torch.Tensor], *,
+                  head: HeadOptions | None = None,
+                  pooled_dtype: torch.dtype = torch.float32) -> PilotStep:
     """Teacher-forced forward of `model` (an HF model or its DeepSpeed engine) on a collated batch.
 
-    Returns the loss for the Pilot's backward and everything the Mistake Log needs.
+    Returns the loss for the Pilot's backward and everything the Mistake Log needs. With
+    `head.fused` (the model's head must be a `FusedLMHead`) no (N, V) logits exist; otherwise
+    (`head` None or not fused) the logits are kept in `target_logits`, and top-k is taken from
+    them when `head` asks for it.
     """
     device = batch["input_ids"].device
     prompt_len, target_len = batch["prompt_len"].cpu(), batch["target_len"].cpu()
     (b_in, t_in), (b_y, t_y) = flat_indices(prompt_len, target_len)
     d = tap.embed.embedding_dim
     pidx, tidx = (b_in.to(device), t_in.to(device)), (b_y.to(device), t_y.to(device))
-    with tap.capture(prompt_index=pidx, target_index=tidx, hidden_size=d, device=device) as cap:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    use_cache=False)
-    target_logits = out.logits[tidx]
     labels = batch["input_ids"][tidx[0], tidx[1] + 1]
-    tok_loss = F.cross_entropy(target_logits.float(), labels, reduction="none")
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "use_cache": False}
+    with tap.capture(prompt_index=pidx, target_index=tidx, hidden_size=d, device=device,
+                     dtype=pooled_dtype) as cap:
+        if head is not None and head.fused:
+            lm_head = getattr(model, "module", model).get_output_embeddings()
+            if not isinstance(lm_head, FusedLMHead):
+                raise RuntimeError("kernels.fused needs the Pilot's head swapped by "
+                                   "tcp.models.pilot.use_fused_head before DeepSpeed wraps it")
+            with lm_head.request(_HeadRequest(rows=tidx, labels=labels, options=head)) as req:
+                # The head returns the loss in place of logits; take it from the model's output,
+                # which under ZeRO-3 carries the hook that re-gathers the weight for backward.
+                loss = model(**inputs).logits
+            res, logits = req.result, None
+            assert res is not None
+        else:
+            logits = model(**inputs).logits[tidx]
+            res = logits_cross_entropy(logits, labels, topk=head.topk if head else 0)
+            loss = res.loss
     sample_loss = torch.zeros(prompt_len.numel(), device=device).index_add_(
-        0, tidx[0], tok_loss.detach()) / target_len.to(device)
+        0, tidx[0], res.token_loss) / target_len.to(device)
+    has_topk = head is not None and head.topk > 0
     return PilotStep(
-        loss=tok_loss.mean(), sample_loss=sample_loss, target_logits=target_logits,
-        labels=labels, x_tilde=cap.x_tilde, pooled=cap.pooled, prompt_len=prompt_len,
-        target_len=target_len,
+        loss=loss, sample_loss=sample_loss, labels=labels, x_tilde=cap.x_tilde,
+        pooled=cap.pooled, prompt_len=prompt_len, target_len=target_len,
+        topk_probs=res.topk_probs if has_topk else None,
+        topk_ids=res.topk_ids if has_topk else None, target_logits=logits,
     )

@@ -1,0 +1,220 @@
+"""The Pilot's cross-entropy on target tokens, fused with the LM head, plus top-k extraction.
+
+loss = mean_i ( logsumexp(z_i) - z_i[y_i] ),  z_i = W h_i (+ b), for the N target tokens,
+and for the Mistake Log the top-k probabilities softmax(z_i) and their ids (METHOD §1).
+
+`fused_linear_cross_entropy` never holds the (N, V) logits: tokens go in chunks of `rows` rows,
+each chunk's logits are one (rows, V) buffer that becomes, in place, the gradient
+softmax(z) - onehot(y), so dh and dW are computed during the forward (cuBLAS/MKL matmuls) and the
+backward only scales them by the upstream gradient (the recipe of Liger-Kernel's fused linear
+cross-entropy). Per-chunk row work (logsumexp, loss, gradient) is a Triton kernel pair
+(`impl="triton"`) or torch ops (`impl="torch"`); top-k is `torch.topk` on the chunk's logits,
+whose order is the order of the probabilities.
+
+`linear_cross_entropy` is the eager reference (full logits), and the unfused training path.
+
+Under ZeRO-3 the LM head weight is partitioned; call these from the forward of the module that
+owns the weight (see `tcp.models.pilot.FusedLMHead`), where DeepSpeed has gathered it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tcp.kernels.chunking import rows_per_chunk
+from tcp.kernels.dispatch import resolve
+
+try:  # Triton is optional on CPU-only hosts; `dispatch.resolve` never picks it there.
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - exercised on hosts without triton
+    triton = None
+
+
+@dataclass
+class CEResult:
+    """What the Pilot's loss gives the trainer and the Mistake Log."""
+
+    loss: torch.Tensor
+    """Scalar mean cross-entropy over the N tokens (with grad)."""
+    token_loss: torch.Tensor
+    """(N,) fp32 per-token cross-entropy (detached)."""
+    topk_probs: torch.Tensor
+    """(N, k) fp32 largest probabilities of softmax(z_i), descending (detached)."""
+    topk_ids: torch.Tensor
+    """(N, k) int64 their token ids."""
+
+
+# ----------------------------------------------------------------------------- eager reference
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         topk: int, bias: torch.Tensor | None = None) -> CEResult:
+    """The eager path: full (N, V) logits in the input dtype, loss and top-k in fp32."""
+    logits = F.linear(hidden, weight, bias)
+    return logits_cross_entropy(logits, labels, topk=topk)
+
+
+def logits_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, topk: int) -> CEResult:
+    """Loss and top-k from logits that already exist (N, V)."""
+    z = logits.float()
+    tok = F.cross_entropy(z, labels, reduction="none")
+    k = min(topk, z.shape[-1])
+    with torch.no_grad():
+        if k > 0:
+            top_p, top_i = torch.softmax(z.detach(), dim=-1).topk(k, dim=-1)
+        else:
+            top_p = torch.empty(z.shape[0], 0, device=z.device)
+            top_i = torch.empty(z.shape[0], 0, dtype=torch.long, device=z.device)
+    return CEResult(loss=tok.mean(), token_loss=tok.detach(), topk_probs=top_p,
+                    topk_ids=top_i.long())
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+if triton is not None:
+
+    @triton.jit
+    def _lse_kernel(z_ptr, bias_ptr, labels_ptr, lse_ptr, loss_ptr, V, stride_z,
+                    HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        m = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)  # per-lane running max
+        s = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane running sum of exp(x - m)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            x = tl.load(z_ptr + row * stride_z + cols, mask=cols < V, other=float("-inf"))
+            x = x.to(tl.float32)
+            if HAS_BIAS:
+                x += tl.load(bias_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+            m_new = tl.maximum(m, x)
+            # Lanes still at -inf (only masked columns so far) keep s = 0 instead of NaN.
+            s = tl.where(m_new == float("-inf"), 0.0, s * tl.exp(m - m_new) + tl.exp(x - m_new))
+            m = m_new
+        mx = tl.max(m, axis=0)
+        total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - mx)), axis=0)
+        lse = mx + tl.log(total)
+        y = tl.load(labels_ptr + row)
+        zy = tl.load(z_ptr + row * stride_z + y).to(tl.float32)
+        if HAS_BIAS:
+            zy += tl.load(bias_ptr + y).to(tl.float32)
+        tl.store(lse_ptr + row, lse)
+        tl.store(loss_ptr + row, lse - zy)
+
+    @triton.jit
+    def _ce_grad_kernel(z_ptr, bias_ptr, labels_ptr, lse_ptr, V, stride_z, scale,
+                        HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+        # Overwrites z with scale * (softmax(z) - onehot(y)); each element is read, then
+        # written, by the same program.
+        row = tl.program_id(0).to(tl.int64)
+        lse = tl.load(lse_ptr + row)
+        y = tl.load(labels_ptr + row)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            x = tl.load(z_ptr + row * stride_z + cols, mask=cols < V, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                x += tl.load(bias_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)
+            tl.store(z_ptr + row * stride_z + cols, (g * scale).to(z_ptr.dtype.element_ty),
+                     mask=cols < V)
+
+
+_BLOCK_V = 1024
+
+
+# ----------------------------------------------------------------------------- chunk row work
+def _chunk_lse(backend: str, z: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse, token loss), (n,) fp32 each, of a chunk's logits z (n, V) (+ bias)."""
+    if backend == "torch":
+        zf = z.float() if bias is None else z.float() + bias.float()
+        lse = torch.logsumexp(zf, dim=-1)
+        return lse, lse - zf.gather(1, y[:, None])[:, 0]
+    n, V = z.shape
+    lse = torch.empty(n, dtype=torch.float32, device=z.device)
+    loss = torch.empty_like(lse)
+    _lse_kernel[(n,)](z, bias if bias is not None else z, y, lse, loss, V, z.stride(0),
+                      HAS_BIAS=bias is not None, BLOCK_V=_BLOCK_V)
+    return lse, loss
+
+
+def _chunk_grad(backend: str, z: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                lse: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * (softmax(z) - onehot(y)) written over z (a chunk temporary)."""
+    if backend == "torch":
+        zf = z.float() if bias is None else z.float() + bias.float()
+        g = torch.exp(zf - lse[:, None])
+        g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
+        return z.copy_(g.mul_(scale))
+    n, V = z.shape
+    _ce_grad_kernel[(n,)](z, bias if bias is not None else z, y, lse, V, z.stride(0),
+                          float(scale), HAS_BIAS=bias is not None, BLOCK_V=_BLOCK_V)
+    return z
+
+
+# ----------------------------------------------------------------------------- fused op
+class _FusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, topk, backend, rows, side):
+        N = hidden.shape[0]
+        need = ctx.needs_input_grad
+        grad_h = torch.empty_like(hidden, dtype=torch.float32) if need[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
+        grad_b = (torch.zeros_like(bias, dtype=torch.float32)
+                  if bias is not None and need[2] else None)
+        k = min(topk, weight.shape[0])
+        token_loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        top_p = torch.empty(N, k, dtype=torch.float32, device=hidden.device)
+        top_i = torch.empty(N, k, dtype=torch.long, device=hidden.device)
+        for a in range(0, N, rows):
+            b = min(N, a + rows)
+            hc, y = hidden[a:b], labels[a:b]
+            z = hc @ weight.t()  # (n, V): the only chunk-sized buffer
+            lse, token_loss[a:b] = _chunk_lse(backend, z, bias, y)
+            if k:
+                zt, it = (z if bias is None else z.float() + bias.float()).topk(k, dim=-1)
+                top_p[a:b] = torch.exp(zt.float() - lse[:, None])
+                top_i[a:b] = it
+            if grad_h is None and grad_w is None and grad_b is None:
+                continue
+            g = _chunk_grad(backend, z, bias, y, lse, 1.0 / N)
+            if grad_h is not None:
+                grad_h[a:b] = (g @ weight).float()
+            if grad_w is not None:
+                grad_w += (g.t() @ hc).float()
+            if grad_b is not None:
+                grad_b += g.float().sum(0)
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        side.extend([token_loss, top_p, top_i])
+        return token_loss.sum() / N
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        out = [None if g is None else (g * grad_out).to(dt)
+               for g, dt in zip(ctx.grads, ctx.dtypes, strict=True)]
+        ctx.grads = None
+        return (*out, None, None, None, None, None)
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               *, topk: int, bias: torch.Tensor | None = None,
+                               impl: str | None = "auto", chunk_mib: float = 64.0) -> CEResult:
+    """`linear_cross_entropy` without the (N, V) logits.
+
+    Args:
+        hidden: (N, d) final hidden states at the target-producing positions.
+        weight: (V, d), bias: (V,) or None: the LM head.
+        labels: (N,) target tokens. topk: how many probabilities to return per token.
+        impl: "auto" | "torch" | "triton" (see `tcp.kernels.dispatch`).
+        chunk_mib: size of the one (rows, V) logits buffer; rows = chunk_mib / (V * 4 bytes).
+    """
+    if hidden.shape[0] != labels.numel():
+        raise ValueError("fused_linear_cross_entropy: hidden and labels need N rows each")
+    if hidden.shape[0] == 0:
+        raise ValueError("fused_linear_cross_entropy: no target tokens")
+    backend = resolve(impl, hidden.device)
+    side: list[torch.Tensor] = []
+    loss = _FusedLinearCE.apply(hidden, weight, bias, labels.long().contiguous(), topk, backend,
+                                rows_per_chunk(weight.shape[0], chunk_mib), side)
+    token_loss, top_p, top_i = side
+    return CEResult(loss=loss, token_loss=token_loss, topk_probs=top_p, topk_ids=top_i)
