@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tcp.kernels.chunking import rows_per_chunk
+from tcp.kernels.chunking import accumulate_weight_grad, rows_per_chunk
 from tcp.kernels.dispatch import resolve
 
 try:  # Triton is optional on CPU-only hosts; `dispatch.resolve` never picks it there.
@@ -100,84 +100,61 @@ def copilot_rmse_loss(f: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Ten
 if triton is not None:
 
     @triton.jit
-    def _row_error(f_ptr, bias_ptr, ids, vals, row, cols, V, stride_f, HAS_BIAS: tl.constexpr):
-        """fp32 (f + b - ell) on one row's column tile, 0 outside the vocabulary."""
+    def _err_sq_kernel(e_ptr, bias_ptr, part_ptr, V, stride_e, n_blocks,
+                       HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+        # Program (row, block): the block's sum of (e + b)^2 in fp32, one partial per program
+        # (summed by the host in a fixed order: deterministic, no atomics).
+        row = tl.program_id(0).to(tl.int64)
+        blk = tl.program_id(1)
+        cols = blk * BLOCK_V + tl.arange(0, BLOCK_V)
         m = cols < V
-        x = tl.load(f_ptr + row * stride_f + cols, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(e_ptr + row * stride_e + cols, mask=m, other=0.0).to(tl.float32)
         if HAS_BIAS:
             x += tl.load(bias_ptr + cols, mask=m, other=0.0).to(tl.float32)
-        ell = tl.sum(tl.where(cols[:, None] == ids[None, :], vals[None, :], 0.0), axis=1)
-        return tl.where(m, x - ell, 0.0)
+        tl.store(part_ptr + row * n_blocks + blk, tl.sum(x * x, axis=0))
 
     @triton.jit
-    def _err_sq_kernel(f_ptr, bias_ptr, ids_ptr, vals_ptr, sq_ptr, V, stride_f, K1,
-                       HAS_BIAS: tl.constexpr, K1_P2: tl.constexpr, BLOCK_V: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        kk = tl.arange(0, K1_P2)
-        ids = tl.load(ids_ptr + row * K1 + kk, mask=kk < K1, other=-1)
-        vals = tl.load(vals_ptr + row * K1 + kk, mask=kk < K1, other=0.0)
-        acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            x = _row_error(f_ptr, bias_ptr, ids, vals, row, v0 + tl.arange(0, BLOCK_V), V,
-                           stride_f, HAS_BIAS)
-            acc += x * x
-        tl.store(sq_ptr + row, tl.sum(acc, axis=0))
-
-    @triton.jit
-    def _err_grad_kernel(f_ptr, bias_ptr, ids_ptr, vals_ptr, coef_ptr, g_ptr, V, stride_f,
-                         stride_g, K1, HAS_BIAS: tl.constexpr, K1_P2: tl.constexpr,
+    def _err_grad_kernel(e_ptr, bias_ptr, coef_ptr, V, stride_e, HAS_BIAS: tl.constexpr,
                          BLOCK_V: tl.constexpr):
-        # g may alias f: each element is read before it is written, by the same program.
+        # e <- coef_row * (e + b), in place: each element is read, then written, by one program.
         row = tl.program_id(0).to(tl.int64)
-        kk = tl.arange(0, K1_P2)
-        ids = tl.load(ids_ptr + row * K1 + kk, mask=kk < K1, other=-1)
-        vals = tl.load(vals_ptr + row * K1 + kk, mask=kk < K1, other=0.0)
+        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        m = cols < V
+        x = tl.load(e_ptr + row * stride_e + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(bias_ptr + cols, mask=m, other=0.0).to(tl.float32)
         coef = tl.load(coef_ptr + row)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            x = _row_error(f_ptr, bias_ptr, ids, vals, row, cols, V, stride_f, HAS_BIAS)
-            tl.store(g_ptr + row * stride_g + cols, (coef * x).to(g_ptr.dtype.element_ty),
-                     mask=cols < V)
+        tl.store(e_ptr + row * stride_e + cols, (coef * x).to(e_ptr.dtype.element_ty), mask=m)
 
 
-def _launch_cfg(k1: int) -> tuple[int, int]:
-    k1_p2 = triton.next_power_of_2(k1)
-    return k1_p2, max(64, min(1024, 16384 // k1_p2))  # keeps the (BLOCK_V, K1) compare tile small
+_BLOCK_V = 2048
 
 
 # ----------------------------------------------------------------------------- chunk row work
-def _error_rows(f: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A fresh fp32 copy of f + b (never f itself: callers modify it in place)."""
-    return f.to(torch.float32, copy=True) if bias is None else f.float() + bias.float()
-
-
-def _chunk_sq(backend: str, f: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
-              vals: torch.Tensor) -> torch.Tensor:
-    """(n,) ||f + b - ell||^2 of a chunk's rows, fp32."""
+def _chunk_sq(backend: str, e: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(n,) ||e + b||^2 of a chunk's rows in fp32; e (n, V) holds f - ell without the bias."""
     if backend == "torch":
-        e = _error_rows(f, bias)
-        return e.scatter_add_(1, ids, -vals).pow_(2).sum(-1)
-    n, V = f.shape
-    sq = torch.empty(n, dtype=torch.float32, device=f.device)
-    k1_p2, block_v = _launch_cfg(ids.shape[1])
-    _err_sq_kernel[(n,)](f, bias if bias is not None else f, ids, vals, sq, V, f.stride(0),
-                         ids.shape[1], HAS_BIAS=bias is not None, K1_P2=k1_p2, BLOCK_V=block_v)
-    return sq
+        x = e.float() if bias is None else e.float() + bias.float()
+        return (x * x).sum(-1)
+    n, V = e.shape
+    n_blocks = triton.cdiv(V, _BLOCK_V)
+    part = torch.empty(n, n_blocks, dtype=torch.float32, device=e.device)
+    _err_sq_kernel[(n, n_blocks)](e, bias if bias is not None else e, part, V, e.stride(0),
+                                  n_blocks, HAS_BIAS=bias is not None, BLOCK_V=_BLOCK_V)
+    return part.sum(1)
 
 
-def _chunk_grad(backend: str, f: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
-                vals: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """(n, V) coef_i * (f + b - ell)_i in f's dtype, written over f (f is a chunk temporary)."""
+def _chunk_grad(backend: str, e: torch.Tensor, bias: torch.Tensor | None,
+                coef: torch.Tensor) -> torch.Tensor:
+    """coef_i * (e + b)_i written over e (a chunk temporary), in e's dtype."""
     if backend == "torch":
-        e = _error_rows(f, bias)
-        e.scatter_add_(1, ids, -vals).mul_(coef[:, None])
-        return f.copy_(e)
-    n, V = f.shape
-    k1_p2, block_v = _launch_cfg(ids.shape[1])
-    _err_grad_kernel[(n,)](f, bias if bias is not None else f, ids, vals, coef, f, V,
-                           f.stride(0), f.stride(0), ids.shape[1], HAS_BIAS=bias is not None,
-                           K1_P2=k1_p2, BLOCK_V=block_v)
-    return f
+        x = e.float() if bias is None else e.float() + bias.float()
+        return e.copy_(x * coef[:, None])
+    n, V = e.shape
+    _err_grad_kernel[(n, triton.cdiv(V, _BLOCK_V))](e, bias if bias is not None else e, coef, V,
+                                                    e.stride(0), HAS_BIAS=bias is not None,
+                                                    BLOCK_V=_BLOCK_V)
+    return e
 
 
 # ----------------------------------------------------------------------------- fused op
@@ -218,8 +195,12 @@ class _FusedRMSE(torch.autograd.Function):
         n_tok = seq_len_cpu.to(h.device, torch.float32)
         for a, b, s0, s1 in sequence_chunks(seq_len_cpu.tolist(), chunk_rows):
             hc = h[a:b]
-            f = hc @ weight.t()  # (n, V) in the input dtype: the only chunk-sized buffer
-            sq = _chunk_sq(backend, f, bias, ids[a:b], vals[a:b])
+            e = hc @ weight.t()  # (n, V) in the input dtype: the only chunk-sized buffer
+            # e <- f - ell (the bias is added by the row work): the sparse target goes into the
+            # buffer as a difference, so every (f_v + b_v - ell_v)^2 is summed directly and
+            # nothing cancels when the loss is small.
+            e.scatter_add_(1, ids[a:b], (-vals[a:b]).to(e.dtype))
+            sq = _chunk_sq(backend, e, bias)
             local = seq_index[a:b] - s0
             tot = torch.zeros(s1 - s0, dtype=torch.float32, device=h.device).index_add_(
                 0, local, sq)
@@ -229,11 +210,11 @@ class _FusedRMSE(torch.autograd.Function):
                 continue
             # d loss / d f_i = (f_i - ell_i) / (S * rmse_s * n_s), for token i of sequence s.
             coef = (1.0 / (S * rmse * n_tok[s0:s1]))[local]
-            g = _chunk_grad(backend, f, bias, ids[a:b], vals[a:b], coef)
+            g = _chunk_grad(backend, e, bias, coef)
             if grad_h is not None:
-                grad_h[a:b] = (g @ weight).float()
+                grad_h[a:b] = g @ weight
             if grad_w is not None:
-                grad_w += (g.t() @ hc).float()
+                accumulate_weight_grad(grad_w, g, hc)
             if grad_b is not None:
                 grad_b += g.float().sum(0)
         ctx.saved = _Saved(grad_h, grad_w, grad_b)
@@ -244,7 +225,8 @@ class _FusedRMSE(torch.autograd.Function):
     def backward(ctx, grad_out):
         s: _Saved = ctx.saved
         dh, dw, db = ctx.dtypes
-        out = [None if g is None else (g * grad_out).to(dt)
+        # In place: no second (V, d) buffer; fp32 inputs get the buffers themselves.
+        out = [None if g is None else g.mul_(grad_out).to(dt)
                for g, dt in ((s.grad_h, dh), (s.grad_w, dw), (s.grad_b, db))]
         ctx.saved = None
         return (*out, None, None, None, None, None, None)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tcp.kernels.chunking import rows_per_chunk
+from tcp.kernels.chunking import accumulate_weight_grad, rows_per_chunk
 from tcp.kernels.dispatch import resolve
 
 try:  # Triton is optional on CPU-only hosts; `dispatch.resolve` never picks it there.
@@ -75,66 +75,61 @@ def logits_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, topk: in
 if triton is not None:
 
     @triton.jit
-    def _lse_kernel(z_ptr, bias_ptr, labels_ptr, lse_ptr, loss_ptr, V, stride_z,
-                    HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _lse_part_kernel(z_ptr, bias_ptr, max_ptr, sum_ptr, V, stride_z, n_blocks,
+                         HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+        # Program (row, block): the block's max and sum of exp(x - max), for the host to
+        # combine in a fixed order (deterministic, no atomics).
         row = tl.program_id(0).to(tl.int64)
-        m = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)  # per-lane running max
-        s = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane running sum of exp(x - m)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            x = tl.load(z_ptr + row * stride_z + cols, mask=cols < V, other=float("-inf"))
-            x = x.to(tl.float32)
-            if HAS_BIAS:
-                x += tl.load(bias_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
-            m_new = tl.maximum(m, x)
-            # Lanes still at -inf (only masked columns so far) keep s = 0 instead of NaN.
-            s = tl.where(m_new == float("-inf"), 0.0, s * tl.exp(m - m_new) + tl.exp(x - m_new))
-            m = m_new
-        mx = tl.max(m, axis=0)
-        total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - mx)), axis=0)
-        lse = mx + tl.log(total)
-        y = tl.load(labels_ptr + row)
-        zy = tl.load(z_ptr + row * stride_z + y).to(tl.float32)
+        blk = tl.program_id(1)
+        cols = blk * BLOCK_V + tl.arange(0, BLOCK_V)
+        m = cols < V
+        x = tl.load(z_ptr + row * stride_z + cols, mask=m, other=float("-inf")).to(tl.float32)
         if HAS_BIAS:
-            zy += tl.load(bias_ptr + y).to(tl.float32)
-        tl.store(lse_ptr + row, lse)
-        tl.store(loss_ptr + row, lse - zy)
+            x += tl.load(bias_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        mx = tl.max(x, axis=0)  # finite: every block holds at least one real column
+        tl.store(max_ptr + row * n_blocks + blk, mx)
+        tl.store(sum_ptr + row * n_blocks + blk, tl.sum(tl.exp(x - mx), axis=0))
 
     @triton.jit
     def _ce_grad_kernel(z_ptr, bias_ptr, labels_ptr, lse_ptr, V, stride_z, scale,
                         HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
-        # Overwrites z with scale * (softmax(z) - onehot(y)); each element is read, then
-        # written, by the same program.
+        # z <- scale * (softmax(z) - onehot(y)), in place: each element is read, then written,
+        # by one program.
         row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        m = cols < V
+        x = tl.load(z_ptr + row * stride_z + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(bias_ptr + cols, mask=m, other=0.0).to(tl.float32)
         lse = tl.load(lse_ptr + row)
         y = tl.load(labels_ptr + row)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            x = tl.load(z_ptr + row * stride_z + cols, mask=cols < V, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                x += tl.load(bias_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)
-            tl.store(z_ptr + row * stride_z + cols, (g * scale).to(z_ptr.dtype.element_ty),
-                     mask=cols < V)
+        g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)
+        tl.store(z_ptr + row * stride_z + cols, (g * scale).to(z_ptr.dtype.element_ty), mask=m)
 
 
-_BLOCK_V = 1024
+_BLOCK_V = 2048
 
 
 # ----------------------------------------------------------------------------- chunk row work
 def _chunk_lse(backend: str, z: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lse, token loss), (n,) fp32 each, of a chunk's logits z (n, V) (+ bias)."""
+    zy = z.gather(1, y[:, None])[:, 0].float()
+    if bias is not None:
+        zy = zy + bias.float()[y]
     if backend == "torch":
         zf = z.float() if bias is None else z.float() + bias.float()
         lse = torch.logsumexp(zf, dim=-1)
-        return lse, lse - zf.gather(1, y[:, None])[:, 0]
+        return lse, lse - zy
     n, V = z.shape
-    lse = torch.empty(n, dtype=torch.float32, device=z.device)
-    loss = torch.empty_like(lse)
-    _lse_kernel[(n,)](z, bias if bias is not None else z, y, lse, loss, V, z.stride(0),
-                      HAS_BIAS=bias is not None, BLOCK_V=_BLOCK_V)
-    return lse, loss
+    n_blocks = triton.cdiv(V, _BLOCK_V)
+    mx = torch.empty(n, n_blocks, dtype=torch.float32, device=z.device)
+    sm = torch.empty_like(mx)
+    _lse_part_kernel[(n, n_blocks)](z, bias if bias is not None else z, mx, sm, V, z.stride(0),
+                                    n_blocks, HAS_BIAS=bias is not None, BLOCK_V=_BLOCK_V)
+    top = mx.max(1).values
+    lse = top + torch.log((sm * torch.exp(mx - top[:, None])).sum(1))
+    return lse, lse - zy
 
 
 def _chunk_grad(backend: str, z: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
@@ -146,8 +141,9 @@ def _chunk_grad(backend: str, z: torch.Tensor, bias: torch.Tensor | None, y: tor
         g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
         return z.copy_(g.mul_(scale))
     n, V = z.shape
-    _ce_grad_kernel[(n,)](z, bias if bias is not None else z, y, lse, V, z.stride(0),
-                          float(scale), HAS_BIAS=bias is not None, BLOCK_V=_BLOCK_V)
+    _ce_grad_kernel[(n, triton.cdiv(V, _BLOCK_V))](z, bias if bias is not None else z, y, lse,
+                                                   V, z.stride(0), float(scale),
+                                                   HAS_BIAS=bias is not None, BLOCK_V=_BLOCK_V)
     return z
 
 
@@ -178,9 +174,9 @@ class _FusedLinearCE(torch.autograd.Function):
                 continue
             g = _chunk_grad(backend, z, bias, y, lse, 1.0 / N)
             if grad_h is not None:
-                grad_h[a:b] = (g @ weight).float()
+                grad_h[a:b] = g @ weight
             if grad_w is not None:
-                grad_w += (g.t() @ hc).float()
+                accumulate_weight_grad(grad_w, g, hc)
             if grad_b is not None:
                 grad_b += g.float().sum(0)
         ctx.grads = (grad_h, grad_w, grad_b)
@@ -190,7 +186,8 @@ class _FusedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        out = [None if g is None else (g * grad_out).to(dt)
+        # In place: no second (V, d) buffer; fp32 inputs get the buffers themselves.
+        out = [None if g is None else g.mul_(grad_out).to(dt)
                for g, dt in zip(ctx.grads, ctx.dtypes, strict=True)]
         ctx.grads = None
         return (*out, None, None, None, None, None)
