@@ -134,6 +134,8 @@ _BLOCK_V = 2048
 def _chunk_sq(backend: str, e: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(n,) ||e + b||^2 of a chunk's rows in fp32; e (n, V) holds f - ell without the bias."""
     if backend == "torch":
+        if e.dtype == torch.float32 and bias is None:  # no temporary: a row-wise dot
+            return torch.einsum("ij,ij->i", e, e)
         x = e.float() if bias is None else e.float() + bias.float()
         return (x * x).sum(-1)
     n, V = e.shape
@@ -148,6 +150,8 @@ def _chunk_grad(backend: str, e: torch.Tensor, bias: torch.Tensor | None,
                 coef: torch.Tensor) -> torch.Tensor:
     """coef_i * (e + b)_i written over e (a chunk temporary), in e's dtype."""
     if backend == "torch":
+        if e.dtype == torch.float32 and bias is None:
+            return e.mul_(coef[:, None])
         x = e.float() if bias is None else e.float() + bias.float()
         return e.copy_(x * coef[:, None])
     n, V = e.shape
@@ -200,7 +204,11 @@ class _FusedRMSE(torch.autograd.Function):
             # buffer as a difference, so every (f_v + b_v - ell_v)^2 is summed directly and
             # nothing cancels when the loss is small.
             e.scatter_add_(1, ids[a:b], (-vals[a:b]).to(e.dtype))
-            sq = _chunk_sq(backend, e, bias)
+            row_bias = bias
+            if backend == "torch" and e.dtype == torch.float32 and bias is not None:
+                e.add_(bias)  # once, in place: the torch row work then needs no temporaries
+                row_bias = None
+            sq = _chunk_sq(backend, e, row_bias)
             local = seq_index[a:b] - s0
             tot = torch.zeros(s1 - s0, dtype=torch.float32, device=h.device).index_add_(
                 0, local, sq)
@@ -210,7 +218,7 @@ class _FusedRMSE(torch.autograd.Function):
                 continue
             # d loss / d f_i = (f_i - ell_i) / (S * rmse_s * n_s), for token i of sequence s.
             coef = (1.0 / (S * rmse * n_tok[s0:s1]))[local]
-            g = _chunk_grad(backend, e, bias, coef)
+            g = _chunk_grad(backend, e, row_bias, coef)
             if grad_h is not None:
                 grad_h[a:b] = g @ weight
             if grad_w is not None:

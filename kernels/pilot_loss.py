@@ -135,10 +135,15 @@ def _chunk_lse(backend: str, z: torch.Tensor, bias: torch.Tensor | None, y: torc
 def _chunk_grad(backend: str, z: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
                 lse: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * (softmax(z) - onehot(y)) written over z (a chunk temporary)."""
+    rows = torch.arange(z.shape[0], device=z.device)
+    if backend == "torch" and z.dtype == torch.float32 and bias is None:
+        z.sub_(lse[:, None]).exp_()  # in place: z is a chunk temporary
+        z[rows, y] -= 1.0
+        return z.mul_(scale)
     if backend == "torch":
         zf = z.float() if bias is None else z.float() + bias.float()
         g = torch.exp(zf - lse[:, None])
-        g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
+        g[rows, y] -= 1.0
         return z.copy_(g.mul_(scale))
     n, V = z.shape
     _ce_grad_kernel[(n, triton.cdiv(V, _BLOCK_V))](z, bias if bias is not None else z, y, lse,

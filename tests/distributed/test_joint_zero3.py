@@ -103,3 +103,22 @@ def test_local_pretrained_pilot_and_jsonl_data(tmp_path):
     res = json.loads((tmp_path / "run/results.json").read_text())
     assert res["zero3_partitioned"] == {"pilot": True, "copilot": True}
     assert res["test_size"] == 60
+
+
+def test_fused_kernels_match_eager_step_for_step(tmp_path):
+    """The joint run with the fused paths (Triton kernels, interpreted on CPU) and with the
+    eager paths: per-step Pilot and Copilot losses agree within 1e-4 relative."""
+    short = (*SMALL, "train.steps=8", "train.log_every=1", "eval.enabled=false",
+             "checkpoint.every=0")
+    hist = {}
+    for name, over, env in (("eager", "kernels.fused=false", {}),
+                            ("fused", "kernels.fused=true",
+                             {"TCP_KERNELS": "triton", "TRITON_INTERPRET": "1"})):
+        run = tmp_path / name
+        _launch(run, f"tracking.uri=sqlite:///{tmp_path / name}.db", *short, over, env=env,
+                timeout=400)
+        hist[name] = json.loads((run / "results.json").read_text())["history"]
+    assert len(hist["eager"]) == len(hist["fused"]) == 8
+    for e, f in zip(hist["eager"], hist["fused"], strict=True):
+        for key in ("pilot_loss", "copilot_rmse", "zero_rmse"):
+            assert abs(e[key] - f[key]) <= 1e-4 * abs(e[key]) + 1e-7, (e["step"], key, e, f)
