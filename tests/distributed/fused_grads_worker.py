@@ -13,6 +13,7 @@ import sys
 
 import deepspeed
 import torch
+import torch.distributed as dist
 
 from tcp.config import RunConfig, render_deepspeed
 from tcp.data.collate import collate
@@ -81,6 +82,10 @@ def main(out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w") as fh:
             json.dump(results, fh)
+    # Leave together: a rank that exits while the other still holds the gloo group can abort
+    # ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
