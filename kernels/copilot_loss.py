@@ -22,16 +22,16 @@ most of its digits in fp32 exactly when the Copilot is good (small loss). Here e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from tcp.kernels.chunking import accumulate_weight_grad, rows_per_chunk
+from tcp.kernels.chunking import LinearGrads, rows_per_chunk, with_bias_fp32
 from tcp.kernels.dispatch import resolve
 
 try:  # Triton is optional on CPU-only hosts; `dispatch.resolve` never picks it there.
     import triton
     import triton.language as tl
+
+    from tcp.kernels.chunking import load_row_block
 except Exception:  # pragma: no cover - exercised on hosts without triton
     triton = None
 
@@ -106,11 +106,7 @@ if triton is not None:
         # (summed by the host in a fixed order: deterministic, no atomics).
         row = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
-        cols = blk * BLOCK_V + tl.arange(0, BLOCK_V)
-        m = cols < V
-        x = tl.load(e_ptr + row * stride_e + cols, mask=m, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            x += tl.load(bias_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        x, _, _ = load_row_block(e_ptr, bias_ptr, row, stride_e, blk, V, 0.0, HAS_BIAS, BLOCK_V)
         tl.store(part_ptr + row * n_blocks + blk, tl.sum(x * x, axis=0))
 
     @triton.jit
@@ -118,11 +114,8 @@ if triton is not None:
                          BLOCK_V: tl.constexpr):
         # e <- coef_row * (e + b), in place: each element is read, then written, by one program.
         row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        m = cols < V
-        x = tl.load(e_ptr + row * stride_e + cols, mask=m, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            x += tl.load(bias_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        x, cols, m = load_row_block(e_ptr, bias_ptr, row, stride_e, tl.program_id(1), V, 0.0,
+                                    HAS_BIAS, BLOCK_V)
         coef = tl.load(coef_ptr + row)
         tl.store(e_ptr + row * stride_e + cols, (coef * x).to(e_ptr.dtype.element_ty), mask=m)
 
@@ -136,7 +129,7 @@ def _chunk_sq(backend: str, e: torch.Tensor, bias: torch.Tensor | None) -> torch
     if backend == "torch":
         if e.dtype == torch.float32 and bias is None:  # no temporary: a row-wise dot
             return torch.einsum("ij,ij->i", e, e)
-        x = e.float() if bias is None else e.float() + bias.float()
+        x = with_bias_fp32(e, bias)
         return (x * x).sum(-1)
     n, V = e.shape
     n_blocks = triton.cdiv(V, _BLOCK_V)
@@ -152,8 +145,7 @@ def _chunk_grad(backend: str, e: torch.Tensor, bias: torch.Tensor | None,
     if backend == "torch":
         if e.dtype == torch.float32 and bias is None:
             return e.mul_(coef[:, None])
-        x = e.float() if bias is None else e.float() + bias.float()
-        return e.copy_(x * coef[:, None])
+        return e.copy_(with_bias_fp32(e, bias) * coef[:, None])
     n, V = e.shape
     _err_grad_kernel[(n, triton.cdiv(V, _BLOCK_V))](e, bias if bias is not None else e, coef, V,
                                                     e.stride(0), HAS_BIAS=bias is not None,
@@ -179,22 +171,11 @@ def sequence_chunks(seq_len: list[int], rows: int) -> list[tuple[int, int, int, 
     return chunks
 
 
-@dataclass
-class _Saved:
-    grad_h: torch.Tensor | None
-    grad_w: torch.Tensor | None
-    grad_b: torch.Tensor | None
-
-
 class _FusedRMSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, ids, vals, seq_index, seq_len_cpu, backend, chunk_rows):
         S = seq_len_cpu.numel()
-        need = ctx.needs_input_grad
-        grad_h = torch.zeros_like(h, dtype=torch.float32) if need[0] else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
-        grad_b = (torch.zeros_like(bias, dtype=torch.float32)
-                  if bias is not None and need[2] else None)
+        grads = LinearGrads(h, weight, bias, ctx.needs_input_grad)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         n_tok = seq_len_cpu.to(h.device, torch.float32)
         for a, b, s0, s1 in sequence_chunks(seq_len_cpu.tolist(), chunk_rows):
@@ -214,30 +195,16 @@ class _FusedRMSE(torch.autograd.Function):
                 0, local, sq)
             rmse = torch.sqrt(tot / n_tok[s0:s1] + _EPS)
             total += rmse.sum()
-            if grad_h is None and grad_w is None and grad_b is None:
-                continue
-            # d loss / d f_i = (f_i - ell_i) / (S * rmse_s * n_s), for token i of sequence s.
-            coef = (1.0 / (S * rmse * n_tok[s0:s1]))[local]
-            g = _chunk_grad(backend, e, row_bias, coef)
-            if grad_h is not None:
-                grad_h[a:b] = g @ weight
-            if grad_w is not None:
-                accumulate_weight_grad(grad_w, g, hc)
-            if grad_b is not None:
-                grad_b += g.float().sum(0)
-        ctx.saved = _Saved(grad_h, grad_w, grad_b)
-        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+            if grads.needed:
+                # d loss / d f_i = (f_i - ell_i) / (S * rmse_s * n_s), token i of sequence s.
+                coef = (1.0 / (S * rmse * n_tok[s0:s1]))[local]
+                grads.add(a, b, _chunk_grad(backend, e, row_bias, coef), hc, weight)
+        ctx.grads = grads
         return total / S
 
     @staticmethod
     def backward(ctx, grad_out):
-        s: _Saved = ctx.saved
-        dh, dw, db = ctx.dtypes
-        # In place: no second (V, d) buffer; fp32 inputs get the buffers themselves.
-        out = [None if g is None else g.mul_(grad_out).to(dt)
-               for g, dt in ((s.grad_h, dh), (s.grad_w, dw), (s.grad_b, db))]
-        ctx.saved = None
-        return (*out, None, None, None, None, None, None)
+        return (*ctx.grads.scaled(grad_out), None, None, None, None, None, None)
 
 
 def fused_copilot_rmse_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

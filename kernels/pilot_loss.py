@@ -24,12 +24,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tcp.kernels.chunking import accumulate_weight_grad, rows_per_chunk
+from tcp.kernels.chunking import LinearGrads, rows_per_chunk, with_bias_fp32
 from tcp.kernels.dispatch import resolve
 
 try:  # Triton is optional on CPU-only hosts; `dispatch.resolve` never picks it there.
     import triton
     import triton.language as tl
+
+    from tcp.kernels.chunking import load_row_block
 except Exception:  # pragma: no cover - exercised on hosts without triton
     triton = None
 
@@ -81,11 +83,8 @@ if triton is not None:
         # combine in a fixed order (deterministic, no atomics).
         row = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
-        cols = blk * BLOCK_V + tl.arange(0, BLOCK_V)
-        m = cols < V
-        x = tl.load(z_ptr + row * stride_z + cols, mask=m, other=float("-inf")).to(tl.float32)
-        if HAS_BIAS:
-            x += tl.load(bias_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        x, _, _ = load_row_block(z_ptr, bias_ptr, row, stride_z, blk, V, float("-inf"),
+                                 HAS_BIAS, BLOCK_V)
         mx = tl.max(x, axis=0)  # finite: every block holds at least one real column
         tl.store(max_ptr + row * n_blocks + blk, mx)
         tl.store(sum_ptr + row * n_blocks + blk, tl.sum(tl.exp(x - mx), axis=0))
@@ -96,11 +95,8 @@ if triton is not None:
         # z <- scale * (softmax(z) - onehot(y)), in place: each element is read, then written,
         # by one program.
         row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        m = cols < V
-        x = tl.load(z_ptr + row * stride_z + cols, mask=m, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            x += tl.load(bias_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        x, cols, m = load_row_block(z_ptr, bias_ptr, row, stride_z, tl.program_id(1), V, 0.0,
+                                    HAS_BIAS, BLOCK_V)
         lse = tl.load(lse_ptr + row)
         y = tl.load(labels_ptr + row)
         g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)
@@ -118,8 +114,7 @@ def _chunk_lse(backend: str, z: torch.Tensor, bias: torch.Tensor | None, y: torc
     if bias is not None:
         zy = zy + bias.float()[y]
     if backend == "torch":
-        zf = z.float() if bias is None else z.float() + bias.float()
-        lse = torch.logsumexp(zf, dim=-1)
+        lse = torch.logsumexp(with_bias_fp32(z, bias), dim=-1)
         return lse, lse - zy
     n, V = z.shape
     n_blocks = triton.cdiv(V, _BLOCK_V)
@@ -141,8 +136,7 @@ def _chunk_grad(backend: str, z: torch.Tensor, bias: torch.Tensor | None, y: tor
         z[rows, y] -= 1.0
         return z.mul_(scale)
     if backend == "torch":
-        zf = z.float() if bias is None else z.float() + bias.float()
-        g = torch.exp(zf - lse[:, None])
+        g = torch.exp(with_bias_fp32(z, bias) - lse[:, None])
         g[rows, y] -= 1.0
         return z.copy_(g.mul_(scale))
     n, V = z.shape
@@ -157,11 +151,7 @@ class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, topk, backend, rows, side):
         N = hidden.shape[0]
-        need = ctx.needs_input_grad
-        grad_h = torch.empty_like(hidden, dtype=torch.float32) if need[0] else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
-        grad_b = (torch.zeros_like(bias, dtype=torch.float32)
-                  if bias is not None and need[2] else None)
+        grads = LinearGrads(hidden, weight, bias, ctx.needs_input_grad)
         k = min(topk, weight.shape[0])
         token_loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
         top_p = torch.empty(N, k, dtype=torch.float32, device=hidden.device)
@@ -175,27 +165,15 @@ class _FusedLinearCE(torch.autograd.Function):
                 zt, it = (z if bias is None else z.float() + bias.float()).topk(k, dim=-1)
                 top_p[a:b] = torch.exp(zt.float() - lse[:, None])
                 top_i[a:b] = it
-            if grad_h is None and grad_w is None and grad_b is None:
-                continue
-            g = _chunk_grad(backend, z, bias, y, lse, 1.0 / N)
-            if grad_h is not None:
-                grad_h[a:b] = g @ weight
-            if grad_w is not None:
-                accumulate_weight_grad(grad_w, g, hc)
-            if grad_b is not None:
-                grad_b += g.float().sum(0)
-        ctx.grads = (grad_h, grad_w, grad_b)
-        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+            if grads.needed:
+                grads.add(a, b, _chunk_grad(backend, z, bias, y, lse, 1.0 / N), hc, weight)
+        ctx.grads = grads
         side.extend([token_loss, top_p, top_i])
         return token_loss.sum() / N
 
     @staticmethod
     def backward(ctx, grad_out):
-        # In place: no second (V, d) buffer; fp32 inputs get the buffers themselves.
-        out = [None if g is None else g.mul_(grad_out).to(dt)
-               for g, dt in zip(ctx.grads, ctx.dtypes, strict=True)]
-        ctx.grads = None
-        return (*out, None, None, None, None, None)
+        return (*ctx.grads.scaled(grad_out), None, None, None, None, None)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
