@@ -17,7 +17,6 @@ from typing import Literal
 
 import torch
 
-Impl = Literal["auto", "torch", "triton"]
 _CHOICES = ("auto", "torch", "triton")
 
 

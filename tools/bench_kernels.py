@@ -261,11 +261,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gram", action="store_true", help="also time the Gram route (see above)")
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     p.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    a.argv = [x for x in argv if x != "--child"]
-    if a.child:
-        a.argv = []
-    return a
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,3 +34,20 @@ def test_rmse_matches_dense_reference(V, k, label_in_topk):
     torch.testing.assert_close(f.grad, f_ref.grad.float(), rtol=1e-4, atol=1e-6)
     zero_ref = dense_reference(torch.zeros(N, V), ell, seq, S)
     torch.testing.assert_close(zero.double(), zero_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_small_loss_is_accurate():
+    """f close to ell: the squared error must not cancel into garbage or NaN gradients."""
+    V, N = 17, 6
+    probs = torch.rand(N, V).softmax(-1)
+    top_p, top_i = probs.topk(V, -1)
+    labels = torch.randint(V, (N,))
+    ell = torch.zeros(N, V).scatter_add_(1, top_i, -top_p)
+    ell[torch.arange(N), labels] += 1
+    f = (ell + 1e-3 * torch.randn(N, V)).requires_grad_()
+    seq = torch.zeros(N, dtype=torch.long)
+    loss, _ = copilot_rmse_loss(f, labels, top_i, top_p, seq, 1)
+    ref = torch.sqrt(((f.detach() - ell) ** 2).sum(-1).mean())
+    assert abs(float(loss.detach()) - float(ref)) < 2e-4
+    loss.backward()
+    assert torch.isfinite(f.grad).all()
