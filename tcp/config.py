@@ -410,12 +410,37 @@ class EvalConfig:
     """Prompts per rank per decoding batch."""
     enabled: bool = True
     """Evaluate at the end of training."""
+    answer_format: Literal["auto", "numeric", "choice", "yesno", "exact"] = "auto"
+    """How answers are scored (tcp.tasks): 'numeric' (last number; GSM8K/SVAMP/MAWPS),
+    'choice' ("answer2", "option 2", "(B)"), 'yesno' (BoolQ), 'exact' (normalised text);
+    'auto' picks the most specific format every gold answer of the split parses in."""
+    strategy: Literal["greedy", "sample", "beam"] = "greedy"
+    """Decoding on the fused distribution: argmax, sampling, or beam search."""
+    num_beams: int = 4
+    """strategy=beam: beams per prompt (the paper uses 4)."""
+    length_penalty: float = 1.0
+    """strategy=beam: finished beams are ranked by log-prob / length**length_penalty."""
+    temperature: float = 1.0
+    """strategy=sample: p~ ** (1 / temperature), renormalised."""
+    top_k: int = 0
+    """strategy=sample: keep the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """strategy=sample: keep the smallest set with probability >= top_p (1.0: all)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: a row ends once its decoded text contains one (cut before it), e.g.
+    ["\\n"]. EOS always ends a row."""
 
     def __post_init__(self) -> None:
         _check(len(self.lambdas) > 0, "lambdas", "must list at least one value, e.g. [0.5, 1.0]")
         _check(all(x > 0 for x in self.lambdas), "lambdas", "values must be > 0")
         _check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
         _check(self.batch_size > 0, "batch_size", "must be > 0")
+        _check(self.num_beams >= 1, "num_beams", "must be >= 1")
+        _check(self.temperature > 0, "temperature", "must be > 0 (use strategy=greedy for 0)")
+        _check(self.top_k >= 0, "top_k", "must be >= 0 (0 keeps every token)")
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop",
+               "must be a list of non-empty strings, e.g. ['\\n']")
 
 
 @dataclass

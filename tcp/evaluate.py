@@ -7,6 +7,7 @@ padded to the same number of batches, and counts are summed across ranks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,11 +16,12 @@ import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from tcp.data.collate import TokenizedSample, collate
-from tcp.generate import fuse, fused_generate
+from tcp.generate import DecodeOptions, cut_at_stop, fuse, fused_generate
 from tcp.kernels.copilot_loss import copilot_rmse_loss
 from tcp.mistake_log.collect import collect
 from tcp.models.copilot import build_inputs
 from tcp.models.pilot import PilotTap, pilot_forward
+from tcp.tasks import AnswerScorer
 
 
 def _sum(values: list[float], device: torch.device) -> list[float]:
@@ -44,11 +46,6 @@ def _shard_batches(samples: list[Any], *, rank: int, world: int, batch_size: int
     return out
 
 
-def answer_correct(pred: str, gold: str) -> bool:
-    """Exact match after stripping whitespace (the default task's answers are numbers)."""
-    return pred.strip() == gold.strip()
-
-
 @dataclass
 class GenResult:
     """Per-lambda accuracy and generation diagnostics on one split."""
@@ -64,14 +61,23 @@ class GenResult:
     max_abs_f_median: float
     pilot_margin_median: float
     n: int
+    answer_format: str = "exact"
+    """The format answers were scored in (tcp.tasks)."""
 
 
 @torch.no_grad()
-def generation_eval(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module,
+def generation_eval(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module | None,
                     records: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, *,
-                    lambdas: list[float], fusion: str, max_new_tokens: int, batch_size: int,
-                    rank: int, world: int, device: torch.device) -> GenResult:
-    """Decode every record once per lambda (0.0 = Pilot alone) and score exact match."""
+                    lambdas: list[float], opts: DecodeOptions, batch_size: int, rank: int,
+                    world: int, device: torch.device, answer_format: str = "auto",
+                    on_batch: Callable[[list[dict[str, str]], list[list[str]]], None] | None = None
+                    ) -> GenResult:
+    """Decode every record once per lambda (0.0 = Pilot alone) and score the answers.
+
+    `answer_format` 'auto' is resolved on this split's golds (the same on every rank).
+    `on_batch(records, texts[l][b])` sees every real batch's decoded answers.
+    """
+    scorer = AnswerScorer.for_golds(answer_format, [r["answer"] for r in records])
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     L = len(lambdas)
     correct = [0.0] * L
@@ -79,17 +85,20 @@ def generation_eval(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Mod
     n_total = 0.0
     fmax, margins = [], []
     indexed = list(enumerate(records))
+    decode = tokenizer.decode
     for items, n_real in _shard_batches(indexed, rank=rank, world=world, batch_size=batch_size):
         prompts = [bos + tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
                    for _, r in items]
-        toks, st = fused_generate(pilot, tap, copilot, prompts, lambdas=lambdas, fusion=fusion,
-                                  max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
-                                  pad_id=tokenizer.pad_token_id, device=device)
+        toks, st = fused_generate(pilot, tap, copilot, prompts, lambdas=lambdas, opts=opts,
+                                  eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                  device=device, decode=decode)
         B = len(items)
         flips_rows = st.flips.view(L, B).cpu()
+        texts = [[cut_at_stop(decode(toks[li][b]), opts.stop) for b in range(B)]
+                 for li in range(L)]
         for li in range(L):
             for b in range(n_real):
-                ok = answer_correct(tokenizer.decode(toks[li][b]), items[b][1]["answer"])
+                ok = scorer.correct(texts[li][b], items[b][1]["answer"])
                 correct[li] += ok
                 flips[li] += int(flips_rows[li, b])
                 if flips_rows[li, b] > 0:
@@ -99,6 +108,8 @@ def generation_eval(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Mod
         if n_real:
             fmax += st.max_abs_f
             margins += st.margin
+            if on_batch is not None:
+                on_batch([r for _, r in items[:n_real]], [t[:n_real] for t in texts])
     tot = _sum([n_total, *correct, *flips, *frows, *frows_ok], device)
     n = tot[0]
     acc = [c / max(n, 1) for c in tot[1:1 + L]]
@@ -108,7 +119,7 @@ def generation_eval(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Mod
     return GenResult(lambdas=list(lambdas), accuracy=acc, flips=fl, flipped_rows=fr,
                      flipped_rows_correct=fro,
                      max_abs_f_median=_median(fmax), pilot_margin_median=_median(margins),
-                     n=int(n))
+                     n=int(n), answer_format=scorer.format)
 
 
 def _median(xs: list[float]) -> float:

@@ -1,17 +1,24 @@
-"""Fused greedy decoding (METHOD.md §4): Pilot + Copilot with KV caches, a lambda per row.
+"""Fused decoding (METHOD.md §4): Pilot + Copilot with KV caches; greedy, sampling, beam search.
 
 Each decoding step: the Pilot gives z_i (and, through the tap, the pooled state h_i); the Copilot,
-fed its own previous prediction f_{i-1}, gives f_i; the next token is argmax of
-p_hat_i + lambda f_i (fusion='probs') or z_i + lambda f_i (fusion='logits').
+fed its own previous prediction f_{i-1}, gives f_i; the fused distribution is
+p~_i = p_hat_i + lambda f_i (fusion='probs', clamped at 0 and renormalised) or
+softmax(z_i + lambda f_i) (fusion='logits'). Greedy takes its argmax, sampling draws from it
+(temperature, top-k, top-p), beam search ranks hypotheses by sum log p~ / length**penalty.
 
 A whole lambda grid is decoded in one batch: every prompt is replicated once per lambda (lambda 0
-is the Pilot alone), so the grid costs one pass. Under ZeRO-3 every rank must run the same number
-of forwards: the loop stops only when all rows on all ranks are finished (one all-reduce a step),
-and callers pad their shards to the same number of batches.
+is the Pilot alone), so the grid costs one pass. Beam search further replicates each row
+`num_beams` times; after every step both models' caches and the Copilot's previous prediction
+are reordered with the surviving beams (`FusedState.reorder`).
+
+Under ZeRO-3 every forward is a collective: the loop stops only when all rows on all ranks are
+finished (one all-reduce a step), and callers pad their shards to the same number of batches.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,33 +29,43 @@ from tcp.models.pilot import PilotTap
 
 
 @dataclass
+class DecodeOptions:
+    """How to decode (the `eval.*` config keys of the same names)."""
+
+    max_new_tokens: int = 8
+    strategy: str = "greedy"
+    """'greedy' | 'sample' | 'beam'."""
+    fusion: str = "probs"
+    """'probs' (p_hat + lambda f) | 'logits' (z + lambda f)."""
+    num_beams: int = 4
+    length_penalty: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop: Sequence[str] = ()
+    """Stop strings; rows end once their decoded text contains one (needs `decode`)."""
+    seed: int = 0
+    """Sampling seed (each rank draws from seed + rank)."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("greedy", "sample", "beam"):
+            raise ValueError(f"strategy must be greedy|sample|beam, got {self.strategy!r}")
+        if self.fusion not in ("probs", "logits"):
+            raise ValueError(f"fusion must be probs|logits, got {self.fusion!r}")
+
+
+@dataclass
 class DecodeStats:
-    """Generation diagnostics (METHOD.md §6), per row."""
+    """Generation diagnostics (METHOD.md §6), per output row (lambda-major: row = l * B + b)."""
 
     flips: torch.Tensor
-    """(R,) decoding steps where the fused choice differs from the Pilot's argmax."""
+    """(R,) decoding steps of the output where the fused choice differs from the Pilot's argmax."""
     max_abs_f: list[float] = field(default_factory=list)
     """max |f| over the vocabulary, per (row, step) of unfinished rows."""
     margin: list[float] = field(default_factory=list)
     """Pilot top-1 minus top-2 probability, per (row, step) of unfinished rows."""
-
-
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), P), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, P - len(p):] = torch.tensor(p)
-        mask[r, P - len(p):] = 1
-    return ids, mask
-
-
-def _all_done(done: bool, device: torch.device) -> bool:
-    if not dist.is_initialized():
-        return done
-    t = torch.tensor([0 if done else 1], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return int(t) == 0
+    steps: int = 0
+    """Decoding steps run (forwards of each model after the prompt)."""
 
 
 def fuse(z: torch.Tensor, f: torch.Tensor, lam: torch.Tensor, fusion: str) -> torch.Tensor:
@@ -61,71 +78,291 @@ def fuse(z: torch.Tensor, f: torch.Tensor, lam: torch.Tensor, fusion: str) -> to
     return z + lam[:, None] * f
 
 
-@torch.no_grad()
-def fused_generate(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module,
-                   prompts: list[list[int]], *, lambdas: list[float], fusion: str,
-                   max_new_tokens: int, eos_id: int, pad_id: int, device: torch.device
-                   ) -> tuple[list[list[list[int]]], DecodeStats]:
-    """Greedy fused decoding of `prompts` once per lambda.
+def fused_log_probs(z: torch.Tensor, f: torch.Tensor, lam: torch.Tensor,
+                    fusion: str) -> torch.Tensor:
+    """log p~ (R, V): the fused distribution, clamped at 0 and renormalised ('probs').
 
-    Returns tokens[l][b] (generated ids of prompt b under lambdas[l], EOS excluded) and the stats
-    (rows ordered lambda-major: row = l * B + b).
+    Rows with lambda 0 are exactly log_softmax(z); a row whose fused mass is all clamped away
+    falls back to the Pilot's distribution.
     """
-    B, L = len(prompts), len(lambdas)
+    pilot = torch.log_softmax(z, dim=-1)
+    if fusion == "logits":
+        fused = torch.log_softmax(z + lam[:, None] * f, dim=-1)
+    else:
+        p = (pilot.exp() + lam[:, None] * f).clamp_min(0.0)
+        total = p.sum(-1, keepdim=True)
+        fused = torch.where(total > 0, (p / total.clamp_min(1e-30)).log(), pilot)
+    return torch.where(lam[:, None] == 0, pilot, fused)
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[r, P - len(p):] = 1
+    return ids, mask
+
+
+def _all_done(done: bool, device: torch.device) -> bool:
+    if not dist.is_initialized():
+        return done
+    t = torch.tensor([0 if done else 1], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t) == 0
+
+
+class FusedState:
+    """Both models' decoding state for R rows: caches, positions, the Copilot's previous f.
+
+    `start` runs the prompts, `advance` feeds one token per row; both return (z, f) for the next
+    token, (R, V) fp32. With `copilot=None` f is zero and the Copilot costs nothing (Pilot-only
+    decoding, for baselines and benchmarks).
+    """
+
+    def __init__(self, pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module | None,
+                 device: torch.device) -> None:
+        self.pilot, self.tap, self.copilot, self.device = pilot, tap, copilot, device
+        self.d = tap.embed.embedding_dim
+        self.past = None
+        self.mask = self.pos = self.prev_f = None
+        self.cache: CopilotCache | None = None
+        self.vocab = 0
+
+    def start(self, prompts: Sequence[Sequence[int]], pad_id: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.device
+        ids, mask = _left_pad(prompts, pad_id)
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        R, P = ids.shape
+        valid = mask.bool()
+        pidx = valid.nonzero(as_tuple=True)
+        last = (torch.arange(R, device=dev), torch.full((R,), P - 1, device=dev))
+        with self.tap.capture(prompt_index=pidx, target_index=last, hidden_size=self.d,
+                              device=dev) as cap:
+            out = self.pilot(input_ids=ids, attention_mask=mask, position_ids=pos,
+                             use_cache=True)
+        self.past, self.mask, self.pos = out.past_key_values, mask, pos[:, -1]
+        z = out.logits[:, -1].float()
+        self.vocab = z.shape[-1]
+        if self.copilot is not None:
+            x_tilde = torch.zeros(R, P, self.d, dtype=cap.x_tilde.dtype, device=dev)
+            x_tilde[pidx] = cap.x_tilde
+            self.cache = self.copilot(prefix=(x_tilde, valid, pos))
+        return z, self._copilot_step(cap.pooled)
+
+    def _copilot_step(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.copilot is None:
+            return torch.zeros(pooled.shape[0], self.vocab, device=self.device)
+        f = self.copilot(cache=self.cache, prev_f=self.prev_f, h_new=pooled, pos=self.pos).float()
+        self.prev_f = f
+        return f
+
+    def advance(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        R, dev = tokens.shape[0], self.device
+        assert self.mask is not None and self.pos is not None
+        self.mask = torch.cat([self.mask, torch.ones(R, 1, dtype=self.mask.dtype, device=dev)],
+                              dim=1)
+        self.pos = self.pos + 1
+        step_idx = (torch.arange(R, device=dev), torch.zeros(R, dtype=torch.long, device=dev))
+        empty = (torch.zeros(0, dtype=torch.long, device=dev),) * 2
+        with self.tap.capture(prompt_index=empty, target_index=step_idx, hidden_size=self.d,
+                              device=dev) as cap:
+            out = self.pilot(input_ids=tokens[:, None], attention_mask=self.mask,
+                             position_ids=self.pos[:, None], past_key_values=self.past,
+                             use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1].float(), self._copilot_step(cap.pooled)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (in that order): beam search's parent selection."""
+        self.past.reorder_cache(index)
+        assert self.mask is not None and self.pos is not None
+        self.mask, self.pos = self.mask[index], self.pos[index]
+        if self.cache is not None:
+            self.cache.reorder(index)
+        if self.prev_f is not None:
+            self.prev_f = self.prev_f[index]
+
+
+def _filter_and_sample(logp: torch.Tensor, opts: DecodeOptions,
+                       gen: torch.Generator) -> torch.Tensor:
+    """One draw per row from exp(logp) after temperature, top-k and top-p."""
+    scores = logp / opts.temperature
+    if opts.top_k > 0 and opts.top_k < scores.shape[-1]:
+        kth = scores.topk(opts.top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if opts.top_p < 1.0:
+        sorted_s, order = scores.sort(dim=-1, descending=True)
+        cum = torch.softmax(sorted_s, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_s, dim=-1) >= opts.top_p  # mass before this token
+        sorted_s = sorted_s.masked_fill(drop, -math.inf)
+        scores = torch.full_like(scores, -math.inf).scatter(-1, order, sorted_s)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs.cpu() if gen.device.type == "cpu" else probs, 1,
+                             generator=gen)[:, 0].to(logp.device)
+
+
+def _record(stats: DecodeStats, z: torch.Tensor, f: torch.Tensor, live: torch.Tensor) -> None:
+    if live.any():
+        p = torch.softmax(z[live], -1).topk(2, dim=-1).values
+        stats.margin += (p[:, 0] - p[:, 1]).tolist()
+        stats.max_abs_f += f[live].abs().amax(-1).tolist()
+
+
+def _hits_stop(toks: list[int], stop: Sequence[str],
+               decode: Callable[[list[int]], str] | None) -> bool:
+    return bool(stop) and decode is not None and any(s in decode(toks) for s in stop)
+
+
+def _strip(seq: list[int], eos_id: int, pad_id: int) -> list[int]:
+    out = []
+    for t in seq:
+        if t in (eos_id, pad_id):
+            break
+        out.append(t)
+    return out
+
+
+@torch.no_grad()
+def fused_generate(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module | None,
+                   prompts: Sequence[Sequence[int]], *, lambdas: Sequence[float], eos_id: int,
+                   pad_id: int, device: torch.device, opts: DecodeOptions | None = None,
+                   decode: Callable[[list[int]], str] | None = None, fusion: str | None = None,
+                   max_new_tokens: int | None = None,
+                   ) -> tuple[list[list[list[int]]], DecodeStats]:
+    """Decode `prompts` once per lambda. `opts` defaults to greedy; `fusion`/`max_new_tokens`
+    override it. `decode` (ids -> text) enables stop strings.
+
+    Returns tokens[l][b] (generated ids of prompt b under lambdas[l], EOS excluded; stop strings
+    are *not* cut here, see `cut_at_stop`) and the stats.
+    """
+    opts = opts or DecodeOptions()
+    if fusion is not None or max_new_tokens is not None:
+        opts = DecodeOptions(**{**vars(opts), "fusion": fusion or opts.fusion,
+                                "max_new_tokens": max_new_tokens or opts.max_new_tokens})
+    if opts.strategy == "beam":
+        return _beam_search(pilot, tap, copilot, prompts, lambdas=lambdas, eos_id=eos_id,
+                            pad_id=pad_id, device=device, opts=opts)
+    B = len(prompts)
     rows = [p for _ in lambdas for p in prompts]
     R = len(rows)
     lam = torch.tensor([lv for lv in lambdas for _ in prompts], dtype=torch.float32,
                        device=device)
-    ids, mask = _left_pad(rows, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    P = ids.shape[1]
-    d = tap.embed.embedding_dim
-    valid = mask.bool()
-    pidx = valid.nonzero(as_tuple=True)
-    last = (torch.arange(R, device=device), torch.full((R,), P - 1, device=device))
-    with tap.capture(prompt_index=pidx, target_index=last, hidden_size=d, device=device) as cap:
-        out = pilot(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    x_tilde = torch.zeros(R, P, d, dtype=cap.x_tilde.dtype, device=device)
-    x_tilde[pidx] = cap.x_tilde
-    cache: CopilotCache = copilot(prefix=(x_tilde, valid, pos))
-    z, pooled, past = out.logits[:, -1].float(), cap.pooled, out.past_key_values
-    cur_pos = pos[:, -1]
-    prev_f: torch.Tensor | None = None
+    state = FusedState(pilot, tap, copilot, device)
+    z, f = state.start(rows, pad_id)
+    gen = None
+    if opts.strategy == "sample":
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        gen = torch.Generator(device="cuda" if device.type == "cuda" else "cpu")
+        gen.manual_seed(opts.seed + rank)
     finished = torch.zeros(R, dtype=torch.bool, device=device)
-    gen = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out = torch.full((R, opts.max_new_tokens), pad_id, dtype=torch.long, device=device)
     stats = DecodeStats(flips=torch.zeros(R, dtype=torch.long, device=device))
-    for i in range(max_new_tokens):
-        f = copilot(cache=cache, prev_f=prev_f, h_new=pooled, pos=cur_pos).float()
-        nxt = fuse(z, f, lam, fusion).argmax(-1)
-        pilot_choice = z.argmax(-1)
+    for i in range(opts.max_new_tokens):
+        stats.steps = i + 1
+        if gen is None:
+            nxt = fuse(z, f, lam, opts.fusion).argmax(-1)
+        else:
+            nxt = _filter_and_sample(fused_log_probs(z, f, lam, opts.fusion), opts, gen)
         live = ~finished
-        stats.flips += ((nxt != pilot_choice) & live).long()
-        if live.any():
-            p = torch.softmax(z[live], -1).topk(2, dim=-1).values
-            stats.margin += (p[:, 0] - p[:, 1]).tolist()
-            stats.max_abs_f += f[live].abs().amax(-1).tolist()
+        stats.flips += ((nxt != z.argmax(-1)) & live).long()
+        _record(stats, z, f, live)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-        gen[:, i] = nxt
+        out[:, i] = nxt
         finished |= nxt == eos_id
-        if _all_done(bool(finished.all()), device) or i == max_new_tokens - 1:
+        if opts.stop and decode is not None:
+            for r in (~finished).nonzero()[:, 0].tolist():
+                if _hits_stop(out[r, :i + 1].tolist(), opts.stop, decode):
+                    finished[r] = True
+        if _all_done(bool(finished.all()), device) or i == opts.max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones(R, 1, dtype=mask.dtype, device=device)], dim=1)
-        cur_pos = cur_pos + 1
-        step_idx = (torch.arange(R, device=device), torch.zeros(R, dtype=torch.long,
-                                                                  device=device))
-        empty = (torch.zeros(0, dtype=torch.long, device=device),) * 2
-        with tap.capture(prompt_index=empty, target_index=step_idx, hidden_size=d,
-                         device=device) as cap:
-            out = pilot(input_ids=nxt[:, None], attention_mask=mask,
-                        position_ids=cur_pos[:, None], past_key_values=past, use_cache=True)
-        z, pooled, past, prev_f = out.logits[:, -1].float(), cap.pooled, out.past_key_values, f
-    tokens: list[list[list[int]]] = [[[] for _ in range(B)] for _ in range(L)]
-    for r, seq in enumerate(gen.tolist()):
-        toks = []
-        for t in seq:
-            if t in (eos_id, pad_id):
-                break
-            toks.append(t)
-        tokens[r // B][r % B] = toks
+        z, f = state.advance(nxt)
+    tokens: list[list[list[int]]] = [[[] for _ in range(B)] for _ in range(len(lambdas))]
+    for r, seq in enumerate(out.tolist()):
+        tokens[r // B][r % B] = _strip(seq, eos_id, pad_id)
+    return tokens, stats
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to (not including) the first stop string it contains."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _beam_search(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module | None,
+                 prompts: Sequence[Sequence[int]], *, lambdas: Sequence[float], eos_id: int,
+                 pad_id: int, device: torch.device, opts: DecodeOptions
+                 ) -> tuple[list[list[list[int]]], DecodeStats]:
+    """Beam search on log p~ (HF semantics: 2K candidates per group; an EOS candidate within
+    the top K finishes a hypothesis scored sum log p~ / length**length_penalty, EOS counted; a
+    group stops once K hypotheses are finished and no running beam can beat the worst)."""
+    K, B, T = opts.num_beams, len(prompts), opts.max_new_tokens
+    G = B * len(lambdas)  # groups, lambda-major
+    rows = [p for _ in lambdas for p in prompts for _ in range(K)]
+    lam = torch.tensor([lv for lv in lambdas for _ in prompts for _ in range(K)],
+                       dtype=torch.float32, device=device)
+    state = FusedState(pilot, tap, copilot, device)
+    z, f = state.start(rows, pad_id)
+    scores = torch.full((G, K), -math.inf, device=device)
+    scores[:, 0] = 0.0  # identical beams at start: only the first one may expand
+    hist = torch.zeros(G * K, 0, dtype=torch.long, device=device)
+    flip_hist = torch.zeros(G * K, 0, dtype=torch.bool, device=device)
+    done = [False] * G
+    hyps: list[list[tuple[float, list[int], int]]] = [[] for _ in range(G)]  # score, ids, flips
+    stats = DecodeStats(flips=torch.zeros(G, dtype=torch.long, device=device))
+    base = torch.arange(G, device=device)[:, None] * K
+
+    def bound(best_running: float, length: int) -> float:
+        lp = opts.length_penalty
+        return best_running / (T ** lp if lp > 0 else length ** lp)
+
+    def add(g: int, score: float, ids: list[int], flips: int, length: int) -> None:
+        hyps[g].append((score / length ** opts.length_penalty, ids, flips))
+        hyps[g].sort(key=lambda h: -h[0])
+        del hyps[g][K:]
+
+    for i in range(T):
+        stats.steps = i + 1
+        logp = fused_log_probs(z, f, lam, opts.fusion)  # (G*K, V)
+        pilot_choice = z.argmax(-1)
+        live_rows = torch.tensor([not done[g] for g in range(G)], device=device)
+        _record(stats, z, f, live_rows.repeat_interleave(K))
+        V = logp.shape[-1]
+        cand = (scores.view(-1, 1) + logp).view(G, K * V)
+        top_s, top_i = cand.topk(min(2 * K, K * V), dim=-1)
+        parent, tok = top_i // V, top_i % V
+        is_eos = tok == eos_id
+        rank = torch.arange(top_s.shape[1], device=device)[None, :]
+        for g, c in (is_eos & (rank < K) & live_rows[:, None]).nonzero().tolist():
+            row = int(base[g, 0] + parent[g, c])
+            add(g, float(top_s[g, c]), hist[row].tolist(),
+                int(flip_hist[row].sum()) + int(eos_id != pilot_choice[row]), i + 1)
+        keep = torch.argsort(is_eos.int(), dim=1, stable=True)[:, :K]  # first K non-EOS
+        scores = top_s.gather(1, keep)
+        src = (base + parent.gather(1, keep)).view(-1)
+        new_tok = tok.gather(1, keep).view(-1)
+        hist = torch.cat([hist[src], new_tok[:, None]], dim=1)
+        flip_hist = torch.cat([flip_hist[src], (new_tok != pilot_choice[src])[:, None]], dim=1)
+        best = scores[:, 0].tolist()
+        for g in range(G):
+            if not done[g] and len(hyps[g]) == K and bound(best[g], i + 2) <= hyps[g][-1][0]:
+                done[g] = True
+        if _all_done(all(done), device) or i == T - 1:
+            break
+        state.reorder(src)
+        z, f = state.advance(new_tok)
+    for g in range(G):
+        if not done[g]:  # out of budget: running beams compete at their length
+            for k in range(K):
+                row = g * K + k
+                add(g, float(scores[g, k]), hist[row].tolist(), int(flip_hist[row].sum()),
+                    hist.shape[1])
+    tokens: list[list[list[int]]] = [[[] for _ in range(B)] for _ in range(len(lambdas))]
+    for g in range(G):
+        _, ids, flips = hyps[g][0]
+        tokens[g // B][g % B] = _strip(ids, eos_id, pad_id)
+        stats.flips[g] = flips
     return tokens, stats

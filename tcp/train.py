@@ -20,6 +20,7 @@ from tcp.config import RunConfig, dump_yaml, render_deepspeed, to_dict
 from tcp.data.collate import TokenizedSample, batch_indices, collate
 from tcp.evaluate import choose_lambda, generation_eval, teacher_forced_diagnostics
 from tcp.faults import fault_point
+from tcp.generate import DecodeOptions
 from tcp.mistake_log.base import MistakeLog
 from tcp.mistake_log.collect import collect
 from tcp.mistake_log.record import MistakeBatch
@@ -227,8 +228,8 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
                                       lambdas=ev.lambdas, fusion=ev.fusion,
                                       batch_size=ev.batch_size, rank=rank, world=world,
                                       device=device)
-    common = dict(fusion=ev.fusion, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-                  rank=rank, world=world, device=device)
+    common = dict(opts=decode_options(cfg), batch_size=ev.batch_size, rank=rank, world=world,
+                  device=device, answer_format=ev.answer_format)
     val = generation_eval(pilot, tap, copilot, val_records, tokenizer,
                           lambdas=[0.0, *ev.lambdas], **common)
     lam, _ = choose_lambda(val)
@@ -253,7 +254,18 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
                            "pilot_margin_median": val.pilot_margin_median},
         },
         "fusion": ev.fusion,
+        "decoding": {"strategy": ev.strategy, "answer_format": test.answer_format,
+                     "max_new_tokens": ev.max_new_tokens},
     }
+
+
+def decode_options(cfg: RunConfig) -> DecodeOptions:
+    """The run's decoding options (eval.*), sampling seeded by the run's seed."""
+    ev = cfg.eval
+    return DecodeOptions(max_new_tokens=ev.max_new_tokens, strategy=ev.strategy,
+                         fusion=ev.fusion, num_beams=ev.num_beams,
+                         length_penalty=ev.length_penalty, temperature=ev.temperature,
+                         top_k=ev.top_k, top_p=ev.top_p, stop=list(ev.stop), seed=cfg.seed)
 
 
 def format_table(results: dict[str, Any]) -> str:
