@@ -693,20 +693,39 @@ def _yaml_floats(data: Any) -> Any:
     return data
 
 
+def _read_yaml(p: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One config file as a dict; `extends: other.yaml` (relative to the file) is read first
+    and this file's values are merged over it, section by section."""
+    if not p.is_file():
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise ConfigError(f"--config: file not found: {p}{where}")
+    if p.resolve() in chain:
+        raise ConfigError(f"--config {p}: `extends` loops back to itself")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"--config {p}: top level must be a mapping of sections")
+    data = _yaml_floats(loaded or {})
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"--config {p}: extends must be a file path, e.g. extends: default.yaml")
+    return _merge(_read_yaml(p.parent / parent, (*chain, p.resolve())), data)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config (or the defaults when path is None) and apply dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"--config {p}: top level must be a mapping of sections")
-        data = _yaml_floats(loaded or {})
+    data: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return from_dict(RunConfig, data)
 

@@ -90,3 +90,42 @@ def test_mistake_log_cross_checks_name_the_key():
         load_config(None, ["mistake_log.backend=memory", "mistake_log.window_steps=all"])
     cfg = load_config(None, ["mistake_log.window_steps=all"])
     assert cfg.mistake_log.backend == "zarr" and cfg.mistake_log.window_steps == "all"
+
+
+def test_extends_merges_sections_and_reports_missing_parent(tmp_path):
+    (tmp_path / "base.yaml").write_text("seed: 3\ntrain: {steps: 7, log_every: 2}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain: {steps: 9}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["seed=4"])
+    assert (cfg.seed, cfg.train.steps, cfg.train.log_every) == (4, 9, 2)
+    (tmp_path / "orphan.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml.*extended by"):
+        load_config(tmp_path / "orphan.yaml")
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
+
+
+def test_matched_size_pilot_has_the_pilot_plus_copilot_parameter_count():
+    from tcp.data.tokenizer import build_char_tokenizer
+    from tcp.models.copilot import Copilot
+    from tcp.models.pilot import build_llama
+    from tcp.run import param_count
+
+    tok = build_char_tokenizer()
+    default = load_config("configs/default.yaml")
+    matched = load_config("configs/matched_size.yaml")
+
+    def pilot(cfg):
+        return param_count(build_llama(cfg.model.arch, vocab_size=len(tok), pad_id=0, bos_id=1,
+                                       eos_id=2, seed=0))
+
+    n_pilot, n_matched = pilot(default), pilot(matched)
+    n_copilot = param_count(Copilot(default.copilot, vocab_size=len(tok),
+                                    pilot_hidden=default.model.arch.hidden_size))
+    assert abs(n_matched - (n_pilot + n_copilot)) / (n_pilot + n_copilot) < 0.005
+    # Same data and budget as the default; only the Pilot's shape and the Copilot's updates differ.
+    for section in ("data", "base", "eval"):
+        assert getattr(matched, section) == getattr(default, section), section
+    assert matched.train.pilot == default.train.pilot
+    assert matched.train.steps == default.train.steps
+    assert matched.train.copilot_start_step >= matched.train.steps
