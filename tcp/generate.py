@@ -105,7 +105,8 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tens
     return ids, mask
 
 
-def _all_done(done: bool, device: torch.device) -> bool:
+def all_ranks_done(done: bool, device: torch.device) -> bool:
+    """True when `done` holds on every rank (one all-reduce; keeps ZeRO-3 ranks in step)."""
     if not dist.is_initialized():
         return done
     t = torch.tensor([0 if done else 1], device=device)
@@ -277,7 +278,7 @@ def fused_generate(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Modu
             for r in (~finished).nonzero()[:, 0].tolist():
                 if _hits_stop(out[r, :i + 1].tolist(), opts.stop, decode):
                     finished[r] = True
-        if _all_done(bool(finished.all()), device) or i == opts.max_new_tokens - 1:
+        if all_ranks_done(bool(finished.all()), device) or i == opts.max_new_tokens - 1:
             break
         z, f = state.advance(nxt)
     tokens: list[list[list[int]]] = [[[] for _ in range(B)] for _ in range(len(lambdas))]
@@ -350,7 +351,7 @@ def _beam_search(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module
         for g in range(G):
             if not done[g] and len(hyps[g]) == K and bound(best[g], i + 2) <= hyps[g][-1][0]:
                 done[g] = True
-        if _all_done(all(done), device) or i == T - 1:
+        if all_ranks_done(all(done), device) or i == T - 1:
             break
         state.reorder(src)
         z, f = state.advance(new_tok)

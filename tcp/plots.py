@@ -1,4 +1,5 @@
-"""Evaluation plots of a finished run (PNG, logged to MLflow): training curves and the λ sweep."""
+"""Evaluation plots of a finished run (PNG, logged to MLflow): training curves, the λ sweep and
+the rectification example (tcp.rectify)."""
 
 from __future__ import annotations
 
@@ -49,4 +50,8 @@ def save_plots(results: dict[str, Any], folder: Path) -> list[Path]:
         written.append(folder / "lambda_sweep.png")
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
+    if results.get("rectification"):
+        from tcp.rectify import plot_rectification
+
+        written.append(plot_rectification(results["rectification"], folder / "rectification.png"))
     return written

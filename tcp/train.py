@@ -28,6 +28,7 @@ from tcp.models.copilot import ErrorTarget, build_inputs
 from tcp.models.pilot import HeadOptions, PilotTap, pilot_forward, torch_dtype
 from tcp.preemption import StopSignal
 from tcp.progress import Progress
+from tcp.rectify import pick_example, trace_rectification
 from tcp.tracking import Tracker
 
 
@@ -217,12 +218,17 @@ class Trainer:
 def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotTap,
                         tokenizer: Any, val_records: list[dict[str, str]],
                         test_records: list[dict[str, str]], val_samples: list[TokenizedSample],
-                        rank: int, world: int, device: torch.device) -> dict[str, Any]:
-    """Teacher-forced diagnostics and the lambda sweep on validation; test once at chosen lambda."""
+                        rank: int, world: int, device: torch.device,
+                        lam: float | None = None) -> dict[str, Any]:
+    """Teacher-forced diagnostics and the lambda sweep on validation; test once at the chosen
+    lambda (or at `lam` when given: no sweep); one traced rectification example. Collective.
+
+    `pilot`/`copilot` are DeepSpeed engines or plain modules.
+    """
     ev = cfg.eval
     pilot.eval()
     copilot.eval()
-    vocab = int(pilot.module.config.vocab_size)
+    vocab = int(getattr(pilot, "module", pilot).config.vocab_size)
     diag = teacher_forced_diagnostics(pilot, tap, copilot, val_samples,
                                       pad_id=tokenizer.pad_token_id, vocab_size=vocab,
                                       lambdas=ev.lambdas, fusion=ev.fusion,
@@ -230,11 +236,19 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
                                       device=device)
     common = dict(opts=decode_options(cfg), batch_size=ev.batch_size, rank=rank, world=world,
                   device=device, answer_format=ev.answer_format)
+    sweep_lams = ev.lambdas if lam is None else [lam]
     val = generation_eval(pilot, tap, copilot, val_records, tokenizer,
-                          lambdas=[0.0, *ev.lambdas], **common)
-    lam, _ = choose_lambda(val)
+                          lambdas=[0.0, *sweep_lams], **common)
+    if lam is None:
+        lam, _ = choose_lambda(val)
     test = generation_eval(pilot, tap, copilot, test_records, tokenizer, lambdas=[0.0, lam],
                            **common)
+    trace_kw = dict(lam=lam, fusion=ev.fusion, max_new_tokens=ev.max_new_tokens, device=device)
+    ex = pick_example(pilot, tap, copilot, val_records, tokenizer,
+                      answer_format=ev.answer_format, **trace_kw)
+    rect = trace_rectification(pilot, tap, copilot, val_records[ex]["prompt"], tokenizer,
+                               gold=val_records[ex]["answer"], **trace_kw)
+    tf_fixes, tf_breaks = diag["fixes"], diag["breaks"]
     return {
         "pilot": {"accuracy": test.accuracy[0]},
         "pilot+copilot": {"accuracy": test.accuracy[1], "lambda": lam,
@@ -245,7 +259,8 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
             "size": val.n,
             "pilot_accuracy": val.accuracy[0],
             "sweep": [{"lambda": lv, "accuracy": a, "flips": fl, "flipped_answers": fr,
-                       "flipped_answers_correct": fo}
+                       "flipped_answers_correct": fo,
+                       "tf_fixes": tf_fixes.get(str(lv)), "tf_breaks": tf_breaks.get(str(lv))}
                       for lv, a, fl, fr, fo in zip(val.lambdas[1:], val.accuracy[1:],
                                                    val.flips[1:], val.flipped_rows[1:],
                                                    val.flipped_rows_correct[1:], strict=True)],
@@ -256,6 +271,7 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
         "fusion": ev.fusion,
         "decoding": {"strategy": ev.strategy, "answer_format": test.answer_format,
                      "max_new_tokens": ev.max_new_tokens},
+        "rectification": rect.to_dict() | {"validation_index": ex},
     }
 
 
@@ -269,19 +285,31 @@ def decode_options(cfg: RunConfig) -> DecodeOptions:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """The human summary printed at the end of the main job."""
+    """The human summary printed at the end of the main job (and by `tcp-eval`)."""
     v = results["validation"]
     tf = v["teacher_forced"]
+    pc = results["pilot+copilot"]
     lines = [
         "",
         f"{'':24}{'test accuracy':>15}",
         f"{'Pilot':24}{results['pilot']['accuracy']:>15.4f}",
-        f"{'Pilot+Copilot (λ=' + format(results['pilot+copilot']['lambda'], 'g') + ')':24}"
-        f"{results['pilot+copilot']['accuracy']:>15.4f}",
+        f"{'Pilot+Copilot (λ=' + format(pc['lambda'], 'g') + ')':24}{pc['accuracy']:>15.4f}",
         f"test n={results['test_size']}; λ chosen on validation (n={v['size']}, "
-        f"Pilot {v['pilot_accuracy']:.4f})",
-        "validation sweep: " + ", ".join(f"λ={s['lambda']:g}:{s['accuracy']:.4f}"
-                                          f"({s['flips']} flips)" for s in v["sweep"]),
+        f"Pilot {v['pilot_accuracy']:.4f}); {pc['flips']} test decoding steps flipped, "
+        f"{pc['flipped_answers_correct']}/{pc['flipped_answers']} flipped answers correct",
+        "",
+        "validation λ sweep (accuracy of generated answers; teacher-forced token fixes/breaks):",
+        f"{'λ':>6} {'accuracy':>9} {'Δ Pilot':>8} {'flips':>6} {'fixes':>6} {'breaks':>7}",
+    ]
+    for s in v["sweep"]:
+        fx = "" if s.get("tf_fixes") is None else s["tf_fixes"]
+        br = "" if s.get("tf_breaks") is None else s["tf_breaks"]
+        mark = "  <- chosen" if s["lambda"] == pc["lambda"] else ""
+        lines.append(f"{s['lambda']:>6g} {s['accuracy']:>9.4f} "
+                     f"{s['accuracy'] - v['pilot_accuracy']:>+8.4f} {s['flips']:>6} {fx:>6} "
+                     f"{br:>7}{mark}")
+    lines += [
+        "",
         f"Copilot RMSE {tf['copilot_rmse']:.4f} vs zero baseline {tf['zero_rmse']:.4f} "
         f"(ratio {tf['rmse_ratio']:.3f}); cos(f, ℓ) {tf['cosine']:.3f}",
         f"median max|f| {v['generation']['max_abs_f_median']:.4f}, "

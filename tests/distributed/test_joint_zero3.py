@@ -43,7 +43,7 @@ def test_two_rank_zero3_joint_run(tmp_path):
     run = tmp_path / "run"
     for rel in ("config.yaml", "deepspeed.json", "tokenizer/tokenizer.json",
                 "final/pilot/config.json", "final/copilot.pt", "plots/training.png",
-                "plots/lambda_sweep.png", "checkpoints/latest",
+                "plots/lambda_sweep.png", "plots/rectification.png", "checkpoints/latest",
                 "checkpoints/step_00000024/manifest.json",
                 "checkpoints/step_00000024/pilot/latest",
                 "checkpoints/step_00000024/copilot/step_00000024",
@@ -52,6 +52,17 @@ def test_two_rank_zero3_joint_run(tmp_path):
         assert (run / rel).exists(), rel
     assert (tmp_path / "mlflow.db").exists()
     check_mistake_log(run, res, steps=24, micro_batch_size=8)
+    # tcp-eval on the finished run (one process, no DeepSpeed) scores what the job scored; batches
+    # are composed differently (rank shards), so a near-tie may flip one answer.
+    from tcp.eval_cli import eval_main
+
+    lam = res["pilot+copilot"]["lambda"]
+    assert eval_main([str(run), "--lambda", str(lam)]) == 0
+    ev = json.loads((run / "eval/eval.json").read_text())
+    assert ev["test_size"] == res["test_size"] == 32
+    for key in ("pilot", "pilot+copilot"):
+        assert abs(ev[key]["accuracy"] - res[key]["accuracy"]) <= 1 / 32, key
+    assert ev["rectification"]["prompt"] == res["rectification"]["prompt"]
 
 
 def check_mistake_log(run: Path, res: dict, *, steps: int, micro_batch_size: int) -> None:

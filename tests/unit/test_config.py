@@ -98,7 +98,7 @@ def test_extends_merges_sections_and_reports_missing_parent(tmp_path):
     cfg = load_config(tmp_path / "child.yaml", ["seed=4"])
     assert (cfg.seed, cfg.train.steps, cfg.train.log_every) == (4, 9, 2)
     (tmp_path / "orphan.yaml").write_text("extends: nowhere.yaml\n")
-    with pytest.raises(ConfigError, match="nowhere.yaml.*extended by"):
+    with pytest.raises(ConfigError, match=r"nowhere\.yaml.*extended by"):
         load_config(tmp_path / "orphan.yaml")
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):

@@ -1,0 +1,225 @@
+"""`tcp-eval`: evaluate a finished run (or a transferred Copilot) from the command line.
+
+    tcp-eval runs/seed0                                  # the run's own data, λ sweep, test once
+    tcp-eval runs/seed0 --pilot runs/seed1               # transfer: seed0's Copilot, seed1's Pilot
+    tcp-eval runs/seed0 data.source=jsonl data.val_path=v.jsonl data.test_path=t.jsonl \\
+        eval.answer_format=choice eval.strategy=beam --lambda 0.5
+
+One process, no DeepSpeed: the Pilot is loaded from `<run>/final/pilot` (or `--pilot`), the
+Copilot from `<run>/final/copilot.pt` with the run's resolved `config.yaml`; `key=value`
+overrides apply to that config (data.*, eval.*). Writes `<run>/eval/<name>.json` and its plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tcp.config import ConfigError, RunConfig, apply_overrides, from_dict, to_dict
+
+
+class TransferError(ValueError):
+    """The Copilot cannot be used with this Pilot; the message says why and what would fit."""
+
+
+@dataclass
+class LoadedRun:
+    """A run's config, tokenizer and final models, ready to evaluate."""
+
+    cfg: RunConfig
+    tokenizer: Any
+    pilot: torch.nn.Module
+    copilot: torch.nn.Module
+    pilot_source: str
+
+
+def run_config(run: Path, overrides: list[str]) -> RunConfig:
+    """The run's resolved config with `overrides` applied (errors name the key)."""
+    import yaml
+
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run} is not a tcp run directory (no config.yaml); pass the "
+                          "output_dir of a finished run")
+    data = yaml.safe_load(path.read_text())
+    data["output_dir"] = str(run)
+    data["resume"] = None
+    return from_dict(RunConfig, apply_overrides(data, overrides))
+
+
+def _pilot_dir(src: Path) -> Path:
+    """A run directory's final Pilot, or `src` itself when it is an HF model folder."""
+    if (src / "final" / "pilot" / "config.json").is_file():
+        return src / "final" / "pilot"
+    if (src / "config.json").is_file():
+        return src
+    raise FileNotFoundError(f"{src}: neither a finished run (no final/pilot) nor an HF model "
+                            "folder (no config.json)")
+
+
+def _tokenizer_dir(src: Path) -> Path | None:
+    for cand in (src / "tokenizer", src.parent.parent / "tokenizer", src):
+        if (cand / "tokenizer_config.json").is_file():
+            return cand
+    return None
+
+
+def check_transfer(*, copilot_vocab: int, copilot_d_pilot: int, pilot_config: Any,
+                   copilot_tokenizer: Any, pilot_tokenizer: Any | None) -> None:
+    """Refuse a Pilot the Copilot cannot read: another vocabulary (size or token ids) or another
+    hidden width (the Copilot's memory projection expects d_P)."""
+    problems = []
+    v = int(pilot_config.vocab_size)
+    if v != copilot_vocab:
+        problems.append(f"vocabulary size {v} != the Copilot's {copilot_vocab} (its error "
+                        "projection and output head are per token)")
+    d = int(pilot_config.hidden_size)
+    if d != copilot_d_pilot:
+        problems.append(f"Pilot hidden size {d} != the {copilot_d_pilot} the Copilot's "
+                        "cross-attention memory was trained on")
+    if pilot_tokenizer is not None:
+        a, b = copilot_tokenizer.get_vocab(), pilot_tokenizer.get_vocab()
+        diff = sum(1 for t, i in a.items() if b.get(t) != i) + sum(1 for t in b if t not in a)
+        if diff:
+            problems.append(f"the tokenizers differ in {diff} token ids (the same token must "
+                            "have the same id for the Copilot's per-token errors to mean anything)")
+    if problems:
+        raise TransferError("this Copilot cannot be used with this Pilot: " + "; ".join(problems)
+                            + ". Transfer needs a Pilot of the same family and tokenizer "
+                            "(e.g. another fine-tune of the same base model).")
+
+
+def load_run(run: Path, cfg: RunConfig, *, pilot_from: Path | None,
+             device: torch.device) -> LoadedRun:
+    """The run's tokenizer and Copilot, and its own Pilot or the one at `pilot_from`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tcp.models.copilot import Copilot
+
+    tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
+    cop_path = run / "final" / "copilot.pt"
+    if not cop_path.is_file():
+        raise FileNotFoundError(f"{cop_path} missing: the run did not finish (resume it with "
+                                "resume=auto) or was not a tcp run")
+    state = torch.load(cop_path, map_location="cpu", weights_only=True)
+    vocab, d_pilot = state["err_proj.weight"].shape[0], state["mem_proj.proj.weight"].shape[1]
+    src = _pilot_dir(pilot_from or run)
+    pilot = AutoModelForCausalLM.from_pretrained(src)
+    if pilot_from is not None:
+        tdir = _tokenizer_dir(pilot_from)
+        check_transfer(copilot_vocab=vocab, copilot_d_pilot=d_pilot, pilot_config=pilot.config,
+                       copilot_tokenizer=tokenizer,
+                       pilot_tokenizer=AutoTokenizer.from_pretrained(tdir) if tdir else None)
+    copilot = Copilot(cfg.copilot, vocab_size=vocab, pilot_hidden=d_pilot)
+    copilot.load_state_dict(state)
+    return LoadedRun(cfg=cfg, tokenizer=tokenizer, pilot=pilot.to(device).eval(),
+                     copilot=copilot.to(device).eval(), pilot_source=str(src))
+
+
+def evaluate_run(loaded: LoadedRun, *, lam: float | None, limit: int | None,
+                 device: torch.device) -> dict[str, Any]:
+    """The λ sweep on validation (or `lam`), test once, diagnostics and a rectification trace."""
+    from tcp.data.collate import tokenize_records
+    from tcp.data.loaders import load_split
+    from tcp.models.pilot import PilotTap
+    from tcp.train import evaluate_and_report
+
+    cfg = loaded.cfg
+    val = load_split(cfg.data, "validation", seed=cfg.seed)[:limit]
+    test = load_split(cfg.data, "test", seed=cfg.seed)[:limit]
+    val_samples, _ = tokenize_records(val, loaded.tokenizer, max_length=cfg.data.max_length,
+                                      overlength=cfg.data.overlength)
+    tap = PilotTap(loaded.pilot, impl=cfg.kernels.impl)
+    try:
+        return evaluate_and_report(cfg, pilot=loaded.pilot, copilot=loaded.copilot, tap=tap,
+                                   tokenizer=loaded.tokenizer, val_records=val,
+                                   test_records=test, val_samples=val_samples, rank=0, world=1,
+                                   device=device, lam=lam)
+    finally:
+        tap.remove()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="tcp-eval",
+        description="Evaluate a finished tcp run: Pilot vs Pilot+Copilot with λ chosen on "
+        "validation and the test split scored once; or a Copilot transferred to another "
+        "run's Pilot (--pilot).",
+        epilog="key=value overrides apply to the run's config.yaml, e.g. "
+        "data.source=jsonl data.val_path=val.jsonl data.test_path=test.jsonl "
+        "eval.answer_format=yesno eval.strategy=beam eval.num_beams=4. Exit codes: 0 done, "
+        "2 bad config, missing run or incompatible transfer.")
+    p.add_argument("run", type=Path, help="run directory (its output_dir) whose Copilot is used")
+    p.add_argument("--pilot", type=Path, default=None,
+                   help="use the Pilot of this run directory (or HF model folder) instead of "
+                   "the run's own: Copilot transfer")
+    p.add_argument("--lambda", dest="lam", type=float, default=None,
+                   help="score at this λ (no sweep); default: sweep eval.lambdas on validation")
+    p.add_argument("--limit", type=int, default=None,
+                   help="only the first N records of each split (quick checks)")
+    p.add_argument("--name", default=None,
+                   help="output name under <run>/eval/ (default: 'eval', or "
+                   "'transfer-<pilot run>')")
+    p.add_argument("--mlflow", action="store_true",
+                   help="log the metrics and plots as a new MLflow run (the run's tracking URI)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p.parse_intermixed_args(argv)
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """Entry point of `tcp-eval`. Returns the exit code."""
+    from tcp.plots import save_plots
+    from tcp.train import format_table, write_json
+
+    args = parse_args(argv)
+    try:
+        cfg = run_config(args.run, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        loaded = load_run(args.run, cfg, pilot_from=args.pilot, device=device)
+    except (TransferError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.manual_seed(cfg.seed)
+    results = evaluate_run(loaded, lam=args.lam, limit=args.limit, device=device)
+    name = args.name or ("eval" if args.pilot is None else f"transfer-{args.pilot.name}")
+    results.update(copilot_run=str(args.run), pilot=results["pilot"] | {
+        "source": loaded.pilot_source}, config_overrides=args.overrides)
+    out = args.run / "eval"
+    out.mkdir(exist_ok=True)
+    write_json(out / f"{name}.json", results)
+    plots = save_plots(results, out / name)
+    print(format_table(results))
+    print(f"[tcp-eval] Pilot {loaded.pilot_source}; Copilot {args.run}; "
+          f"results {out / f'{name}.json'}; plots {', '.join(str(p) for p in plots)}")
+    if args.mlflow:
+        _log_mlflow(cfg, name, results, [out / f"{name}.json", *plots])
+    return 0
+
+
+def _log_mlflow(cfg: RunConfig, name: str, results: dict[str, Any], files: list[Path]) -> None:
+    from tcp.tracking import Tracker
+
+    data = to_dict(cfg)
+    data["tracking"] = dict(data["tracking"], enabled=True,
+                            run_name=f"{Path(cfg.output_dir).name}:{name}")
+    tracker = Tracker(from_dict(RunConfig, data), rank=0)
+    tracker.metrics({"test_accuracy_pilot": results["pilot"]["accuracy"],
+                     "test_accuracy_pilot_copilot": results["pilot+copilot"]["accuracy"],
+                     "chosen_lambda": results["pilot+copilot"]["lambda"]}, step=0)
+    for f in files:
+        tracker.artifact(f, "plots" if f.suffix == ".png" else None)
+    tracker.close("FINISHED")
+    print(f"[tcp-eval] logged to MLflow run {tracker.run_id}")
+
+
+if __name__ == "__main__":
+    sys.exit(eval_main())
