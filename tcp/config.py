@@ -42,8 +42,11 @@ def _check_block_shape(cfg: Any) -> None:
 
 @dataclass
 class ArchConfig:
-    """Shape of a LLaMA-style model built from config (used when no pretrained path is given)."""
+    """Shape of a model built from config (used when no pretrained path is given)."""
 
+    family: Literal["llama", "t5"] = "llama"
+    """'llama': a decoder-only LLaMA; 't5': an encoder-decoder T5 (num_layers encoder and
+    num_layers decoder blocks, gated-GELU MLP of intermediate_size)."""
     hidden_size: int = 128
     """Model width d."""
     intermediate_size: int = 344
@@ -128,6 +131,10 @@ class CopilotConfig:
     init_from: str = "base"
     """'base' (the base model of the base phase), 'none' (from scratch), or a path to a
     same-family pretrained LLaMA-style decoder whose first num_layers blocks are copied."""
+    architecture: Literal["auto", "decoder_only", "encoder_decoder"] = "auto"
+    """'decoder_only': alternating self / modified cross-attention layers; 'encoder_decoder':
+    every layer self-attends and cross-attends to [X~ ; h] (METHOD.md §2); 'auto' follows the
+    Pilot (encoder_decoder for T5-style Pilots)."""
     rope_theta: float = 10000.0
     """Rotary base for self- and cross-attention positions."""
 
@@ -536,6 +543,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         # Cross-section checks; keys are given in full because they span sections.
+        if self.model.name_or_path is None and self.model.arch.family == "t5":
+            _check(not self.base.enabled, "base.enabled",
+                   "the base phase pre-trains a LLaMA; with model.arch.family=t5 set "
+                   "base.enabled=false (and copilot.init_from=none)")
         if self.copilot.init_from == "base":
             _check(
                 self.model.name_or_path is None and self.base.enabled,

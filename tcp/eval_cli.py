@@ -97,9 +97,10 @@ def check_transfer(*, copilot_vocab: int, copilot_d_pilot: int, pilot_config: An
 def load_run(run: Path, cfg: RunConfig, *, pilot_from: Path | None,
              device: torch.device) -> LoadedRun:
     """The run's tokenizer and Copilot, and its own Pilot or the one at `pilot_from`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from tcp.models.copilot import Copilot
+    from tcp.models.pilot import load_pretrained
 
     tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
     cop_path = run / "final" / "copilot.pt"
@@ -109,13 +110,14 @@ def load_run(run: Path, cfg: RunConfig, *, pilot_from: Path | None,
     state = torch.load(cop_path, map_location="cpu", weights_only=True)
     vocab, d_pilot = state["err_proj.weight"].shape[0], state["mem_proj.proj.weight"].shape[1]
     src = _pilot_dir(pilot_from or run)
-    pilot = AutoModelForCausalLM.from_pretrained(src)
+    pilot = load_pretrained(str(src))
     if pilot_from is not None:
         tdir = _tokenizer_dir(pilot_from)
         check_transfer(copilot_vocab=vocab, copilot_d_pilot=d_pilot, pilot_config=pilot.config,
                        copilot_tokenizer=tokenizer,
                        pilot_tokenizer=AutoTokenizer.from_pretrained(tdir) if tdir else None)
-    copilot = Copilot(cfg.copilot, vocab_size=vocab, pilot_hidden=d_pilot)
+    encdec = any(".cross_attn." in k for k in state)  # the variant the run trained
+    copilot = Copilot(cfg.copilot, vocab_size=vocab, pilot_hidden=d_pilot, encoder_decoder=encdec)
     copilot.load_state_dict(state)
     return LoadedRun(cfg=cfg, tokenizer=tokenizer, pilot=pilot.to(device).eval(),
                      copilot=copilot.to(device).eval(), pilot_source=str(src))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,7 +60,8 @@ class DecodeStats:
     """Generation diagnostics (METHOD.md §6), per output row (lambda-major: row = l * B + b)."""
 
     flips: torch.Tensor
-    """(R,) decoding steps of the output where the fused choice differs from the Pilot's argmax."""
+    """(R,) decoding steps of the output where the fused argmax differs from the Pilot's (beam
+    search: along the returned hypothesis)."""
     max_abs_f: list[float] = field(default_factory=list)
     """max |f| over the vocabulary, per (row, step) of unfinished rows."""
     margin: list[float] = field(default_factory=list)
@@ -119,39 +121,44 @@ class FusedState:
 
     `start` runs the prompts, `advance` feeds one token per row; both return (z, f) for the next
     token, (R, V) fp32. With `copilot=None` f is zero and the Copilot costs nothing (Pilot-only
-    decoding, for baselines and benchmarks).
+    decoding, for baselines and benchmarks). `FusedState.create` picks the decoder-only or the
+    encoder-decoder variant for the Pilot.
     """
 
     def __init__(self, pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module | None,
                  device: torch.device) -> None:
         self.pilot, self.tap, self.copilot, self.device = pilot, tap, copilot, device
         self.d = tap.embed.embedding_dim
-        self.past = None
-        self.mask = self.pos = self.prev_f = None
+        self.past: Any = None
+        self.pos: torch.Tensor | None = None
+        """(R,) rotary position of the Copilot's current query (= the Pilot position that
+        produced the current z in decoder-only Pilots)."""
+        self.prev_f: torch.Tensor | None = None
         self.cache: CopilotCache | None = None
         self.vocab = 0
 
+    @staticmethod
+    def create(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module | None,
+               device: torch.device) -> FusedState:
+        cls = Seq2SeqFusedState if tap.encoder_decoder else DecoderOnlyFusedState
+        return cls(pilot, tap, copilot, device)
+
     def start(self, prompts: Sequence[Sequence[int]], pad_id: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        dev = self.device
-        ids, mask = _left_pad(prompts, pad_id)
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        R, P = ids.shape
-        valid = mask.bool()
-        pidx = valid.nonzero(as_tuple=True)
-        last = (torch.arange(R, device=dev), torch.full((R,), P - 1, device=dev))
-        with self.tap.capture(prompt_index=pidx, target_index=last, hidden_size=self.d,
-                              device=dev) as cap:
-            out = self.pilot(input_ids=ids, attention_mask=mask, position_ids=pos,
-                             use_cache=True)
-        self.past, self.mask, self.pos = out.past_key_values, mask, pos[:, -1]
-        z = out.logits[:, -1].float()
+        raise NotImplementedError
+
+    def advance(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _start_copilot(self, z: torch.Tensor, cap: Any, valid: torch.Tensor,
+                       x_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Copilot's prefix (X~ rows at `valid`) and its first step, after the Pilot's."""
         self.vocab = z.shape[-1]
         if self.copilot is not None:
-            x_tilde = torch.zeros(R, P, self.d, dtype=cap.x_tilde.dtype, device=dev)
-            x_tilde[pidx] = cap.x_tilde
-            self.cache = self.copilot(prefix=(x_tilde, valid, pos))
+            R, P = valid.shape
+            x_tilde = torch.zeros(R, P, self.d, dtype=cap.x_tilde.dtype, device=self.device)
+            x_tilde[valid] = cap.x_tilde
+            self.cache = self.copilot(prefix=(x_tilde, valid, x_pos))
         return z, self._copilot_step(cap.pooled)
 
     def _copilot_step(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -161,16 +168,52 @@ class FusedState:
         self.prev_f = f
         return f
 
+    def _capture_step(self, R: int) -> Any:
+        dev = self.device
+        step_idx = (torch.arange(R, device=dev), torch.zeros(R, dtype=torch.long, device=dev))
+        empty = (torch.zeros(0, dtype=torch.long, device=dev),) * 2
+        return self.tap.capture(prompt_index=empty, target_index=step_idx, hidden_size=self.d,
+                                device=dev)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (in that order): beam search's parent selection."""
+        self.past.reorder_cache(index)
+        assert self.pos is not None
+        self.pos = self.pos[index]
+        if self.cache is not None:
+            self.cache.reorder(index)
+        if self.prev_f is not None:
+            self.prev_f = self.prev_f[index]
+
+
+class DecoderOnlyFusedState(FusedState):
+    """Causal-LM Pilot: left-padded prompts, one growing sequence per row."""
+
+    mask: torch.Tensor
+
+    def start(self, prompts: Sequence[Sequence[int]], pad_id: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.device
+        ids, mask = _left_pad(prompts, pad_id)
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        R, P = ids.shape
+        valid = mask.bool()
+        last = (torch.arange(R, device=dev), torch.full((R,), P - 1, device=dev))
+        with self.tap.capture(prompt_index=valid.nonzero(as_tuple=True), target_index=last,
+                              hidden_size=self.d, device=dev) as cap:
+            out = self.pilot(input_ids=ids, attention_mask=mask, position_ids=pos,
+                             use_cache=True)
+        self.past, self.mask, self.pos = out.past_key_values, mask, pos[:, -1]
+        return self._start_copilot(out.logits[:, -1].float(), cap, valid, pos)
+
     def advance(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         R, dev = tokens.shape[0], self.device
-        assert self.mask is not None and self.pos is not None
+        assert self.pos is not None
         self.mask = torch.cat([self.mask, torch.ones(R, 1, dtype=self.mask.dtype, device=dev)],
                               dim=1)
         self.pos = self.pos + 1
-        step_idx = (torch.arange(R, device=dev), torch.zeros(R, dtype=torch.long, device=dev))
-        empty = (torch.zeros(0, dtype=torch.long, device=dev),) * 2
-        with self.tap.capture(prompt_index=empty, target_index=step_idx, hidden_size=self.d,
-                              device=dev) as cap:
+        with self._capture_step(R) as cap:
             out = self.pilot(input_ids=tokens[:, None], attention_mask=self.mask,
                              position_ids=self.pos[:, None], past_key_values=self.past,
                              use_cache=True)
@@ -178,14 +221,55 @@ class FusedState:
         return out.logits[:, -1].float(), self._copilot_step(cap.pooled)
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (in that order): beam search's parent selection."""
-        self.past.reorder_cache(index)
-        assert self.mask is not None and self.pos is not None
-        self.mask, self.pos = self.mask[index], self.pos[index]
-        if self.cache is not None:
-            self.cache.reorder(index)
-        if self.prev_f is not None:
-            self.prev_f = self.prev_f[index]
+        super().reorder(index)
+        self.mask = self.mask[index]
+
+
+class Seq2SeqFusedState(FusedState):
+    """Encoder-decoder Pilot (T5): the encoder runs once on the (right-padded) prompts, X~ is
+    its output; the decoder starts from the decoder start token with a self/cross KV cache."""
+
+    enc_out: torch.Tensor
+    enc_mask: torch.Tensor
+
+    def start(self, prompts: Sequence[Sequence[int]], pad_id: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.device
+        R, P = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((R, P), pad_id, dtype=torch.long)
+        mask = torch.zeros((R, P), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, :len(p)], mask[r, :len(p)] = torch.tensor(list(p), dtype=torch.long), 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        valid = mask.bool()
+        conf = getattr(self.pilot, "module", self.pilot).config
+        dec = torch.full((R, 1), conf.decoder_start_token_id, dtype=torch.long, device=dev)
+        first = (torch.arange(R, device=dev), torch.zeros(R, dtype=torch.long, device=dev))
+        with self.tap.capture(prompt_index=valid.nonzero(as_tuple=True), target_index=first,
+                              hidden_size=self.d, device=dev) as cap:
+            out = self.pilot(input_ids=ids, attention_mask=mask, decoder_input_ids=dec,
+                             use_cache=True)
+        self.past, self.enc_out, self.enc_mask = (out.past_key_values,
+                                                  out.encoder_last_hidden_state, mask)
+        self.pos = mask.sum(-1) - 1  # the Copilot's query positions follow the training layout
+        x_pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        return self._start_copilot(out.logits[:, -1].float(), cap, valid, x_pos)
+
+    def advance(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        assert self.pos is not None
+        self.pos = self.pos + 1
+        with self._capture_step(tokens.shape[0]) as cap:
+            out = self.pilot(encoder_outputs=BaseModelOutput(last_hidden_state=self.enc_out),
+                             attention_mask=self.enc_mask, decoder_input_ids=tokens[:, None],
+                             past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1].float(), self._copilot_step(cap.pooled)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        self.enc_out, self.enc_mask = self.enc_out[index], self.enc_mask[index]
 
 
 def _filter_and_sample(logp: torch.Tensor, opts: DecodeOptions,
@@ -252,7 +336,7 @@ def fused_generate(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Modu
     R = len(rows)
     lam = torch.tensor([lv for lv in lambdas for _ in prompts], dtype=torch.float32,
                        device=device)
-    state = FusedState(pilot, tap, copilot, device)
+    state = FusedState.create(pilot, tap, copilot, device)
     z, f = state.start(rows, pad_id)
     gen = None
     if opts.strategy == "sample":
@@ -305,7 +389,7 @@ def _beam_search(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module
     rows = [p for _ in lambdas for p in prompts for _ in range(K)]
     lam = torch.tensor([lv for lv in lambdas for _ in prompts for _ in range(K)],
                        dtype=torch.float32, device=device)
-    state = FusedState(pilot, tap, copilot, device)
+    state = FusedState.create(pilot, tap, copilot, device)
     z, f = state.start(rows, pad_id)
     scores = torch.full((G, K), -math.inf, device=device)
     scores[:, 0] = 0.0  # identical beams at start: only the first one may expand
@@ -328,7 +412,8 @@ def _beam_search(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module
     for i in range(T):
         stats.steps = i + 1
         logp = fused_log_probs(z, f, lam, opts.fusion)  # (G*K, V)
-        pilot_choice = z.argmax(-1)
+        # A flip: the Copilot changes the top choice at this step (as in greedy decoding).
+        flipped = fuse(z, f, lam, opts.fusion).argmax(-1) != z.argmax(-1)
         live_rows = torch.tensor([not done[g] for g in range(G)], device=device)
         _record(stats, z, f, live_rows.repeat_interleave(K))
         V = logp.shape[-1]
@@ -340,13 +425,13 @@ def _beam_search(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module
         for g, c in (is_eos & (rank < K) & live_rows[:, None]).nonzero().tolist():
             row = int(base[g, 0] + parent[g, c])
             add(g, float(top_s[g, c]), hist[row].tolist(),
-                int(flip_hist[row].sum()) + int(eos_id != pilot_choice[row]), i + 1)
+                int(flip_hist[row].sum() + flipped[row]), i + 1)
         keep = torch.argsort(is_eos.int(), dim=1, stable=True)[:, :K]  # first K non-EOS
         scores = top_s.gather(1, keep)
         src = (base + parent.gather(1, keep)).view(-1)
         new_tok = tok.gather(1, keep).view(-1)
         hist = torch.cat([hist[src], new_tok[:, None]], dim=1)
-        flip_hist = torch.cat([flip_hist[src], (new_tok != pilot_choice[src])[:, None]], dim=1)
+        flip_hist = torch.cat([flip_hist[src], flipped[src][:, None]], dim=1)
         best = scores[:, 0].tolist()
         for g in range(G):
             if not done[g] and len(hyps[g]) == K and bound(best[g], i + 2) <= hyps[g][-1][0]:

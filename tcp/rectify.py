@@ -84,7 +84,7 @@ def trace_rectification(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn
                         gold: str | None = None) -> Rectification:
     """Greedy fused decoding of `prompt` at `lam` (rows: Pilot alone, fused), every step kept."""
     ids = _bos(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    state = FusedState(pilot, tap, copilot, device)
+    state = FusedState.create(pilot, tap, copilot, device)
     z, f = state.start([ids, ids], tokenizer.pad_token_id)
     lams = torch.tensor([0.0, lam], device=device)
     out = Rectification(prompt=prompt, lam=lam, fusion=fusion, gold=gold)

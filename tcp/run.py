@@ -23,7 +23,13 @@ from tcp.mistake_log.disk import ZarrMistakeLog
 from tcp.mistake_log.memory import MemoryMistakeLog
 from tcp.mistake_log.store import FORMAT, Schema, create_root
 from tcp.models.copilot import Copilot, init_from_llama
-from tcp.models.pilot import PilotTap, build_llama, load_pretrained, use_fused_head
+from tcp.models.pilot import (
+    PilotTap,
+    build_model,
+    is_encoder_decoder,
+    load_pretrained,
+    use_fused_head,
+)
 from tcp.plots import save_plots
 from tcp.preemption import StopSignal
 from tcp.tracking import Tracker, flatten
@@ -64,15 +70,19 @@ def build_pilot(cfg: RunConfig, tokenizer: Any, base: Path | None, world: int) -
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(base)
-    return build_llama(cfg.model.arch, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,
+    return build_model(cfg.model.arch, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,
                        bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
                        seed=cfg.seed)
 
 
-def build_copilot(cfg: RunConfig, *, vocab: int, d_pilot: int, base: Path | None) -> Copilot:
-    """The Copilot, initialised from the base model / a pretrained decoder / from scratch."""
+def build_copilot(cfg: RunConfig, *, vocab: int, d_pilot: int, base: Path | None,
+                  pilot_encoder_decoder: bool = False) -> Copilot:
+    """The Copilot, initialised from the base model / a pretrained decoder / from scratch.
+    `copilot.architecture=auto` makes it encoder-decoder when the Pilot is."""
     torch.manual_seed(cfg.seed + 1)
-    cop = Copilot(cfg.copilot, vocab_size=vocab, pilot_hidden=d_pilot)
+    arch = cfg.copilot.architecture
+    encdec = arch == "encoder_decoder" or (arch == "auto" and pilot_encoder_decoder)
+    cop = Copilot(cfg.copilot, vocab_size=vocab, pilot_hidden=d_pilot, encoder_decoder=encdec)
     src = {"base": base, "none": None}.get(cfg.copilot.init_from, cfg.copilot.init_from)
     if src is not None:
         from transformers import AutoModelForCausalLM
@@ -86,7 +96,8 @@ def build_engines(cfg: RunConfig, tokenizer: Any, base: Path | None,
     """Both models wrapped in their DeepSpeed engines, and the Pilot's tap. Collective."""
     pilot_model = build_pilot(cfg, tokenizer, base, world)
     vocab, d_pilot = int(pilot_model.config.vocab_size), int(pilot_model.config.hidden_size)
-    copilot_model = build_copilot(cfg, vocab=vocab, d_pilot=d_pilot, base=base)
+    copilot_model = build_copilot(cfg, vocab=vocab, d_pilot=d_pilot, base=base,
+                                  pilot_encoder_decoder=is_encoder_decoder(pilot_model))
     if cfg.kernels.fused:
         use_fused_head(pilot_model)  # before DeepSpeed wraps it, so ZeRO-3 hooks the new head
     tap = PilotTap(pilot_model, impl=cfg.kernels.impl)  # hooks survive DeepSpeed wrapping

@@ -24,11 +24,24 @@ def tiny_pilot(seed: int = 0, d: int = 32, layers: int = 2):
     return model.eval(), tok
 
 
+def tiny_t5(seed: int = 0, d: int = 32, layers: int = 2):
+    """A tiny T5 encoder-decoder Pilot built from config, in eval mode (no dropout)."""
+    from tcp.models.pilot import build_t5
+
+    tok = build_char_tokenizer()
+    arch = ArchConfig(family="t5", hidden_size=d, intermediate_size=2 * d, num_layers=layers,
+                      num_heads=4)
+    model = build_t5(arch, vocab_size=len(tok), pad_id=tok.pad_token_id,
+                     eos_id=tok.eos_token_id, seed=seed)
+    return model.eval(), tok
+
+
 def tiny_copilot(vocab: int, d_pilot: int, *, d: int = 24, layers: int = 4,
-                 randomize_head: bool = False) -> Copilot:
+                 randomize_head: bool = False, encoder_decoder: bool = False) -> Copilot:
     cfg = CopilotConfig(hidden_size=d, intermediate_size=2 * d, num_layers=layers, num_heads=4,
                         init_from="none")
-    cop = Copilot(cfg, vocab_size=vocab, pilot_hidden=d_pilot).eval()
+    cop = Copilot(cfg, vocab_size=vocab, pilot_hidden=d_pilot,
+                  encoder_decoder=encoder_decoder).eval()
     if randomize_head:
         with torch.no_grad():
             cop.head.weight.normal_(0, 0.5)

@@ -57,6 +57,9 @@ def _rotate(x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor]) -> torch.Ten
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
 class Attention(nn.Module):
     """Multi-head attention with rotary positions; keys/values from `kv_src` (self or memory)."""
 
@@ -108,28 +111,53 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: self-attention (odd layers) or modified cross-attention (even layers)."""
+    """Pre-norm block of one of three kinds (LLaMA parameter names where LLaMA has them):
 
-    def __init__(self, cfg: CopilotConfig, *, cross: bool) -> None:
+    - 'self':  causal self-attention over the Copilot's positions (decoder-only, odd layers);
+    - 'cross': the modified cross-attention to [X~ ; h] *instead of* self-attention
+      (decoder-only, even layers; its attention keeps the name `self_attn` so LLaMA weights load);
+    - 'both':  self-attention, then cross-attention to [X~ ; h] (`cross_attn`), as in a T5
+      decoder block (the encoder-decoder Copilot, every layer).
+    """
+
+    def __init__(self, cfg: CopilotConfig, *, kind: str) -> None:
         super().__init__()
-        self.cross = cross
+        assert kind in ("self", "cross", "both")
+        self.kind = kind
+        self.cross = kind == "cross"
         self.input_layernorm = RMSNorm(cfg.hidden_size)
         self.self_attn = Attention(cfg.hidden_size, cfg.num_heads)  # named as in LLaMA
+        if kind == "both":
+            self.cross_layernorm = RMSNorm(cfg.hidden_size)
+            self.cross_attn = Attention(cfg.hidden_size, cfg.num_heads)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
+    @property
+    def attends_memory(self) -> bool:
+        return self.kind != "self"
+
     def forward(self, x: torch.Tensor, *, mem_new: torch.Tensor | None, q_rope: tuple,
-                k_rope: tuple | None, mask: torch.Tensor | None,
-                past: tuple[torch.Tensor, torch.Tensor] | None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+                k_rope: tuple | None, self_mask: torch.Tensor | None,
+                cross_mask: torch.Tensor | None, past_self: KV | None = None,
+                past_mem: KV | None = None) -> tuple[torch.Tensor, KV | None, KV | None]:
+        """Returns the output and the full (keys, values) of the self- and memory attention
+        (None for the one this kind lacks); `past_*` are extended by this call's rows."""
+        kv_self = kv_mem = None
         hx = self.input_layernorm(x)
-        if self.cross:
-            kv_src, kr = mem_new, k_rope
+        if self.kind == "cross":
+            a, kv_mem = self.self_attn(hx, kv_src=mem_new, q_rope=q_rope, k_rope=k_rope,
+                                       mask=cross_mask, past=past_mem)
+            x = x + a
         else:
-            kv_src, kr = hx, q_rope
-        a, kv = self.self_attn(hx, kv_src=kv_src, q_rope=q_rope, k_rope=kr, mask=mask, past=past)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+            a, kv_self = self.self_attn(hx, kv_src=hx, q_rope=q_rope, k_rope=q_rope,
+                                        mask=self_mask, past=past_self)
+            x = x + a
+        if self.kind == "both":
+            a, kv_mem = self.cross_attn(self.cross_layernorm(x), kv_src=mem_new, q_rope=q_rope,
+                                        k_rope=k_rope, mask=cross_mask, past=past_mem)
+            x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), kv_self, kv_mem
 
 
 class ErrorProjection(nn.Module):
@@ -278,9 +306,12 @@ class ErrorHead(nn.Linear):
 
 @dataclass
 class CopilotCache:
-    """Per-layer keys/values for incremental decoding (cross layers: [X~ ; h_<=i] memory)."""
+    """Per-layer keys/values for incremental decoding."""
 
-    kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    kv: list[KV | None] = field(default_factory=list)
+    """Self-attention keys/values of the Copilot's own positions (None: layer has none yet)."""
+    mem_kv: list[KV | None] = field(default_factory=list)
+    """Memory attention keys/values of [X~ ; h_<=i] (None: the layer does not attend it)."""
     mem_valid: torch.Tensor | None = None
     """(B, M) bool validity of the cross memory so far (X~ may be left-padded)."""
     steps: int = 0
@@ -288,23 +319,32 @@ class CopilotCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (beam search / finished-row pruning)."""
-        self.kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.kv]
+        def pick(kv: KV | None) -> KV | None:
+            return None if kv is None else (kv[0][index], kv[1][index])
+
+        self.kv = [pick(kv) for kv in self.kv]
+        self.mem_kv = [pick(kv) for kv in self.mem_kv]
         if self.mem_valid is not None:
             self.mem_valid = self.mem_valid[index]
 
 
 class Copilot(nn.Module):
-    """The decoder-only Copilot."""
+    """The Copilot: decoder-only (alternating self / modified cross-attention layers) or, for
+    encoder-decoder Pilots, a decoder whose every layer cross-attends to [X~ ; h]."""
 
-    def __init__(self, cfg: CopilotConfig, *, vocab_size: int, pilot_hidden: int) -> None:
+    def __init__(self, cfg: CopilotConfig, *, vocab_size: int, pilot_hidden: int,
+                 encoder_decoder: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
+        self.encoder_decoder = encoder_decoder
         d = cfg.hidden_size
         self.err_proj = ErrorProjection(vocab_size, d)
         self.mem_proj = MemoryProjection(pilot_hidden, d)
-        # Layer 1, 3, ... (index 0, 2, ...) self-attend; layer 2, 4, ... cross-attend.
-        self.layers = nn.ModuleList(Block(cfg, cross=(i % 2 == 1)) for i in range(cfg.num_layers))
+        # Decoder-only: layer 1, 3, ... (index 0, 2, ...) self-attend; 2, 4, ... cross-attend.
+        kinds = ["both"] * cfg.num_layers if encoder_decoder else \
+            ["cross" if i % 2 == 1 else "self" for i in range(cfg.num_layers)]
+        self.layers = nn.ModuleList(Block(cfg, kind=k) for k in kinds)
         self.norm = RMSNorm(d)
         self.head = ErrorHead(d, vocab_size)
         nn.init.zeros_(self.head.weight)
@@ -352,8 +392,8 @@ class Copilot(nn.Module):
         visible = x.mem_first_query[:, None, :] <= qi[None, :, None]  # h_j only from query j on
         cross_mask = (x.mem_valid[:, None, :] & visible)[:, None]  # (B, 1, T, M)
         for layer in self.layers:
-            hid, _ = layer(hid, mem_new=mem if layer.cross else None, q_rope=q_rope,
-                           k_rope=k_rope, mask=cross_mask if layer.cross else self_mask, past=None)
+            hid, _, _ = layer(hid, mem_new=mem, q_rope=q_rope, k_rope=k_rope,
+                              self_mask=self_mask, cross_mask=cross_mask)
         if target is not None:
             return self.head(self.norm(hid)[x.q_valid], target)
         return self.head(self.norm(hid))
@@ -364,13 +404,14 @@ class Copilot(nn.Module):
         k_rope = self._rope(x_pos)
         cache = CopilotCache(mem_valid=x_valid.bool())
         for layer in self.layers:
-            if layer.cross:
-                att = layer.self_attn
+            cache.kv.append(None)
+            if layer.attends_memory:
+                att = layer.cross_attn if layer.kind == "both" else layer.self_attn
                 k = _rotate(att._split(att.k_proj(mem)), k_rope)
                 v = att._split(att.v_proj(mem))
-                cache.kv.append((k, v))
+                cache.mem_kv.append((k, v))
             else:
-                cache.kv.append(None)
+                cache.mem_kv.append(None)
         return cache
 
     def _step(self, cache: CopilotCache, prev_f: torch.Tensor | None, h_new: torch.Tensor,
@@ -388,10 +429,10 @@ class Copilot(nn.Module):
                                                                  device=dev)], dim=1)
         cross_mask = cache.mem_valid[:, None, None, :]
         for li, layer in enumerate(self.layers):
-            hid, kv = layer(hid, mem_new=mem_new if layer.cross else None, q_rope=q_rope,
-                            k_rope=q_rope, mask=cross_mask if layer.cross else None,
-                            past=cache.kv[li])
-            cache.kv[li] = kv
+            hid, kv, mkv = layer(hid, mem_new=mem_new, q_rope=q_rope, k_rope=q_rope,
+                                 self_mask=None, cross_mask=cross_mask, past_self=cache.kv[li],
+                                 past_mem=cache.mem_kv[li])
+            cache.kv[li], cache.mem_kv[li] = kv, mkv
         cache.steps += 1
         return self.head(self.norm(hid))[:, 0]
 

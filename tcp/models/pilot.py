@@ -1,7 +1,9 @@
-"""The Pilot: any Hugging Face causal LM, plus a tap that extracts what the Mistake Log needs.
+"""The Pilot: any Hugging Face causal LM or encoder-decoder (T5), plus a tap that extracts what
+the Mistake Log needs.
 
-The tap registers forward hooks once. During a `capture(...)`, the embedding hook keeps the
-prompt rows of the embedding output (X~) and every decoder-layer hook adds its output rows at the
+The tap registers forward hooks once. During a `capture(...)`, the embedding hook (decoder-only)
+or the encoder hook (encoder-decoder) keeps the prompt rows of X~, and every decoder-layer hook
+adds its output rows at the
 target-producing positions into one fp32 accumulator (`tcp.kernels.pooling`), so the layer-mean
 pooled state h costs one (N, d) buffer, never an (L, B, T, d) stack of `output_hidden_states`.
 
@@ -57,14 +59,51 @@ def build_llama(arch: ArchConfig, *, vocab_size: int, pad_id: int, bos_id: int |
         return LlamaForCausalLM(cfg)
 
 
-def load_pretrained(name_or_path: str, cfg: ModelConfig) -> nn.Module:
-    """`AutoModelForCausalLM.from_pretrained`, with one clear error when it cannot be found."""
-    from transformers import AutoModelForCausalLM
+def build_t5(arch: ArchConfig, *, vocab_size: int, pad_id: int, eos_id: int | None,
+             seed: int) -> nn.Module:
+    """A T5 encoder-decoder built from config (no download), seeded. The decoder starts from
+    the pad token, as T5 does."""
+    from transformers import T5Config, T5ForConditionalGeneration
 
+    cfg = T5Config(
+        vocab_size=vocab_size, d_model=arch.hidden_size, d_ff=arch.intermediate_size,
+        d_kv=arch.hidden_size // arch.num_heads, num_layers=arch.num_layers,
+        num_decoder_layers=arch.num_layers, num_heads=arch.num_heads,
+        feed_forward_proj="gated-gelu", pad_token_id=pad_id, eos_token_id=eos_id,
+        decoder_start_token_id=pad_id, tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return T5ForConditionalGeneration(cfg)
+
+
+def build_model(arch: ArchConfig, *, vocab_size: int, pad_id: int, bos_id: int | None,
+                eos_id: int | None, seed: int) -> nn.Module:
+    """The Pilot built from `arch` (its family)."""
+    if arch.family == "t5":
+        return build_t5(arch, vocab_size=vocab_size, pad_id=pad_id, eos_id=eos_id, seed=seed)
+    return build_llama(arch, vocab_size=vocab_size, pad_id=pad_id, bos_id=bos_id,
+                       eos_id=eos_id, seed=seed)
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """True for T5/BART-style Pilots (also through a DeepSpeed engine)."""
+    return bool(getattr(getattr(model, "module", model).config, "is_encoder_decoder", False))
+
+
+def load_pretrained(name_or_path: str, cfg: ModelConfig | None = None) -> nn.Module:
+    """`from_pretrained` for a causal LM or an encoder-decoder (by its config), with one clear
+    error when it cannot be found."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    kw: dict[str, Any] = {}
+    if cfg is not None:
+        kw = {"dtype": torch_dtype(cfg.dtype), "trust_remote_code": cfg.trust_remote_code}
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code
-        )
+        conf = AutoConfig.from_pretrained(name_or_path,
+                                          trust_remote_code=kw.get("trust_remote_code", False))
+        auto = AutoModelForSeq2SeqLM if conf.is_encoder_decoder else AutoModelForCausalLM
+        return auto.from_pretrained(name_or_path, **kw)
     except OSError as e:
         raise RuntimeError(
             f"model.name_or_path={name_or_path!r} could not be loaded: not a local directory with "
@@ -75,10 +114,22 @@ def load_pretrained(name_or_path: str, cfg: ModelConfig) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of an HF causal LM (LLaMA/Qwen/Mistral/GPT-2/...)."""
+    """The decoder blocks of an HF causal LM (LLaMA/Qwen/Mistral/GPT-2/...) or of the decoder of
+    an encoder-decoder (T5: decoder.block; BART: model.decoder.layers)."""
+    if is_encoder_decoder(model):
+        for attr in ("decoder.block", "model.decoder.layers", "decoder.layers"):
+            mod: Any = model
+            for part in attr.split("."):
+                mod = getattr(mod, part, None)
+                if mod is None:
+                    break
+            if isinstance(mod, nn.ModuleList):
+                return mod
+        raise RuntimeError(f"cannot find the decoder blocks of {type(model).__name__}; add the "
+                           "attribute path to tcp.models.pilot.decoder_layers")
     n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
     for attr in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
-        mod: Any = model
+        mod = model
         for part in attr.split("."):
             mod = getattr(mod, part, None)
             if mod is None:
@@ -113,18 +164,23 @@ class PilotTap:
     def __init__(self, model: nn.Module, *, impl: str | None = "auto") -> None:
         self.layers = decoder_layers(model)
         self.embed = model.get_input_embeddings()
+        self.encoder_decoder = is_encoder_decoder(model)
+        """X~ is the encoder output (encoder-decoder) or the prompt embeddings (decoder-only)."""
         self.impl = impl
         """Pooling kernel backend (tcp.kernels.dispatch)."""
         self._prompt_index: tuple[torch.Tensor, torch.Tensor] | None = None
         self._target_index: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rows: torch.Tensor | None = None
         self._cap: Capture | None = None
-        self._handles = [self.embed.register_forward_hook(self._on_embed)]
+        x_source = model.get_encoder() if self.encoder_decoder else self.embed
+        self._handles = [x_source.register_forward_hook(self._on_embed)]
         self._handles += [layer.register_forward_hook(self._on_layer) for layer in self.layers]
 
-    def _on_embed(self, _mod: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+    def _on_embed(self, _mod: nn.Module, _inp: Any, out: Any) -> None:
         if self._cap is None or self._prompt_index is None:
             return
+        if not isinstance(out, torch.Tensor):  # an encoder's ModelOutput / tuple
+            out = out[0]
         self._cap.x_tilde = out.detach()[self._prompt_index]
 
     def _on_layer(self, _mod: nn.Module, _inp: Any, out: Any) -> None:
@@ -266,17 +322,39 @@ class PilotStep:
     """(N, V) logits at target-producing positions (with grad); eager path only."""
 
 
-def flat_indices(prompt_len: torch.Tensor, target_len: torch.Tensor
+def flat_indices(prompt_len: torch.Tensor, target_len: torch.Tensor, *,
+                 encoder_decoder: bool = False
                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """(batch, position) indices of prompt tokens and of target-producing positions."""
+    """(batch, position) indices of prompt tokens and of target-producing positions.
+
+    Decoder-only: target i of sample b is produced at position prompt_len[b] - 1 + i of the one
+    sequence. Encoder-decoder: prompt rows index the encoder output, and target i is produced
+    at decoder position i (the decoder is fed [start, y_1, ..., y_{n-1}]).
+    """
     B = prompt_len.numel()
     b_in = torch.repeat_interleave(torch.arange(B), prompt_len)
     t_in = torch.cat([torch.arange(int(n)) for n in prompt_len])
     b_y = torch.repeat_interleave(torch.arange(B), target_len)
-    # Target i of sample b is produced at position prompt_len[b] - 1 + i.
-    t_y = torch.cat([torch.arange(int(m)) + int(p) - 1 for p, m in zip(prompt_len, target_len,
-                                                                       strict=True)])
+    shift = [0 if encoder_decoder else int(p) - 1 for p in prompt_len]
+    t_y = torch.cat([torch.arange(int(m)) + s for s, m in zip(shift, target_len, strict=True)])
     return (b_in, t_in), (b_y, t_y)
+
+
+def seq2seq_inputs(batch: dict[str, torch.Tensor], start_id: int, pad_id: int
+                   ) -> dict[str, torch.Tensor]:
+    """Encoder/decoder inputs of a collated `[prompt answer EOS]` batch: the encoder reads the
+    prompt, the decoder reads [start, y_1, ..., y_{n-1}] (right-padded, masks included)."""
+    ids, P, T = batch["input_ids"], batch["prompt_len"].tolist(), batch["target_len"].tolist()
+    B, dev = ids.shape[0], ids.device
+    enc = torch.full((B, max(P)), pad_id, dtype=torch.long, device=dev)
+    dec = torch.full((B, max(T)), pad_id, dtype=torch.long, device=dev)
+    enc_mask = torch.zeros_like(enc)
+    dec_mask = torch.zeros_like(dec)
+    for b, (p, n) in enumerate(zip(P, T, strict=True)):
+        enc[b, :p], enc_mask[b, :p] = ids[b, :p], 1
+        dec[b, 0], dec[b, 1:n], dec_mask[b, :n] = start_id, ids[b, p:p + n - 1], 1
+    return {"input_ids": enc, "attention_mask": enc_mask, "decoder_input_ids": dec,
+            "decoder_attention_mask": dec_mask}
 
 
 def pilot_forward(model: nn.Module, tap: PilotTap, batch: dict[str, torch.Tensor], *,
@@ -291,12 +369,19 @@ def pilot_forward(model: nn.Module, tap: PilotTap, batch: dict[str, torch.Tensor
     """
     device = batch["input_ids"].device
     prompt_len, target_len = batch["prompt_len"].cpu(), batch["target_len"].cpu()
-    (b_in, t_in), (b_y, t_y) = flat_indices(prompt_len, target_len)
+    encdec = tap.encoder_decoder
+    (b_in, t_in), (b_y, t_y) = flat_indices(prompt_len, target_len, encoder_decoder=encdec)
     d = tap.embed.embedding_dim
     pidx, tidx = (b_in.to(device), t_in.to(device)), (b_y.to(device), t_y.to(device))
-    labels = batch["input_ids"][tidx[0], tidx[1] + 1]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "use_cache": False}
+    inputs: dict[str, Any]
+    if encdec:
+        conf = getattr(model, "module", model).config
+        labels = batch["input_ids"][tidx[0], batch["prompt_len"].to(device)[tidx[0]] + tidx[1]]
+        inputs = seq2seq_inputs(batch, conf.decoder_start_token_id, conf.pad_token_id)
+    else:
+        labels = batch["input_ids"][tidx[0], tidx[1] + 1]
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs["use_cache"] = False
     with tap.capture(prompt_index=pidx, target_index=tidx, hidden_size=d, device=device,
                      dtype=pooled_dtype) as cap:
         if head is not None and head.fused:

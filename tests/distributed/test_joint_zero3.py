@@ -133,3 +133,26 @@ def test_fused_kernels_match_eager_step_for_step(tmp_path):
     for e, f in zip(hist["eager"], hist["fused"], strict=True):
         for key in ("pilot_loss", "copilot_rmse", "zero_rmse"):
             assert abs(e[key] - f[key]) <= 1e-4 * abs(e[key]) + 1e-7, (e["step"], key, e, f)
+
+
+def test_t5_pilot_trains_and_decodes_under_zero3(tmp_path):
+    """An encoder-decoder Pilot (tiny T5 from config) with the encoder-decoder Copilot: joint
+    ZeRO-3 training, fused decoding in the job, and tcp-eval on the finished run."""
+    launch(tmp_path, *SMALL, "model.arch.family=t5", "base.enabled=false",
+           "copilot.init_from=none")
+    run = tmp_path / "run"
+    res = json.loads((run / "results.json").read_text())
+    assert res["zero3_partitioned"] == {"pilot": True, "copilot": True}
+    hist = res["history"]
+    assert hist[-1]["pilot_loss"] < hist[0]["pilot_loss"]
+    assert all(abs(r["copilot_rmse"]) < 1e3 for r in hist)
+    assert res["test_size"] == 32 and len(res["rectification"]["steps"]) >= 1
+    assert json.loads((run / "final/pilot/config.json").read_text())["is_encoder_decoder"]
+    import torch
+
+    state = torch.load(run / "final/copilot.pt", weights_only=True)
+    assert any(".cross_attn." in k for k in state)  # the encoder-decoder Copilot
+    from tcp.eval_cli import eval_main
+
+    assert eval_main([str(run), "--lambda", "1.0", "--limit", "8"]) == 0
+    assert json.loads((run / "eval/eval.json").read_text())["test_size"] == 8

@@ -38,14 +38,18 @@ def test_zero_initialised_head_outputs_zero():
 
 def test_layers_alternate_self_and_cross():
     cop = tiny_copilot(V, DP, layers=4)
-    assert [blk.cross for blk in cop.layers] == [False, True, False, True]
+    assert [blk.kind for blk in cop.layers] == ["self", "cross", "self", "cross"]
+    encdec = tiny_copilot(V, DP, layers=3, encoder_decoder=True)
+    assert [blk.kind for blk in encdec.layers] == ["both"] * 3
+    assert all(hasattr(blk, "cross_attn") for blk in encdec.layers)
 
 
+@pytest.mark.parametrize("encoder_decoder", [False, True])
 @pytest.mark.parametrize("i", [0, 2, 4])
-def test_no_future_leakage(i):
+def test_no_future_leakage(i, encoder_decoder):
     """f_i depends on X~, h_<=i and ell_<i only: perturbing anything later leaves f_i unchanged."""
     torch.manual_seed(1)
-    cop = tiny_copilot(V, DP, randomize_head=True)
+    cop = tiny_copilot(V, DP, randomize_head=True, encoder_decoder=encoder_decoder)
     batch = random_batch([6], [7])
     base = build_inputs(batch, "cpu")
     f0 = cop(base)[0]
@@ -98,10 +102,11 @@ def test_label_inside_topk_is_handled():
     torch.testing.assert_close(ell[idx, batch.labels], 1 - batch.topk_probs[:, 0])
 
 
-def test_incremental_decoding_equals_teacher_forcing():
+@pytest.mark.parametrize("encoder_decoder", [False, True])
+def test_incremental_decoding_equals_teacher_forcing(encoder_decoder):
     """KV-cached steps fed the same (dense) errors reproduce the full forward."""
     torch.manual_seed(2)
-    cop = tiny_copilot(V, DP, randomize_head=True)
+    cop = tiny_copilot(V, DP, randomize_head=True, encoder_decoder=encoder_decoder)
     batch = random_batch([5], [6], k=V)  # k = V: exact error vectors
     x = build_inputs(batch, "cpu")
     full = cop(x)[0]
