@@ -137,16 +137,19 @@ def test_fused_kernels_match_eager_step_for_step(tmp_path):
 
 def test_t5_pilot_trains_and_decodes_under_zero3(tmp_path):
     """An encoder-decoder Pilot (tiny T5 from config) with the encoder-decoder Copilot: joint
-    ZeRO-3 training, fused decoding in the job, and tcp-eval on the finished run."""
+    ZeRO-3 training, fused beam-search decoding in the job (33 validation prompts: the ranks
+    get unequal shards and finish at different steps, and must not hang), tcp-eval after."""
     launch(tmp_path, *SMALL, "model.arch.family=t5", "base.enabled=false",
-           "copilot.init_from=none")
+           "copilot.init_from=none", "eval.strategy=beam", "eval.num_beams=2",
+           "data.val_size=33")
     run = tmp_path / "run"
     res = json.loads((run / "results.json").read_text())
     assert res["zero3_partitioned"] == {"pilot": True, "copilot": True}
     hist = res["history"]
     assert hist[-1]["pilot_loss"] < hist[0]["pilot_loss"]
     assert all(abs(r["copilot_rmse"]) < 1e3 for r in hist)
-    assert res["test_size"] == 32 and len(res["rectification"]["steps"]) >= 1
+    assert res["test_size"] == 32 and res["validation"]["size"] == 33
+    assert res["decoding"]["strategy"] == "beam" and len(res["rectification"]["steps"]) >= 1
     assert json.loads((run / "final/pilot/config.json").read_text())["is_encoder_decoder"]
     import torch
 

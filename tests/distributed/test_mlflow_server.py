@@ -90,7 +90,7 @@ def test_one_run_with_params_metrics_artifacts_and_resume_appends(tmp_path):
         arts = {a.path for a in client.list_artifacts(rid)}
         assert {"results.json", "config.yaml", "deepspeed.json", "plots"} <= arts
         assert {a.path for a in client.list_artifacts(rid, "plots")} == \
-            {"plots/training.png", "plots/lambda_sweep.png"}
+            {"plots/training.png", "plots/lambda_sweep.png", "plots/rectification.png"}
 
 
 def test_training_finishes_when_the_server_stops_mid_run(tmp_path):
