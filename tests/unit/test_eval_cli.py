@@ -77,3 +77,18 @@ def test_missing_run_and_bad_override_fail_clearly(tmp_path, capsys):
     run = make_run(tmp_path / "a")
     assert eval_main([str(run), "eval.answer_format=numbers"]) == 2
     assert "answer_format" in capsys.readouterr().err
+
+
+def test_eval_on_another_dataset_from_jsonl(tmp_path):
+    """Any dataset the loader accepts: local JSONL with multiple-choice answers, format inferred."""
+    run = make_run(tmp_path / "a")
+    rows = [{"question": f"Which is {i}? answer1: {i} answer2: {i + 1}\nA: ",
+             "gold": "answer1" if i % 2 else "answer2"} for i in range(5)]
+    for split in ("val", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert eval_main([str(run), "data.source=jsonl", f"data.train_path={tmp_path}/val.jsonl",
+                      f"data.val_path={tmp_path}/val.jsonl",
+                      f"data.test_path={tmp_path}/test.jsonl", "data.prompt_field=question",
+                      "data.answer_field=gold", "--name", "mc"]) == 0
+    res = json.loads((run / "eval" / "mc.json").read_text())
+    assert res["test_size"] == 5 and res["decoding"]["answer_format"] == "choice"
