@@ -129,3 +129,10 @@ def test_matched_size_pilot_has_the_pilot_plus_copilot_parameter_count():
     assert matched.train.pilot == default.train.pilot
     assert matched.train.steps == default.train.steps
     assert matched.train.copilot_start_step >= matched.train.steps
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).resolve().parents[2] /
+                                                        "configs").glob("*.yaml")))
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.train.steps > 0 and cfg.eval.lambdas
