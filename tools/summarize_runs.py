@@ -1,6 +1,8 @@
-"""Summarise runs' results.json files as a markdown table (Pilot vs Pilot+Copilot, diagnostics).
+"""Summarise runs' results.json files as a markdown table (Pilot vs Pilot+Copilot, diagnostics;
+with --matched, the matched-size Pilot of the same seed next to them).
 
-    python tools/summarize_runs.py runs/seed0 runs/seed1 runs/seed2
+    python tools/summarize_runs.py runs/seed0 runs/seed1 runs/seed2 \
+        --matched runs/matched-seed0 runs/matched-seed1 runs/matched-seed2
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ def row(run: Path) -> dict:
     tf = r["validation"]["teacher_forced"]
     h = r["history"]
     return {
-        "run": run.name, "seed": r["seed"], "pilot": r["pilot"]["accuracy"],
+        "run": run.name, "path": str(run), "seed": r["seed"], "pilot": r["pilot"]["accuracy"],
         "fused": r["pilot+copilot"]["accuracy"], "lambda": r["pilot+copilot"]["lambda"],
         "flips": r["pilot+copilot"]["flips"],
         "val_pilot": r["validation"]["pilot_accuracy"],
@@ -32,7 +34,13 @@ def row(run: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run directories holding results.json")
-    rows = [row(p) for p in ap.parse_args().runs]
+    ap.add_argument("--matched", nargs="*", type=Path, default=[],
+                    help="matched-size baseline runs (configs/matched_size.yaml), paired by seed")
+    args = ap.parse_args()
+    rows = [row(p) for p in args.runs]
+    if args.matched:
+        print_comparison(rows, [json.loads((p / "results.json").read_text())
+                                for p in args.matched])
     print("| run | seed | Pilot test acc | Pilot+Copilot test acc | λ (val) | test flips | "
           "val Pilot | val best λ | RMSE/zero (val) | RMSE/zero (train, last) | cos(f,ℓ) | "
           "median max|f| | median margin | wall s |")
@@ -51,6 +59,30 @@ def main() -> None:
     for r in rows:
         print(f"- {r['run']}: " + ", ".join(f"λ={k}: +{r['fixes'][k]}/-{r['breaks'][k]}"
                                             for k in r["fixes"]))
+
+
+def print_comparison(rows: list[dict], matched: list[dict]) -> None:
+    """Pilot | Pilot+Copilot | matched-size Pilot, per seed and mean (the paper's Table 2)."""
+    by_seed = {m["seed"]: m for m in matched}
+    print("| seed | Pilot (params) | Pilot+Copilot (params, λ) | matched-size Pilot (params) |")
+    print("|---|---|---|---|")
+    trio = []
+    for r in rows:
+        m = by_seed.get(r["seed"])
+        if m is None:
+            continue
+        res = json.loads((Path(r["path"]) / "results.json").read_text())
+        n_p, n_c = res["params"]["pilot"], res["params"]["copilot"]
+        print(f"| {r['seed']} | {r['pilot']:.4f} ({n_p / 1e6:.2f}M) | {r['fused']:.4f} "
+              f"({(n_p + n_c) / 1e6:.2f}M, λ={r['lambda']:g}) | {m['pilot']['accuracy']:.4f} "
+              f"({m['params']['pilot'] / 1e6:.2f}M) |")
+        trio.append((r["pilot"], r["fused"], m["pilot"]["accuracy"]))
+    if trio:
+        means = [statistics.mean(t[i] for t in trio) for i in range(3)]
+        sds = [statistics.stdev(t[i] for t in trio) if len(trio) > 1 else 0.0 for i in range(3)]
+        print(f"| mean ± sd ({len(trio)} seeds) | {means[0]:.4f} ± {sds[0]:.4f} | "
+              f"{means[1]:.4f} ± {sds[1]:.4f} | {means[2]:.4f} ± {sds[2]:.4f} |")
+    print()
 
 
 if __name__ == "__main__":
