@@ -302,7 +302,8 @@ def _hits_stop(toks: list[int], stop: Sequence[str],
     return bool(stop) and decode is not None and any(s in decode(toks) for s in stop)
 
 
-def _strip(seq: list[int], eos_id: int, pad_id: int) -> list[int]:
+def strip_generated(seq: list[int], eos_id: int, pad_id: int) -> list[int]:
+    """Generated ids up to (not including) the first EOS or pad."""
     out = []
     for t in seq:
         if t in (eos_id, pad_id):
@@ -367,7 +368,7 @@ def fused_generate(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Modu
         z, f = state.advance(nxt)
     tokens: list[list[list[int]]] = [[[] for _ in range(B)] for _ in range(len(lambdas))]
     for r, seq in enumerate(out.tolist()):
-        tokens[r // B][r % B] = _strip(seq, eos_id, pad_id)
+        tokens[r // B][r % B] = strip_generated(seq, eos_id, pad_id)
     return tokens, stats
 
 
@@ -449,6 +450,6 @@ def _beam_search(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module
     tokens: list[list[list[int]]] = [[[] for _ in range(B)] for _ in range(len(lambdas))]
     for g in range(G):
         _, ids, flips = hyps[g][0]
-        tokens[g // B][g % B] = _strip(ids, eos_id, pad_id)
+        tokens[g // B][g % B] = strip_generated(ids, eos_id, pad_id)
         stats.flips[g] = flips
     return tokens, stats

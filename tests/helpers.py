@@ -24,6 +24,19 @@ def tiny_pilot(seed: int = 0, d: int = 32, layers: int = 2):
     return model.eval(), tok
 
 
+def sample_prompts(tok) -> list[list[int]]:
+    """Three ragged arithmetic prompts as token ids (BOS first)."""
+    texts = ["Q: 12+30=\nA: ", "Q: 7-2=\nA: ", "Q: Ann has 3 cups and gets 4 more.\nA: "]
+    return [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def hf_generated(ids: list[int], tok) -> list[int]:
+    """An HF `generate` continuation cut like tcp's decoding output (EOS/pad excluded)."""
+    from tcp.generate import strip_generated
+
+    return strip_generated(ids, tok.eos_token_id, tok.pad_token_id)
+
+
 def tiny_t5(seed: int = 0, d: int = 32, layers: int = 2):
     """A tiny T5 encoder-decoder Pilot built from config, in eval mode (no dropout)."""
     from tcp.models.pilot import build_t5

@@ -113,35 +113,32 @@ def load_pretrained(name_or_path: str, cfg: ModelConfig | None = None) -> nn.Mod
         ) from e
 
 
+def _module_at(model: nn.Module, path: str) -> nn.ModuleList | None:
+    mod: Any = model
+    for part in path.split("."):
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod if isinstance(mod, nn.ModuleList) else None
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of an HF causal LM (LLaMA/Qwen/Mistral/GPT-2/...) or of the decoder of
     an encoder-decoder (T5: decoder.block; BART: model.decoder.layers)."""
-    if is_encoder_decoder(model):
-        for attr in ("decoder.block", "model.decoder.layers", "decoder.layers"):
-            mod: Any = model
-            for part in attr.split("."):
-                mod = getattr(mod, part, None)
-                if mod is None:
-                    break
-            if isinstance(mod, nn.ModuleList):
-                return mod
-        raise RuntimeError(f"cannot find the decoder blocks of {type(model).__name__}; add the "
-                           "attribute path to tcp.models.pilot.decoder_layers")
+    encdec = is_encoder_decoder(model)
+    paths = (("decoder.block", "model.decoder.layers", "decoder.layers") if encdec else
+             ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"))
+    for path in paths:
+        found = _module_at(model, path)
+        if found is not None:
+            return found
     n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    for attr in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
-        mod = model
-        for part in attr.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
-                break
-        if isinstance(mod, nn.ModuleList):
-            return mod
-    for mod in model.modules():  # fallback: the ModuleList with one entry per layer
-        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+    for mod in model.modules():  # decoder-only fallback: the ModuleList with one entry per layer
+        if not encdec and isinstance(mod, nn.ModuleList) and len(mod) == n:
             return mod
     raise RuntimeError(
         f"cannot find the decoder layers of {type(model).__name__}; tcp looks for "
-        "model.layers / transformer.h; add the attribute path to tcp.models.pilot.decoder_layers"
+        f"{' / '.join(paths)}; add the attribute path to tcp.models.pilot.decoder_layers"
     )
 
 

@@ -7,19 +7,14 @@ import torch
 from tcp.evaluate import GenResult, choose_lambda
 from tcp.generate import DecodeOptions, FusedState, cut_at_stop, fused_generate
 from tcp.models.pilot import PilotTap
-from tests.helpers import tiny_copilot, tiny_pilot
-
-
-def _prompts(tok):
-    texts = ["Q: 12+30=\nA: ", "Q: 7-2=\nA: ", "Q: Ann has 3 cups and gets 4 more.\nA: "]
-    return [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+from tests.helpers import hf_generated, sample_prompts, tiny_copilot, tiny_pilot
 
 
 def test_zero_copilot_fused_equals_pilot_and_hf_generate():
     model, tok = tiny_pilot(seed=3)
     tap = PilotTap(model)
     cop = tiny_copilot(model.config.vocab_size, model.config.hidden_size)
-    prompts = _prompts(tok)
+    prompts = sample_prompts(tok)
     for fusion in ("probs", "logits"):
         toks, st = fused_generate(model, tap, cop, prompts, lambdas=[0.0, 1.0, 2.0],
                                   fusion=fusion, max_new_tokens=7, eos_id=tok.eos_token_id,
@@ -31,19 +26,14 @@ def test_zero_copilot_fused_equals_pilot_and_hf_generate():
         ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p)),
                              max_new_tokens=7, do_sample=False, eos_token_id=-1,
                              pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
-        want = []
-        for t in ref:
-            if t in (tok.eos_token_id, tok.pad_token_id):
-                break
-            want.append(t)
-        assert toks[0][b] == want
+        assert toks[0][b] == hf_generated(ref, tok)
 
 
 def test_nonzero_copilot_changes_decoding_and_counts_flips():
     model, tok = tiny_pilot(seed=3)
     tap = PilotTap(model)
     cop = tiny_copilot(model.config.vocab_size, model.config.hidden_size, randomize_head=True)
-    toks, st = fused_generate(model, tap, cop, _prompts(tok), lambdas=[0.0, 50.0],
+    toks, st = fused_generate(model, tap, cop, sample_prompts(tok), lambdas=[0.0, 50.0],
                               fusion="probs", max_new_tokens=5, eos_id=tok.eos_token_id,
                               pad_id=tok.pad_token_id, device=torch.device("cpu"))
     assert toks[1] != toks[0]
@@ -68,14 +58,6 @@ def _gen(model, tap, cop, prompts, tok, lambdas, **kw):
                           decode=tok.decode)
 
 
-def _hf_strip(ids, tok):
-    out = []
-    for t in ids:
-        if t in (tok.eos_token_id, tok.pad_token_id):
-            break
-        out.append(t)
-    return out
-
 
 @pytest.mark.parametrize("fusion", ["probs", "logits"])
 def test_beam_with_zero_copilot_equals_hf_pilot_beam_search(fusion):
@@ -84,7 +66,7 @@ def test_beam_with_zero_copilot_equals_hf_pilot_beam_search(fusion):
     model, tok = tiny_pilot(seed=5)
     tap = PilotTap(model)
     cop = tiny_copilot(model.config.vocab_size, model.config.hidden_size)
-    prompts = _prompts(tok)
+    prompts = sample_prompts(tok)
     toks, _ = _gen(model, tap, cop, prompts, tok, [0.0, 1.0, 3.0], strategy="beam",
                    num_beams=4, max_new_tokens=6, fusion=fusion)
     assert toks[1] == toks[0] and toks[2] == toks[0]
@@ -93,7 +75,7 @@ def test_beam_with_zero_copilot_equals_hf_pilot_beam_search(fusion):
                              max_new_tokens=6, num_beams=4, do_sample=False,
                              early_stopping="never", length_penalty=1.0,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        assert toks[0][b] == _hf_strip(ref[0, len(p):].tolist(), tok), b
+        assert toks[0][b] == hf_generated(ref[0, len(p):].tolist(), tok), b
     # Beam search differs from greedy somewhere on these prompts (the test has teeth).
     greedy, _ = _gen(model, tap, None, prompts, tok, [0.0], max_new_tokens=6)
     assert greedy[0] != toks[0]
@@ -106,7 +88,7 @@ def test_beam_search_finishes_on_eos_like_hf():
         model.lm_head.weight[tok.eos_token_id] += 0.35 * model.lm_head.weight.mean(0)
         model.lm_head.weight[tok.eos_token_id].mul_(6.0)
     tap = PilotTap(model)
-    prompts = _prompts(tok)
+    prompts = sample_prompts(tok)
     toks, _ = _gen(model, tap, None, prompts, tok, [0.0], strategy="beam", num_beams=3,
                    max_new_tokens=8)
     lengths = []
@@ -115,7 +97,7 @@ def test_beam_search_finishes_on_eos_like_hf():
                              max_new_tokens=8, num_beams=3, do_sample=False,
                              early_stopping="never", eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
-        assert toks[0][b] == _hf_strip(ref, tok)
+        assert toks[0][b] == hf_generated(ref, tok)
         lengths.append(len(toks[0][b]))
     assert min(lengths) < 8  # some hypothesis did end on EOS
 
@@ -124,7 +106,7 @@ def test_batched_decoding_equals_one_by_one():
     model, tok = tiny_pilot(seed=3)
     tap = PilotTap(model)
     cop = tiny_copilot(model.config.vocab_size, model.config.hidden_size, randomize_head=True)
-    prompts = _prompts(tok)  # ragged: left padding differs per batch composition
+    prompts = sample_prompts(tok)  # ragged: left padding differs per batch composition
     for kw in ({}, {"strategy": "beam", "num_beams": 3}):
         batched, _ = _gen(model, tap, cop, prompts, tok, [0.0, 2.0], max_new_tokens=6, **kw)
         for b, p in enumerate(prompts):
@@ -137,7 +119,7 @@ def test_sampling_is_reproducible_by_seed_and_varies_across_seeds():
     model, tok = tiny_pilot(seed=3)
     tap = PilotTap(model)
     cop = tiny_copilot(model.config.vocab_size, model.config.hidden_size, randomize_head=True)
-    prompts = _prompts(tok) * 2
+    prompts = sample_prompts(tok) * 2
     kw = dict(strategy="sample", max_new_tokens=8, temperature=1.5, top_k=20, top_p=0.95)
     a, _ = _gen(model, tap, cop, prompts, tok, [0.0, 1.0], seed=7, **kw)
     b, _ = _gen(model, tap, cop, prompts, tok, [0.0, 1.0], seed=7, **kw)
@@ -149,8 +131,8 @@ def test_top_k_one_sampling_is_greedy():
     model, tok = tiny_pilot(seed=3)
     tap = PilotTap(model)
     cop = tiny_copilot(model.config.vocab_size, model.config.hidden_size, randomize_head=True)
-    greedy, _ = _gen(model, tap, cop, _prompts(tok), tok, [0.0, 0.5], max_new_tokens=6)
-    sampled, _ = _gen(model, tap, cop, _prompts(tok), tok, [0.0, 0.5], max_new_tokens=6,
+    greedy, _ = _gen(model, tap, cop, sample_prompts(tok), tok, [0.0, 0.5], max_new_tokens=6)
+    sampled, _ = _gen(model, tap, cop, sample_prompts(tok), tok, [0.0, 0.5], max_new_tokens=6,
                       strategy="sample", top_k=1, seed=3)
     assert sampled == greedy
 
@@ -160,7 +142,7 @@ def test_reorder_moves_the_copilot_state_with_the_beam():
     model, tok = tiny_pilot(seed=3)
     tap = PilotTap(model)
     cop = tiny_copilot(model.config.vocab_size, model.config.hidden_size, randomize_head=True)
-    pa, pb = _prompts(tok)[:2]
+    pa, pb = sample_prompts(tok)[:2]
     s1 = FusedState.create(model, tap, cop, CPU)
     s1.start([pa, pb], tok.pad_token_id)
     s1.advance(torch.tensor([20, 21]))
@@ -178,7 +160,7 @@ def test_reorder_moves_the_copilot_state_with_the_beam():
 def test_stop_strings_end_rows_and_cut_text():
     model, tok = tiny_pilot(seed=3)
     tap = PilotTap(model)
-    prompts = _prompts(tok)
+    prompts = sample_prompts(tok)
     full, _ = _gen(model, tap, None, prompts, tok, [0.0], max_new_tokens=8)
     text0 = tok.decode(full[0][0])
     stop = text0[2]  # a character the first row produces at its third step

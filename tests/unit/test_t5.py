@@ -9,7 +9,14 @@ from tcp.generate import DecodeOptions, FusedState, fused_generate
 from tcp.mistake_log.collect import collect
 from tcp.models.copilot import build_inputs
 from tcp.models.pilot import HeadOptions, PilotTap, pilot_forward, seq2seq_inputs, use_fused_head
-from tests.helpers import tiny_copilot, tiny_pilot, tiny_t5, tokenized_batch
+from tests.helpers import (
+    hf_generated,
+    sample_prompts,
+    tiny_copilot,
+    tiny_pilot,
+    tiny_t5,
+    tokenized_batch,
+)
 
 CPU = torch.device("cpu")
 
@@ -41,18 +48,6 @@ def test_teacher_forced_t5_matches_hf_loss_and_fused_head():
     torch.testing.assert_close(fused.topk_probs, eager.topk_probs, rtol=1e-5, atol=1e-6)
 
 
-def _prompts(tok):
-    texts = ["Q: 12+30=\nA: ", "Q: 7-2=\nA: ", "Q: Ann has 3 cups and gets 4 more.\nA: "]
-    return [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-
-
-def _strip(ids, tok):
-    out = []
-    for t in ids:
-        if t in (tok.eos_token_id, tok.pad_token_id):
-            break
-        out.append(t)
-    return out
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
@@ -60,7 +55,7 @@ def test_t5_fused_decoding_with_zero_copilot_equals_hf_generate(strategy):
     model, tok = tiny_t5(seed=2)
     tap = PilotTap(model)
     cop = tiny_copilot(model.config.vocab_size, model.config.d_model, encoder_decoder=True)
-    prompts = _prompts(tok)
+    prompts = sample_prompts(tok)
     opts = DecodeOptions(strategy=strategy, num_beams=3, max_new_tokens=6)
     toks, st = fused_generate(model, tap, cop, prompts, lambdas=[0.0, 1.0], opts=opts,
                               eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, device=CPU)
@@ -69,7 +64,7 @@ def test_t5_fused_decoding_with_zero_copilot_equals_hf_generate(strategy):
         kw = {"num_beams": 3, "early_stopping": "never"} if strategy == "beam" else {}
         ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p)),
                              max_new_tokens=6, do_sample=False, **kw)[0, 1:].tolist()
-        assert toks[0][b] == _strip(ref, tok), b
+        assert toks[0][b] == hf_generated(ref, tok), b
 
 
 def test_t5_batched_equals_one_by_one_with_a_trained_looking_copilot():
@@ -77,7 +72,7 @@ def test_t5_batched_equals_one_by_one_with_a_trained_looking_copilot():
     tap = PilotTap(model)
     cop = tiny_copilot(model.config.vocab_size, model.config.d_model, encoder_decoder=True,
                        randomize_head=True)
-    prompts = _prompts(tok)
+    prompts = sample_prompts(tok)
     for strategy in ("greedy", "beam"):
         opts = DecodeOptions(strategy=strategy, num_beams=2, max_new_tokens=5)
         kw = dict(opts=opts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, device=CPU)
