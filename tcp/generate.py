@@ -44,7 +44,8 @@ class DecodeOptions:
     top_k: int = 0
     top_p: float = 1.0
     stop: Sequence[str] = ()
-    """Stop strings; rows end once their decoded text contains one (needs `decode`)."""
+    """Stop strings (need `decode`): greedy/sampled rows end once their text contains one; beam
+    search runs to EOS or the budget. Callers cut texts with `cut_at_stop` either way."""
     seed: int = 0
     """Sampling seed (each rank draws from seed + rank)."""
 
@@ -60,8 +61,9 @@ class DecodeStats:
     """Generation diagnostics (METHOD.md §6), per output row (lambda-major: row = l * B + b)."""
 
     flips: torch.Tensor
-    """(R,) decoding steps of the output where the fused argmax differs from the Pilot's (beam
-    search: along the returned hypothesis)."""
+    """(R,) decoding steps of the output where the fused argmax differs from the Pilot's: the
+    Copilot changed the top choice (beam search: along the returned hypothesis; sampling: the
+    argmax, not the drawn token)."""
     max_abs_f: list[float] = field(default_factory=list)
     """max |f| over the vocabulary, per (row, step) of unfinished rows."""
     margin: list[float] = field(default_factory=list)
@@ -349,12 +351,13 @@ def fused_generate(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Modu
     stats = DecodeStats(flips=torch.zeros(R, dtype=torch.long, device=device))
     for i in range(opts.max_new_tokens):
         stats.steps = i + 1
+        fused_top = fuse(z, f, lam, opts.fusion).argmax(-1)
         if gen is None:
-            nxt = fuse(z, f, lam, opts.fusion).argmax(-1)
+            nxt = fused_top
         else:
             nxt = _filter_and_sample(fused_log_probs(z, f, lam, opts.fusion), opts, gen)
         live = ~finished
-        stats.flips += ((nxt != z.argmax(-1)) & live).long()
+        stats.flips += ((fused_top != z.argmax(-1)) & live).long()  # the Copilot's, not chance's
         _record(stats, z, f, live)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         out[:, i] = nxt
