@@ -70,6 +70,22 @@ class DecodeStats:
     """Pilot top-1 minus top-2 probability, per (row, step) of unfinished rows."""
     steps: int = 0
     """Decoding steps run (forwards of each model after the prompt)."""
+    _pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=list, repr=False)
+
+    def record(self, z: torch.Tensor, f: torch.Tensor, live: torch.Tensor) -> None:
+        """Keep this step's margins and max |f| on the device (no host sync per step)."""
+        top2 = torch.softmax(z, -1).topk(2, dim=-1).values
+        self._pending.append((top2[:, 0] - top2[:, 1], f.abs().amax(-1), live))
+
+    def finish(self) -> DecodeStats:
+        """Move the recorded per-step values of live rows to the lists (one sync)."""
+        if self._pending:
+            margin, fmax, live = (torch.cat(x) for x in zip(*self._pending, strict=True))
+            self.margin += margin[live].tolist()
+            self.max_abs_f += fmax[live].tolist()
+            self._pending.clear()
+        return self
 
 
 def fuse(z: torch.Tensor, f: torch.Tensor, lam: torch.Tensor, fusion: str) -> torch.Tensor:
@@ -292,13 +308,6 @@ def _filter_and_sample(logp: torch.Tensor, opts: DecodeOptions,
                              generator=gen)[:, 0].to(logp.device)
 
 
-def _record(stats: DecodeStats, z: torch.Tensor, f: torch.Tensor, live: torch.Tensor) -> None:
-    if live.any():
-        p = torch.softmax(z[live], -1).topk(2, dim=-1).values
-        stats.margin += (p[:, 0] - p[:, 1]).tolist()
-        stats.max_abs_f += f[live].abs().amax(-1).tolist()
-
-
 def _hits_stop(toks: list[int], stop: Sequence[str],
                decode: Callable[[list[int]], str] | None) -> bool:
     return bool(stop) and decode is not None and any(s in decode(toks) for s in stop)
@@ -358,7 +367,7 @@ def fused_generate(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Modu
             nxt = _filter_and_sample(fused_log_probs(z, f, lam, opts.fusion), opts, gen)
         live = ~finished
         stats.flips += ((fused_top != z.argmax(-1)) & live).long()  # the Copilot's, not chance's
-        _record(stats, z, f, live)
+        stats.record(z, f, live)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         out[:, i] = nxt
         finished |= nxt == eos_id
@@ -372,7 +381,7 @@ def fused_generate(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Modu
     tokens: list[list[list[int]]] = [[[] for _ in range(B)] for _ in range(len(lambdas))]
     for r, seq in enumerate(out.tolist()):
         tokens[r // B][r % B] = strip_generated(seq, eos_id, pad_id)
-    return tokens, stats
+    return tokens, stats.finish()
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -419,7 +428,7 @@ def _beam_search(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module
         # A flip: the Copilot changes the top choice at this step (as in greedy decoding).
         flipped = fuse(z, f, lam, opts.fusion).argmax(-1) != z.argmax(-1)
         live_rows = torch.tensor([not done[g] for g in range(G)], device=device)
-        _record(stats, z, f, live_rows.repeat_interleave(K))
+        stats.record(z, f, live_rows.repeat_interleave(K))
         V = logp.shape[-1]
         cand = (scores.view(-1, 1) + logp).view(G, K * V)
         top_s, top_i = cand.topk(min(2 * K, K * V), dim=-1)
@@ -455,4 +464,4 @@ def _beam_search(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module
         _, ids, flips = hyps[g][0]
         tokens[g // B][g % B] = strip_generated(ids, eos_id, pad_id)
         stats.flips[g] = flips
-    return tokens, stats
+    return tokens, stats.finish()

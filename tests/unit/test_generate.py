@@ -39,6 +39,9 @@ def test_nonzero_copilot_changes_decoding_and_counts_flips():
     assert toks[1] != toks[0]
     assert int(st.flips[3:].sum()) > 0 and int(st.flips[:3].sum()) == 0
     assert max(st.max_abs_f) > 0
+    # one margin and one max|f| per (row, step) while the row was unfinished
+    assert len(st.margin) == len(st.max_abs_f) and 6 <= len(st.margin) <= 6 * st.steps
+    assert all(0 <= m <= 1 for m in st.margin)
 
 
 def test_choose_lambda_prefers_best_then_smallest():
