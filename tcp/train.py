@@ -29,6 +29,7 @@ from tcp.models.pilot import HeadOptions, PilotTap, pilot_forward, torch_dtype
 from tcp.preemption import StopSignal
 from tcp.progress import Progress
 from tcp.rectify import pick_example, trace_rectification
+from tcp.tasks import AnswerScorer
 from tcp.tracking import Tracker
 
 
@@ -234,8 +235,11 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
                                       lambdas=ev.lambdas, fusion=ev.fusion,
                                       batch_size=ev.batch_size, rank=rank, world=world,
                                       device=device)
+    # 'auto' is resolved once, on both splits' golds, so validation and test score alike.
+    fmt = AnswerScorer.for_golds(ev.answer_format,
+                                 [r["answer"] for r in val_records + test_records]).format
     common = dict(opts=decode_options(cfg), batch_size=ev.batch_size, rank=rank, world=world,
-                  device=device, answer_format=ev.answer_format)
+                  device=device, answer_format=fmt)
     sweep_lams = ev.lambdas if lam is None else [lam]
     val = generation_eval(pilot, tap, copilot, val_records, tokenizer,
                           lambdas=[0.0, *sweep_lams], **common)
@@ -244,8 +248,8 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
     test = generation_eval(pilot, tap, copilot, test_records, tokenizer, lambdas=[0.0, lam],
                            **common)
     trace_kw = dict(lam=lam, fusion=ev.fusion, max_new_tokens=ev.max_new_tokens, device=device)
-    ex = pick_example(pilot, tap, copilot, val_records, tokenizer,
-                      answer_format=ev.answer_format, **trace_kw)
+    ex = pick_example(pilot, tap, copilot, val_records, tokenizer, answer_format=fmt,
+                      **trace_kw)
     rect = trace_rectification(pilot, tap, copilot, val_records[ex]["prompt"], tokenizer,
                                gold=val_records[ex]["answer"], **trace_kw)
     tf_fixes, tf_breaks = diag["fixes"], diag["breaks"]

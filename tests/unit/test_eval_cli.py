@@ -92,3 +92,18 @@ def test_eval_on_another_dataset_from_jsonl(tmp_path):
                       "data.answer_field=gold", "--name", "mc"]) == 0
     res = json.loads((run / "eval" / "mc.json").read_text())
     assert res["test_size"] == 5 and res["decoding"]["answer_format"] == "choice"
+
+
+def test_eval_logs_an_mlflow_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    run = make_run(tmp_path / "a")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert eval_main([str(run), "--limit", "3", "--lambda", "1.0", "--mlflow",
+                      f"tracking.uri={uri}", "tracking.experiment=evals"]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("evals")
+    (r,) = client.search_runs([exp.experiment_id])
+    assert r.info.run_name == "a:eval" and "test_accuracy_pilot_copilot" in r.data.metrics
+    assert {a.path for a in client.list_artifacts(r.info.run_id, "plots")} >= \
+        {"plots/rectification.png"}
