@@ -17,6 +17,7 @@ finished (one all-reduce a step), and callers pad their shards to the same numbe
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -73,9 +74,9 @@ class DecodeStats:
     _pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
         default_factory=list, repr=False)
 
-    def record(self, z: torch.Tensor, f: torch.Tensor, live: torch.Tensor) -> None:
+    def record(self, p_hat: torch.Tensor, f: torch.Tensor, live: torch.Tensor) -> None:
         """Keep this step's margins and max |f| on the device (no host sync per step)."""
-        top2 = torch.softmax(z, -1).topk(2, dim=-1).values
+        top2 = p_hat.topk(2, dim=-1).values
         self._pending.append((top2[:, 0] - top2[:, 1], f.abs().amax(-1), live))
 
     def finish(self) -> DecodeStats:
@@ -88,13 +89,14 @@ class DecodeStats:
         return self
 
 
-def fuse(z: torch.Tensor, f: torch.Tensor, lam: torch.Tensor, fusion: str) -> torch.Tensor:
+def fuse(z: torch.Tensor, f: torch.Tensor, lam: torch.Tensor, fusion: str,
+         p_hat: torch.Tensor | None = None) -> torch.Tensor:
     """Scores whose argmax is the fused choice: p_hat + lam f ('probs') or z + lam f ('logits').
 
-    z, f: (R, V) fp32; lam: (R,) (0 rows give the Pilot alone).
+    z, f: (R, V) fp32; lam: (R,) (0 rows give the Pilot alone); p_hat: softmax(z) if known.
     """
     if fusion == "probs":
-        return torch.softmax(z, dim=-1) + lam[:, None] * f
+        return (torch.softmax(z, dim=-1) if p_hat is None else p_hat) + lam[:, None] * f
     return z + lam[:, None] * f
 
 
@@ -134,6 +136,10 @@ def all_ranks_done(done: bool, device: torch.device) -> bool:
     return int(t) == 0
 
 
+class _NoCapture:
+    pooled = None
+
+
 class FusedState:
     """Both models' decoding state for R rows: caches, positions, the Copilot's previous f.
 
@@ -153,7 +159,7 @@ class FusedState:
         produced the current z in decoder-only Pilots)."""
         self.prev_f: torch.Tensor | None = None
         self.cache: CopilotCache | None = None
-        self.vocab = 0
+        self.vocab = self.rows = 0
 
     @staticmethod
     def create(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module | None,
@@ -171,7 +177,7 @@ class FusedState:
     def _start_copilot(self, z: torch.Tensor, cap: Any, valid: torch.Tensor,
                        x_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The Copilot's prefix (X~ rows at `valid`) and its first step, after the Pilot's."""
-        self.vocab = z.shape[-1]
+        self.vocab, self.rows = z.shape[-1], z.shape[0]
         if self.copilot is not None:
             R, P = valid.shape
             x_tilde = torch.zeros(R, P, self.d, dtype=cap.x_tilde.dtype, device=self.device)
@@ -179,14 +185,20 @@ class FusedState:
             self.cache = self.copilot(prefix=(x_tilde, valid, x_pos))
         return z, self._copilot_step(cap.pooled)
 
-    def _copilot_step(self, pooled: torch.Tensor) -> torch.Tensor:
+    def _copilot_step(self, pooled: torch.Tensor | None) -> torch.Tensor:
         if self.copilot is None:
-            return torch.zeros(pooled.shape[0], self.vocab, device=self.device)
+            if self.prev_f is None:  # one zero f, shared by every step
+                self.prev_f = torch.zeros(self.rows, self.vocab, device=self.device)
+            return self.prev_f
+        assert pooled is not None
         f = self.copilot(cache=self.cache, prev_f=self.prev_f, h_new=pooled, pos=self.pos).float()
         self.prev_f = f
         return f
 
     def _capture_step(self, R: int) -> Any:
+        """Capture the pooled state of one new token per row (nothing without a Copilot)."""
+        if self.copilot is None:
+            return contextlib.nullcontext(_NoCapture())
         dev = self.device
         step_idx = (torch.arange(R, device=dev), torch.zeros(R, dtype=torch.long, device=dev))
         empty = (torch.zeros(0, dtype=torch.long, device=dev),) * 2
@@ -360,14 +372,16 @@ def fused_generate(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Modu
     stats = DecodeStats(flips=torch.zeros(R, dtype=torch.long, device=device))
     for i in range(opts.max_new_tokens):
         stats.steps = i + 1
-        fused_top = fuse(z, f, lam, opts.fusion).argmax(-1)
+        p_hat = torch.softmax(z, dim=-1)
+        pilot_top = z.argmax(-1)
+        fused_top = pilot_top if copilot is None else fuse(z, f, lam, opts.fusion, p_hat).argmax(-1)
         if gen is None:
             nxt = fused_top
         else:
             nxt = _filter_and_sample(fused_log_probs(z, f, lam, opts.fusion), opts, gen)
         live = ~finished
-        stats.flips += ((fused_top != z.argmax(-1)) & live).long()  # the Copilot's, not chance's
-        stats.record(z, f, live)
+        stats.flips += ((fused_top != pilot_top) & live).long()  # the Copilot's, not chance's
+        stats.record(p_hat, f, live)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         out[:, i] = nxt
         finished |= nxt == eos_id
@@ -428,7 +442,7 @@ def _beam_search(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module
         # A flip: the Copilot changes the top choice at this step (as in greedy decoding).
         flipped = fuse(z, f, lam, opts.fusion).argmax(-1) != z.argmax(-1)
         live_rows = torch.tensor([not done[g] for g in range(G)], device=device)
-        stats.record(z, f, live_rows.repeat_interleave(K))
+        stats.record(torch.softmax(z, dim=-1), f, live_rows.repeat_interleave(K))
         V = logp.shape[-1]
         cand = (scores.view(-1, 1) + logp).view(G, K * V)
         top_s, top_i = cand.topk(min(2 * K, K * V), dim=-1)

@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -95,27 +95,33 @@ def main() -> None:
         fused_generate(pilot, tap, cop, prompts, lambdas=[1.0], eos_id=-1, pad_id=0,
                        device=dev, opts=DecodeOptions(max_new_tokens=steps))
 
-    def timed(fn) -> float:
-        fn()  # warm-up
-        ts = []
-        for _ in range(args.repeats):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
+    variants = {
+        "pilot_tcp_1": lambda: ours(None, 1), "pilot_tcp": lambda: ours(None, T),
+        "copilot_1": lambda: ours(copilot, 1), "pilot+copilot": lambda: ours(copilot, T),
+        "pilot_hf": hf,
+    }
+    samples: dict[str, list[float]] = {k: [] for k in variants}
     with torch.no_grad():
-        # Per generated token: (T tokens - 1 token) / (T - 1), so the prompt's prefill cancels.
-        res = {}
-        for name, cop in (("pilot_tcp", None), ("pilot+copilot", copilot)):
-            full, one = timed(lambda c=cop: ours(c, T)), timed(lambda c=cop: ours(c, 1))
-            res[name] = {"total_s": full, "prefill_s": one, "per_token_s": (full - one) / (T - 1)}
-        # HF generate runs the same prompt forward; subtract tcp's prefill to get its decode part.
-        full = timed(hf)
-        res["pilot_hf"] = {"total_s": full,
-                           "per_token_s": (full - res["pilot_tcp"]["prefill_s"]) / (T - 1)}
+        for fn in variants.values():
+            fn()  # warm-up
+        for _ in range(args.repeats):  # interleaved rounds: drift hits every variant alike
+            for name, fn in variants.items():
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                samples[name].append(time.perf_counter() - t0)
+    t = {k: statistics.median(v) for k, v in samples.items()}
+    # Per generated token: (T tokens - 1 token) / (T - 1), so the prompt's prefill cancels; HF
+    # generate runs the same prompt forward, so tcp's prefill is subtracted from it too.
+    res = {
+        "pilot_hf": {"total_s": t["pilot_hf"],
+                     "per_token_s": (t["pilot_hf"] - t["pilot_tcp_1"]) / (T - 1)},
+        "pilot_tcp": {"total_s": t["pilot_tcp"],
+                      "per_token_s": (t["pilot_tcp"] - t["pilot_tcp_1"]) / (T - 1)},
+        "pilot+copilot": {"total_s": t["pilot+copilot"],
+                          "per_token_s": (t["pilot+copilot"] - t["copilot_1"]) / (T - 1)},
+    }
     ctx = args.prompt_len + T // 2
     fp = flops_per_token(d=pd, layers=pl, inter=pi, vocab=V, context=ctx)
     fc = copilot_flops_per_token(d=cd, layers=cl, inter=ci, vocab=V, d_pilot=pd, context=T // 2,
