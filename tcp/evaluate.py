@@ -7,7 +7,6 @@ padded to the same number of batches, and counts are summed across ranks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,13 +68,10 @@ class GenResult:
 def generation_eval(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module | None,
                     records: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, *,
                     lambdas: list[float], opts: DecodeOptions, batch_size: int, rank: int,
-                    world: int, device: torch.device, answer_format: str = "auto",
-                    on_batch: Callable[[list[dict[str, str]], list[list[str]]], None] | None = None
-                    ) -> GenResult:
+                    world: int, device: torch.device, answer_format: str = "auto") -> GenResult:
     """Decode every record once per lambda (0.0 = Pilot alone) and score the answers.
 
     `answer_format` 'auto' is resolved on this split's golds (the same on every rank).
-    `on_batch(records, texts[l][b])` sees every real batch's decoded answers.
     """
     scorer = AnswerScorer.for_golds(answer_format, [r["answer"] for r in records])
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -108,8 +104,6 @@ def generation_eval(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Mod
         if n_real:
             fmax += st.max_abs_f
             margins += st.margin
-            if on_batch is not None:
-                on_batch([r for _, r in items[:n_real]], [t[:n_real] for t in texts])
     tot = _sum([n_total, *correct, *flips, *frows, *frows_ok], device)
     n = tot[0]
     acc = [c / max(n, 1) for c in tot[1:1 + L]]
