@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from tcp.data.collate import TokenizedSample, collate
+from tcp.data.collate import TokenizedSample, collate, encode_prompt
 from tcp.generate import DecodeOptions, cut_at_stop, fuse, fused_generate
 from tcp.kernels.copilot_loss import copilot_rmse_loss
 from tcp.mistake_log.collect import collect
@@ -74,7 +74,6 @@ def generation_eval(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Mod
     `answer_format` 'auto' is resolved on this split's golds (the same on every rank).
     """
     scorer = AnswerScorer.for_golds(answer_format, [r["answer"] for r in records])
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     L = len(lambdas)
     correct = [0.0] * L
     flips, frows, frows_ok = [0.0] * L, [0.0] * L, [0.0] * L
@@ -83,8 +82,7 @@ def generation_eval(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Mod
     indexed = list(enumerate(records))
     decode = tokenizer.decode
     for items, n_real in _shard_batches(indexed, rank=rank, world=world, batch_size=batch_size):
-        prompts = [bos + tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-                   for _, r in items]
+        prompts = [encode_prompt(tokenizer, r["prompt"]) for _, r in items]
         toks, st = fused_generate(pilot, tap, copilot, prompts, lambdas=lambdas, opts=opts,
                                   eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                   device=device, decode=decode)

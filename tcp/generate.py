@@ -117,14 +117,24 @@ def fused_log_probs(z: torch.Tensor, f: torch.Tensor, lam: torch.Tensor,
     return torch.where(lam[:, None] == 0, pilot, fused)
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(prompts: Sequence[Sequence[int]], pad_id: int, *, left: bool
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of ragged prompts, padded on the left (decoder-only) or the right (encoder)."""
     P = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), P), dtype=torch.long)
     for r, p in enumerate(prompts):
-        ids[r, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[r, P - len(p):] = 1
+        cols = slice(P - len(p), P) if left else slice(0, len(p))
+        ids[r, cols] = torch.tensor(list(p), dtype=torch.long)
+        mask[r, cols] = 1
     return ids, mask
+
+
+def _by_lambda(seqs: Sequence[list[int]], B: int, eos_id: int, pad_id: int
+               ) -> list[list[list[int]]]:
+    """Lambda-major rows (row = l * B + b) -> tokens[l][b], cut at EOS/pad."""
+    return [[strip_generated(seqs[li * B + b], eos_id, pad_id) for b in range(B)]
+            for li in range(len(seqs) // B)]
 
 
 def all_ranks_done(done: bool, device: torch.device) -> bool:
@@ -224,7 +234,7 @@ class DecoderOnlyFusedState(FusedState):
     def start(self, prompts: Sequence[Sequence[int]], pad_id: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.device
-        ids, mask = _left_pad(prompts, pad_id)
+        ids, mask = _pad(prompts, pad_id, left=True)
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         R, P = ids.shape
@@ -265,12 +275,9 @@ class Seq2SeqFusedState(FusedState):
     def start(self, prompts: Sequence[Sequence[int]], pad_id: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.device
-        R, P = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((R, P), pad_id, dtype=torch.long)
-        mask = torch.zeros((R, P), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, :len(p)], mask[r, :len(p)] = torch.tensor(list(p), dtype=torch.long), 1
+        ids, mask = _pad(prompts, pad_id, left=False)
         ids, mask = ids.to(dev), mask.to(dev)
+        R = ids.shape[0]
         valid = mask.bool()
         conf = getattr(self.pilot, "module", self.pilot).config
         dec = torch.full((R, 1), conf.decoder_start_token_id, dtype=torch.long, device=dev)
@@ -392,10 +399,7 @@ def fused_generate(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Modu
         if all_ranks_done(bool(finished.all()), device) or i == opts.max_new_tokens - 1:
             break
         z, f = state.advance(nxt)
-    tokens: list[list[list[int]]] = [[[] for _ in range(B)] for _ in range(len(lambdas))]
-    for r, seq in enumerate(out.tolist()):
-        tokens[r // B][r % B] = strip_generated(seq, eos_id, pad_id)
-    return tokens, stats.finish()
+    return _by_lambda(out.tolist(), B, eos_id, pad_id), stats.finish()
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -439,10 +443,11 @@ def _beam_search(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module
     for i in range(T):
         stats.steps = i + 1
         logp = fused_log_probs(z, f, lam, opts.fusion)  # (G*K, V)
+        p_hat = torch.softmax(z, dim=-1)
         # A flip: the Copilot changes the top choice at this step (as in greedy decoding).
-        flipped = fuse(z, f, lam, opts.fusion).argmax(-1) != z.argmax(-1)
+        flipped = fuse(z, f, lam, opts.fusion, p_hat).argmax(-1) != z.argmax(-1)
         live_rows = torch.tensor([not done[g] for g in range(G)], device=device)
-        stats.record(torch.softmax(z, dim=-1), f, live_rows.repeat_interleave(K))
+        stats.record(p_hat, f, live_rows.repeat_interleave(K))
         V = logp.shape[-1]
         cand = (scores.view(-1, 1) + logp).view(G, K * V)
         top_s, top_i = cand.topk(min(2 * K, K * V), dim=-1)
@@ -473,9 +478,6 @@ def _beam_search(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module
                 row = g * K + k
                 add(g, float(scores[g, k]), hist[row].tolist(), int(flip_hist[row].sum()),
                     hist.shape[1])
-    tokens: list[list[list[int]]] = [[[] for _ in range(B)] for _ in range(len(lambdas))]
     for g in range(G):
-        _, ids, flips = hyps[g][0]
-        tokens[g // B][g % B] = strip_generated(ids, eos_id, pad_id)
-        stats.flips[g] = flips
-    return tokens, stats.finish()
+        stats.flips[g] = hyps[g][0][2]
+    return _by_lambda([hyps[g][0][1] for g in range(G)], B, eos_id, pad_id), stats.finish()

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from tcp.data.collate import encode_prompt
 from tcp.generate import FusedState, all_ranks_done, fuse, fused_generate
 from tcp.models.pilot import PilotTap
 from tcp.tasks import AnswerScorer
@@ -54,10 +55,6 @@ class Rectification:
                 "fused_answer": self.fused_answer, "steps": [vars(s) for s in self.steps]}
 
 
-def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-
-
 @torch.no_grad()
 def pick_example(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module,
                  records: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, *, lam: float,
@@ -66,8 +63,7 @@ def pick_example(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module
     """Index of the first of `records[:scan]` whose greedy answer the Copilot changes (0 if
     none does): prefers a change that fixes the answer, then any change."""
     recs = records[:scan]
-    prompts = [_bos(tokenizer) + tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-               for r in recs]
+    prompts = [encode_prompt(tokenizer, r["prompt"]) for r in recs]
     toks, _ = fused_generate(pilot, tap, copilot, prompts, lambdas=[0.0, lam], fusion=fusion,
                              max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
                              pad_id=tokenizer.pad_token_id, device=device)
@@ -83,7 +79,7 @@ def trace_rectification(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn
                         fusion: str, max_new_tokens: int, device: torch.device, top_n: int = 4,
                         gold: str | None = None) -> Rectification:
     """Greedy fused decoding of `prompt` at `lam` (rows: Pilot alone, fused), every step kept."""
-    ids = _bos(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = encode_prompt(tokenizer, prompt)
     state = FusedState.create(pilot, tap, copilot, device)
     z, f = state.start([ids, ids], tokenizer.pad_token_id)
     lams = torch.tensor([0.0, lam], device=device)

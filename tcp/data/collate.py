@@ -34,6 +34,12 @@ class TokenizeReport:
     skipped_ids: list[int] = field(default_factory=list)
 
 
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """`[BOS] prompt` as token ids: the training layout's prompt part, also used for decoding."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
 def tokenize_records(
     records: list[dict[str, str]],
     tokenizer: PreTrainedTokenizerBase,
@@ -49,7 +55,7 @@ def tokenize_records(
         raise ValueError("the tokenizer has no eos_token; set one so answers can end")
     out: list[TokenizedSample] = []
     for i, rec in enumerate(records):
-        p = bos + tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"]
+        p = encode_prompt(tokenizer, rec["prompt"])
         a = tokenizer(rec["answer"], add_special_tokens=False)["input_ids"] + [eos]
         if len(p) + len(a) > max_length:
             room = max_length - len(a) - len(bos)
