@@ -85,6 +85,43 @@ class ModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the Pilot (peft), as the paper fine-tunes LLaMA/Qwen Pilots (r=32, α=64).
+    Applied before the Pilot's ZeRO-3 engine is built; only the adapters train."""
+
+    enabled: bool = False
+    """Fine-tune the Pilot through LoRA adapters instead of all its weights."""
+    r: int = 32
+    """Adapter rank."""
+    alpha: float = 64.0
+    """Scaling numerator: the adapter's update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Names (suffixes) of the Linear layers that get adapters; for T5 use ['q', 'k', 'v', 'o',
+    'wi_0', 'wi_1', 'wo']."""
+
+    def __post_init__(self) -> None:
+        _check(self.r > 0, "r", f"must be > 0 (got {self.r})")
+        _check(self.alpha > 0, "alpha", f"must be > 0 (got {self.alpha})")
+        _check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1) (got {self.dropout})")
+        _check(len(self.target_modules) > 0, "target_modules",
+               "must name at least one module, e.g. ['q_proj', 'v_proj']")
+
+
+@dataclass
+class PilotConfig:
+    """How the Pilot is fine-tuned (the model itself is `model`)."""
+
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters (off by default: full fine-tuning)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them
+    (HF gradient checkpointing): activation memory ~1 layer instead of all, ~30% more compute."""
+
+
+@dataclass
 class BaseConfig:
     """The base-model phase: a short pre-training on a broad generated corpus that the Pilot is
     fine-tuned from and the Copilot's blocks are initialised from (mirrors the paper's pretrained
@@ -136,7 +173,10 @@ class CopilotConfig:
     every layer self-attends and cross-attends to [X~ ; h] (METHOD.md §2); 'auto' follows the
     Pilot (encoder_decoder for T5-style Pilots)."""
     rope_theta: float = 10000.0
-    """Rotary base for self- and cross-attention positions."""
+    """Rotary base for self- and cross-attention positions (a Copilot initialised from a
+    pretrained decoder takes the decoder's base and RoPE scaling instead)."""
+    gradient_checkpointing: bool = False
+    """Recompute each Copilot layer's activations in the backward instead of keeping them."""
 
     def __post_init__(self) -> None:
         _check_block_shape(self)
@@ -383,7 +423,11 @@ class TrainConfig:
     """The joint loop (METHOD.md §3)."""
 
     steps: int = 500
-    """Joint steps (one Pilot step and one Copilot step each)."""
+    """Joint steps (one Pilot step and one Copilot step each). Ignored when `epochs` is set."""
+    epochs: float | None = None
+    """If set, train this many passes over the training set instead of `steps`: the run
+    computes steps = ceil(epochs * train samples / (pilot micro_batch_size * world size)) once
+    the data is loaded, prints it and records it in the resolved config (schedules follow)."""
     log_every: int = 10
     """Progress/metric interval in steps."""
     pilot: EngineConfig = field(default_factory=lambda: EngineConfig(lr=3e-4))
@@ -398,6 +442,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "steps", f"must be > 0 (got {self.steps})")
+        _check(self.epochs is None or self.epochs > 0, "epochs",
+               f"must be > 0 or null (got {self.epochs}); null trains for train.steps")
         _check(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0 seconds")
         _check(self.log_every > 0, "log_every", "must be > 0")
         _check(self.copilot_start_step >= 0, "copilot_start_step", "must be >= 0")
@@ -517,6 +563,8 @@ class RunConfig:
     """Run directory: resolved config, tokenizer, checkpoints, results.json."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The Pilot."""
+    pilot: PilotConfig = field(default_factory=PilotConfig)
+    """How the Pilot is fine-tuned: LoRA, gradient checkpointing."""
     base: BaseConfig = field(default_factory=BaseConfig)
     """The base-model phase (embedded default)."""
     copilot: CopilotConfig = field(default_factory=CopilotConfig)
