@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -796,6 +797,16 @@ def dump_yaml(cfg: RunConfig) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # DeepSpeed configs: each engine gets its own, rendered from the same RunConfig.
+
+
+def resolve_epochs(cfg: RunConfig, *, num_samples: int, world_size: int) -> RunConfig:
+    """`cfg` with `train.steps` derived from `train.epochs` (unchanged when epochs is None):
+    one step consumes `pilot.micro_batch_size` samples on each of `world_size` ranks."""
+    if cfg.train.epochs is None:
+        return cfg
+    per_step = cfg.train.pilot.micro_batch_size * world_size
+    steps = max(1, math.ceil(cfg.train.epochs * num_samples / per_step))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
 
 
 def engine_config(cfg: RunConfig, engine: Literal["pilot", "copilot", "base"]) -> EngineConfig:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from tcp.base_model import ensure_base_model
 from tcp.checkpoint import CheckpointInfo, CheckpointManager, step_name
 from tcp.cli import elapsed, print_rank0
-from tcp.config import RunConfig, render_deepspeed, to_dict
+from tcp.config import RunConfig, render_deepspeed, resolve_epochs, to_dict
 from tcp.data.collate import tokenize_records
 from tcp.data.loaders import load_split
 from tcp.data.tokenizer import build_char_tokenizer
@@ -161,6 +161,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                         f"{rep.truncated} truncated (data.max_length={cfg.data.max_length})")
     if not train_samples:
         raise RuntimeError("no training samples left after tokenisation; raise data.max_length")
+    if cfg.train.epochs is not None:
+        cfg = resolve_epochs(cfg, num_samples=len(train_samples), world_size=world)
+        print_rank0(f"[tcp] train.epochs={cfg.train.epochs:g} over {len(train_samples)} samples "
+                    f"= {cfg.train.steps} steps")
+        if rank == 0:
+            save_config(cfg, out, world)  # the resolved step count, for resume and reports
 
     base = None
     if cfg.model.name_or_path is None and cfg.base.enabled:
