@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from tcp.checkpoint import CheckpointManager, rng_state, set_rng_state
-from tcp.config import RunConfig, dump_yaml, render_deepspeed, to_dict
+from tcp.config import MistakeLogConfig, RunConfig, dump_yaml, render_deepspeed, to_dict
 from tcp.data.collate import TokenizedSample, batch_indices, collate
 from tcp.evaluate import choose_lambda, generation_eval, teacher_forced_diagnostics
 from tcp.faults import fault_point
@@ -141,14 +141,10 @@ class Trainer:
 
     def copilot_step(self, current: MistakeBatch) -> tuple[float, float] | tuple[None, None]:
         """Copilot forward on current + replayed entries, RMSE loss, backward, step."""
-        ml = self.cfg.mistake_log
-        parts = [current] if ml.include_current else []
-        replay = self.log.sample(step=self.step, num=ml.replay_size)
-        if replay is not None:
-            parts.append(replay)
-        if not parts:  # same on every rank: availability depends only on the step
+        entries = copilot_entries(current, self.log, step=self.step, cfg=self.cfg.mistake_log,
+                                  device=self.device)
+        if entries is None:  # same on every rank: availability depends only on the step
             return None, None
-        entries = MistakeBatch.cat(parts).to(self.device)
         inputs = build_inputs(entries, self.device)
         k = self.cfg.kernels
         target = ErrorTarget.from_batch(entries, self.device, fused=k.fused, impl=k.impl,
@@ -213,6 +209,18 @@ class Trainer:
         return {"seed": self.cfg.seed, "world_size": self.world,
                 "micro_batch_size": self.cfg.train.pilot.micro_batch_size,
                 "num_samples": len(self.samples)}
+
+
+def copilot_entries(current: MistakeBatch, log: MistakeLog, *, step: int,
+                    cfg: MistakeLogConfig, device: torch.device) -> MistakeBatch | None:
+    """The Copilot's training entries at `step`: the current step's (on the compute device) and
+    those replayed from the log (read on the host), joined on `device`; None when there are
+    none yet. Replayed data enters the compute path here and nowhere else."""
+    parts = [current] if cfg.include_current else []
+    replay = log.sample(step=step, num=cfg.replay_size)
+    if replay is not None:
+        parts.append(replay)
+    return MistakeBatch.cat(parts, device=device) if parts else None
 
 
 # ---------------------------------------------------------------------- evaluation & report

@@ -49,7 +49,7 @@ class MemoryMistakeLog(MistakeLog):
         for w in which.unique().tolist():
             sel = flat[which == w] - starts[w]
             parts.append(pool[w].select(sel))
-        return MistakeBatch.cat(parts)
+        return MistakeBatch.cat(parts, device="cpu")
 
     def __len__(self) -> int:
         return sum(b.num_entries for b in self._steps.values())

@@ -72,12 +72,17 @@ class MistakeBatch:
     def __post_init__(self) -> None:
         B, N = self.step.numel(), self.labels.numel()
         assert self.x_offsets.numel() == B + 1 and self.y_offsets.numel() == B + 1
+        if self.labels.device.type == "meta":  # shapes only: meta tensors hold no values
+            return
         assert int(self.y_offsets[-1]) == N and int(self.x_offsets[-1]) == self.x_tilde.shape[0]
         assert self.h.shape[0] == N and self.topk_ids.shape == self.topk_probs.shape
 
     # ------------------------------------------------------------------ transforms
     def to(self, device: torch.device | str) -> MistakeBatch:
-        """Copy to a device."""
+        """Copy to a device (self when every field is already there)."""
+        dev = torch.device(device)
+        if all(getattr(self, f.name).device == dev for f in fields(self)):
+            return self
         return MistakeBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     def select(self, entries: torch.Tensor | list[int]) -> MistakeBatch:
@@ -103,9 +108,21 @@ class MistakeBatch:
             loss=self.loss[idx_d],
         )
 
+    @property
+    def device(self) -> torch.device:
+        """Where the per-token tensors live (every field is moved together by `to`)."""
+        return self.labels.device
+
     @staticmethod
-    def cat(batches: list[MistakeBatch]) -> MistakeBatch:
-        """Concatenate entries of several batches."""
+    def cat(batches: list[MistakeBatch], *, device: torch.device | str) -> MistakeBatch:
+        """Concatenate entries of several batches on `device`.
+
+        The batches may come from different places (the current step's entries on the compute
+        device, replayed ones read from the store on the host), so each is moved to `device`
+        *before* the concatenation: this is the one place replayed entries join the current
+        ones, and the result is on the compute device whatever the inputs were.
+        """
+        batches = [b.to(device) for b in batches]
         if len(batches) == 1:
             return batches[0]
         out = {}

@@ -153,7 +153,7 @@ def test_cached_tail_chunk_serves_only_rows_it_holds(tmp_path):
         w.commit()
     rd.refresh()
     assert_same(rd.read_range(0, rd.num_entries), MistakeBatch.cat(
-        [first, *[fake_entries(s) for s in range(3, 6)]]))
+        [first, *[fake_entries(s) for s in range(3, 6)]], device="cpu"))
 
 
 def test_run_replaces_a_previous_log_and_refuses_other_directories(tmp_path):

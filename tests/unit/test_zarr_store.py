@@ -31,7 +31,7 @@ def write_steps(root, steps, *, cfg=None, dtype="float32", rank=0, commit_every=
 
 
 def expected(steps, rank=0):
-    return MistakeBatch.cat([fake_entries(s, rank=rank) for s in steps])
+    return MistakeBatch.cat([fake_entries(s, rank=rank) for s in steps], device="cpu")
 
 
 def assert_same(got, ref, *, state_rtol=0.0, state_dtype=torch.float32):
@@ -125,7 +125,8 @@ def test_rollback_to_a_checkpoint_cursor_logs_each_step_once(tmp_path):
         w2.append(fake_entries(s, seed=1))
         w2.commit()
     rd = RankStoreReader(tmp_path, 0)
-    want = MistakeBatch.cat([expected(range(7)), *[fake_entries(s, seed=1) for s in range(7, 15)]])
+    want = MistakeBatch.cat([expected(range(7)), *[fake_entries(s, seed=1) for s in range(7, 15)]],
+                           device="cpu")
     assert_same(rd.read_range(0, rd.num_entries), want)
     assert verify(tmp_path).ok
     # A cursor from beyond what the shard holds (another log) is refused.
@@ -156,7 +157,7 @@ def test_async_writer_rollback_and_reader_reset(tmp_path):
     rd.reset()
     assert_same(rd.read_range(0, rd.num_entries),
                 MistakeBatch.cat([expected(range(6)), fake_entries(6, seed=2),
-                                  fake_entries(7, seed=2)]))
+                                  fake_entries(7, seed=2)], device="cpu"))
 
 
 def test_readable_with_plain_zarr(tmp_path):
