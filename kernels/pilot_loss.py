@@ -58,8 +58,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     return logits_cross_entropy(logits, labels, topk=topk)
 
 
-def logits_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, topk: int) -> CEResult:
-    """Loss and top-k from logits that already exist (N, V)."""
+def logits_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, topk: int,
+                         chunk_mib: float = 64.0) -> CEResult:
+    """Loss and top-k from logits that already exist (N, V).
+
+    Without autograd (evaluation) the rows go in chunks of about `chunk_mib` MiB of fp32, so
+    nothing besides the logits themselves is (N, V); with autograd it is the eager reference.
+    """
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return _logits_cross_entropy_chunked(logits, labels, topk=topk, chunk_mib=chunk_mib)
     z = logits.float()
     tok = F.cross_entropy(z, labels, reduction="none")
     k = min(topk, z.shape[-1])
@@ -71,6 +78,26 @@ def logits_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, topk: in
             top_i = torch.empty(z.shape[0], 0, dtype=torch.long, device=z.device)
     return CEResult(loss=tok.mean(), token_loss=tok.detach(), topk_probs=top_p,
                     topk_ids=top_i.long())
+
+
+@torch.no_grad()
+def _logits_cross_entropy_chunked(logits: torch.Tensor, labels: torch.Tensor, *, topk: int,
+                                  chunk_mib: float) -> CEResult:
+    N, V = logits.shape
+    k = min(topk, V)
+    tok = torch.empty(N, dtype=torch.float32, device=logits.device)
+    top_p = torch.empty(N, k, dtype=torch.float32, device=logits.device)
+    top_i = torch.empty(N, k, dtype=torch.long, device=logits.device)
+    step = rows_per_chunk(V, chunk_mib)
+    for r0 in range(0, N, step):
+        z = logits[r0:r0 + step].float()
+        lse = torch.logsumexp(z, dim=-1)
+        tok[r0:r0 + step] = lse - z.gather(1, labels[r0:r0 + step, None])[:, 0]
+        if k > 0:
+            zk, ik = z.topk(k, dim=-1)  # softmax is monotone: top-k of z = top-k of p
+            top_p[r0:r0 + step] = (zk - lse[:, None]).exp()
+            top_i[r0:r0 + step] = ik
+    return CEResult(loss=tok.mean(), token_loss=tok, topk_probs=top_p, topk_ids=top_i)
 
 
 # ----------------------------------------------------------------------------- Triton kernels

@@ -128,7 +128,7 @@ def evaluate_run(loaded: LoadedRun, *, lam: float | None, limit: int | None,
     """The λ sweep on validation (or `lam`), test once, diagnostics and a rectification trace."""
     from tcp.data.collate import tokenize_records
     from tcp.data.loaders import load_split
-    from tcp.models.pilot import PilotTap
+    from tcp.models.pilot import PilotTap, use_fused_head
     from tcp.train import evaluate_and_report
 
     cfg = loaded.cfg
@@ -136,6 +136,9 @@ def evaluate_run(loaded: LoadedRun, *, lam: float | None, limit: int | None,
     test = load_split(cfg.data, "test", seed=cfg.seed)[:limit]
     val_samples, _ = tokenize_records(val, loaded.tokenizer, max_length=cfg.data.max_length,
                                       overlength=cfg.data.overlength)
+    if isinstance(loaded.pilot.get_output_embeddings(), torch.nn.Linear):
+        # Teacher-forced diagnostics then compute logits at target rows only (no (B, T, V)).
+        use_fused_head(loaded.pilot)
     tap = PilotTap(loaded.pilot, impl=cfg.kernels.impl)
     try:
         return evaluate_and_report(cfg, pilot=loaded.pilot, copilot=loaded.copilot, tap=tap,

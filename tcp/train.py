@@ -18,7 +18,8 @@ import torch.distributed as dist
 from tcp.checkpoint import CheckpointManager, rng_state, set_rng_state
 from tcp.config import MistakeLogConfig, RunConfig, dump_yaml, render_deepspeed, to_dict
 from tcp.data.collate import TokenizedSample, batch_indices, collate
-from tcp.evaluate import choose_lambda, generation_eval, teacher_forced_diagnostics
+from tcp.diagnostics import teacher_forced_diagnostics
+from tcp.evaluate import choose_lambda, generation_eval
 from tcp.faults import fault_point
 from tcp.generate import DecodeOptions
 from tcp.mistake_log.base import MistakeLog
@@ -237,12 +238,11 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
     ev = cfg.eval
     pilot.eval()
     copilot.eval()
-    vocab = int(getattr(pilot, "module", pilot).config.vocab_size)
     diag = teacher_forced_diagnostics(pilot, tap, copilot, val_samples,
-                                      pad_id=tokenizer.pad_token_id, vocab_size=vocab,
+                                      pad_id=tokenizer.pad_token_id, topk=cfg.mistake_log.topk,
                                       lambdas=ev.lambdas, fusion=ev.fusion,
                                       batch_size=ev.batch_size, rank=rank, world=world,
-                                      device=device)
+                                      device=device, chunk_mib=cfg.kernels.chunk_mib)
     # 'auto' is resolved once, on both splits' golds, so validation and test score alike.
     fmt = AnswerScorer.for_golds(ev.answer_format,
                                  [r["answer"] for r in val_records + test_records]).format

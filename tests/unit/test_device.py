@@ -13,7 +13,6 @@ from tcp.mistake_log.memory import MemoryMistakeLog
 from tcp.mistake_log.record import MistakeBatch
 from tcp.mistake_log.store import Schema, create_root
 from tcp.train import copilot_entries
-
 from tests.helpers import fake_entries
 
 META = torch.device("meta")

@@ -1,0 +1,32 @@
+"""Evaluation work split over ranks: equal batch counts per rank, sums across ranks."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Elementwise sum of `values` over all ranks (float64; identity without a group)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def shard_batches(samples: list[Any], *, rank: int, world: int, batch_size: int
+                  ) -> list[tuple[list[Any], int]]:
+    """This rank's batches as (items, n_real); every rank gets the same number of batches."""
+    shard = samples[rank::world]
+    n_batches = math.ceil(math.ceil(len(samples) / world) / batch_size)
+    out = []
+    for i in range(n_batches):
+        items = shard[i * batch_size:(i + 1) * batch_size]
+        n_real = len(items)
+        if n_real == 0:  # keep ranks in step: run a throw-away batch
+            items = samples[:1]
+        out.append((items, n_real))
+    return out
