@@ -165,7 +165,13 @@ class CopilotConfig:
     num_layers: int = 4
     """Decoder layers; odd layers (1st, 3rd, ...) self-attend, even layers cross-attend."""
     num_heads: int = 4
-    """Attention heads."""
+    """Attention (query) heads."""
+    num_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention, as LLaMA-3.2 / Qwen2.5 use); None: num_heads.
+    Must divide num_heads."""
+    head_dim: int | None = None
+    """Width of one head; None: hidden_size // num_heads. Set it for sources whose heads do not
+    tile the model width (FLAN-T5-small: 6 heads x 64 on a 512-wide model)."""
     init_from: str = "base"
     """'base' (the base model of the base phase), 'none' (from scratch), or a path to a
     same-family pretrained LLaMA-style decoder whose first num_layers blocks are copied."""
@@ -180,7 +186,15 @@ class CopilotConfig:
     """Recompute each Copilot layer's activations in the backward instead of keeping them."""
 
     def __post_init__(self) -> None:
-        _check_block_shape(self)
+        for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            _check(getattr(self, k) > 0, k, f"must be > 0 (got {getattr(self, k)})")
+        _check(self.head_dim is not None or self.hidden_size % self.num_heads == 0,
+               "hidden_size", f"must be divisible by num_heads ({self.hidden_size} % "
+               f"{self.num_heads} != 0), or set copilot.head_dim")
+        _check(self.head_dim is None or self.head_dim > 0, "head_dim", "must be > 0 or null")
+        kv = self.num_kv_heads or self.num_heads
+        _check(kv > 0 and self.num_heads % kv == 0, "num_kv_heads",
+               f"must divide num_heads ({self.num_heads}); got {self.num_kv_heads}")
         _check(self.num_layers >= 2, "num_layers", "must be >= 2 (one self- and one cross-layer)")
 
 
