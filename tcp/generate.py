@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from tcp.models.copilot import CopilotCache
-from tcp.models.pilot import PilotTap
+from tcp.models.pilot import PilotTap, logits_at
 
 
 @dataclass
@@ -241,11 +241,13 @@ class DecoderOnlyFusedState(FusedState):
         valid = mask.bool()
         last = (torch.arange(R, device=dev), torch.full((R,), P - 1, device=dev))
         with self.tap.capture(prompt_index=valid.nonzero(as_tuple=True), target_index=last,
-                              hidden_size=self.d, device=dev) as cap:
+                              hidden_size=self.d, device=dev) as cap, \
+                logits_at(self.pilot, last) as last_only:  # (R, V), not (R, P, V)
             out = self.pilot(input_ids=ids, attention_mask=mask, position_ids=pos,
                              use_cache=True)
         self.past, self.mask, self.pos = out.past_key_values, mask, pos[:, -1]
-        return self._start_copilot(out.logits[:, -1].float(), cap, valid, pos)
+        z = out.logits if last_only else out.logits[:, -1]
+        return self._start_copilot(z.float(), cap, valid, pos)
 
     def advance(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         R, dev = tokens.shape[0], self.device

@@ -8,9 +8,9 @@ sparse logged error; at inference: the Copilot's own dense f_{i-1}) projected V 
 for j <= i, and errors < i. The output head is zero-initialised: an untrained Copilot is a no-op.
 
 Blocks mirror LLaMA's (RMSNorm, rotary attention, SwiGLU) with the same parameter names, so a
-same-family pretrained decoder can initialise them (`init_from_llama`). Rotary positions are the
-Pilot's: X~ rows sit at prompt positions 0..P-1, h_j and query j at P-1+j (the position that
-produced p_hat_j).
+same-family pretrained decoder or a T5 can initialise them (`init_copilot_from`, in
+copilot_init.py). Rotary positions are the Pilot's: X~ rows sit at prompt positions 0..P-1, h_j
+and query j at P-1+j (the position that produced p_hat_j).
 
 Every parameter is used inside its owning submodule's `forward`, and every entry point goes
 through `Copilot.forward`, so DeepSpeed ZeRO-3 gathers partitioned weights in all modes.
@@ -19,14 +19,19 @@ through `Copilot.forward`, so DeepSpeed ZeRO-3 gathers partitioned weights in al
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tcp.config import CopilotConfig
 from tcp.kernels.copilot_loss import copilot_rmse_loss, fused_copilot_rmse_loss
 from tcp.mistake_log.record import MistakeBatch
+from tcp.models.copilot_init import Rotary, adopt_saved_biases
+from tcp.models.copilot_init import init_copilot_from as init_copilot_from
+from tcp.models.copilot_init import init_from_llama as init_from_llama  # the former home
 
 
 class RMSNorm(nn.Module):
@@ -43,14 +48,6 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, 1, T, head_dim) for positions (B, T) (HF LLaMA convention)."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim))
-    freqs = pos.float()[..., None] * inv
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
-    return emb.cos(), emb.sin()
-
-
 def _rotate(x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     cos, sin = cs
     x1, x2 = x.chunk(2, dim=-1)
@@ -61,7 +58,11 @@ KV = tuple[torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
-    """Multi-head attention with rotary positions; keys/values from `kv_src` (self or memory)."""
+    """Multi-head attention with rotary positions; keys/values from `kv_src` (self or memory).
+
+    Projections are bias-free unless a source with biases initialised them (Qwen2's q/k/v);
+    loading a state dict that has a bias gives the projection one (`adopt_saved_biases`).
+    """
 
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
@@ -96,6 +97,11 @@ class Attention(nn.Module):
         B, _, Tq, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, Tq, -1)), (k, v)
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              *args: Any, **kwargs: Any) -> None:
+        adopt_saved_biases(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 class MLP(nn.Module):
     """SwiGLU MLP (LLaMA names)."""
@@ -108,6 +114,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              *args: Any, **kwargs: Any) -> None:
+        adopt_saved_biases(self, state_dict, prefix)  # e.g. a LLaMA with mlp_bias=True
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Block(nn.Module):
@@ -287,14 +298,25 @@ class ErrorTarget:
                    num_seqs=batch.num_entries, **options)  # type: ignore[arg-type]
 
 
+class HeadRequest(Protocol):
+    """A computation on f = x W^T + b run inside the head's forward (ZeRO-3 gathered W)."""
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> Any: ...
+
+
 class ErrorHead(nn.Linear):
     """The output layer f = W h + b. Given a target, its forward returns the loss instead of f,
     so the loss runs where DeepSpeed ZeRO-3 has gathered W (fused: without the (N, V) f)."""
 
-    def forward(self, x: torch.Tensor, target: ErrorTarget | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, target: ErrorTarget | HeadRequest | None = None
+                ) -> Any:
         if target is None:
             return super().forward(x)
+        if not isinstance(target, ErrorTarget):
+            # Another request computed where W is gathered (tcp.diagnostics.DiagnosticsTarget):
+            # it reads f in row chunks, never as a whole (N, V).
+            return target(x, self.weight, self.bias)
         t = target
         if t.fused:
             return fused_copilot_rmse_loss(x, self.weight, self.bias, t.labels, t.topk_ids,
@@ -346,6 +368,8 @@ class Copilot(nn.Module):
             ["cross" if i % 2 == 1 else "self" for i in range(cfg.num_layers)]
         self.layers = nn.ModuleList(Block(cfg, kind=k) for k in kinds)
         self.norm = RMSNorm(d)
+        # Plain RoPE with rope_theta unless a pretrained source sets its own frequencies.
+        self.rotary = Rotary(d // cfg.num_heads, cfg.rope_theta)
         self.head = ErrorHead(d, vocab_size)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -354,7 +378,7 @@ class Copilot(nn.Module):
                 self.mem_proj.proj.weight.copy_(torch.eye(d))
 
     def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope(pos, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta)
+        return self.rotary(pos)
 
     def forward(self, inputs: CopilotInputs | None = None, *, target: ErrorTarget | None = None,
                 cache: CopilotCache | None = None, prev_f: torch.Tensor | None = None,
@@ -391,9 +415,18 @@ class Copilot(nn.Module):
         self_mask = causal & x.q_valid[:, None, None, :]
         visible = x.mem_first_query[:, None, :] <= qi[None, :, None]  # h_j only from query j on
         cross_mask = (x.mem_valid[:, None, :] & visible)[:, None]  # (B, 1, T, M)
+        # Recompute each block in the backward (cfg.gradient_checkpointing) only where a
+        # backward follows; decoding (_start/_step) never checkpoints. Non-reentrant: it takes
+        # keyword arguments, and ZeRO-3's known recompute failure needs frozen parameters,
+        # which the (fully trained) Copilot does not have.
+        ckpt = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        kw = dict(mem_new=mem, q_rope=q_rope, k_rope=k_rope, self_mask=self_mask,
+                  cross_mask=cross_mask)
         for layer in self.layers:
-            hid, _, _ = layer(hid, mem_new=mem, q_rope=q_rope, k_rope=k_rope,
-                              self_mask=self_mask, cross_mask=cross_mask)
+            if ckpt:
+                hid, _, _ = checkpoint(layer, hid, use_reentrant=False, **kw)
+            else:
+                hid, _, _ = layer(hid, **kw)
         if target is not None:
             return self.head(self.norm(hid)[x.q_valid], target)
         return self.head(self.norm(hid))
@@ -435,45 +468,3 @@ class Copilot(nn.Module):
             cache.kv[li], cache.mem_kv[li] = kv, mkv
         cache.steps += 1
         return self.head(self.norm(hid))[:, 0]
-
-
-@torch.no_grad()
-def init_from_llama(copilot: Copilot, llama: nn.Module) -> list[str]:
-    """Copy a same-family LLaMA-style decoder into the Copilot's blocks.
-
-    Copilot layer l takes decoder layer l's attention (q/k/v/o, used as self- or cross-attention),
-    MLP and norms; the error projection takes the token embedding table (ell projects to the
-    expected embedding difference E[y] - sum_v p_v E[v]); the final norm is copied. The head stays
-    zero. Returns the names of the copied tensors.
-    """
-    cfg = llama.config
-    c = copilot.cfg
-    n_kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
-    problems = []
-    if cfg.hidden_size != c.hidden_size:
-        problems.append(f"hidden_size {cfg.hidden_size} != copilot.hidden_size {c.hidden_size}")
-    if cfg.num_attention_heads != c.num_heads or n_kv != c.num_heads:
-        problems.append("attention heads differ (or the decoder uses grouped-query attention)")
-    if cfg.intermediate_size != c.intermediate_size:
-        problems.append(f"intermediate_size {cfg.intermediate_size} != {c.intermediate_size}")
-    if cfg.num_hidden_layers < c.num_layers:
-        problems.append(f"decoder has {cfg.num_hidden_layers} layers < copilot.num_layers")
-    if cfg.vocab_size != copilot.vocab_size:
-        problems.append(f"vocab_size {cfg.vocab_size} != Pilot vocabulary {copilot.vocab_size}")
-    if problems:
-        raise ValueError("copilot.init_from: incompatible decoder: " + "; ".join(problems) +
-                         ". Match copilot.* to the decoder's config or use copilot.init_from=none")
-    src = llama.model
-    copied = []
-    for i, blk in enumerate(copilot.layers):
-        s = src.layers[i]
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            getattr(blk.self_attn, name).weight.copy_(getattr(s.self_attn, name).weight)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(blk.mlp, name).weight.copy_(getattr(s.mlp, name).weight)
-        blk.input_layernorm.weight.copy_(s.input_layernorm.weight)
-        blk.post_attention_layernorm.weight.copy_(s.post_attention_layernorm.weight)
-        copied.append(f"layers.{i}")
-    copilot.err_proj.weight.copy_(src.embed_tokens.weight)
-    copilot.norm.weight.copy_(src.norm.weight)
-    return [*copied, "err_proj.weight", "norm.weight"]

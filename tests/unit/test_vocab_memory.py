@@ -158,3 +158,16 @@ def test_target_row_logits_equal_full_logits(models):
     _, tidx = flat_indices(batch["prompt_len"], batch["target_len"])
     torch.testing.assert_close(rows, full[tidx])
 
+
+
+def test_decoding_with_last_row_logits_equals_full_logits(models):
+    pilot, tap, cop, tok = models
+    plain = copy.deepcopy(pilot)
+    plain.set_output_embeddings(torch.nn.Linear(32, V, bias=False))
+    plain.get_output_embeddings().weight = pilot.get_output_embeddings().weight
+    kw = dict(lambdas=[0.0, 1.0], opts=DecodeOptions(max_new_tokens=5), eos_id=-1,
+              pad_id=tok.pad_token_id, device=CPU)
+    with torch.no_grad():
+        a, _ = fused_generate(pilot, tap, cop, sample_prompts(tok), **kw)
+        b, _ = fused_generate(plain, PilotTap(plain), cop, sample_prompts(tok), **kw)
+    assert a == b

@@ -1,0 +1,364 @@
+"""Starting the Copilot from a pretrained model of the Pilot's family (METHOD.md §2, §8).
+
+`init_copilot_from(copilot, source)` copies what maps from
+
+- a LLaMA-style decoder (LLaMA, Qwen2, Mistral: `model.layers[i].self_attn.q_proj`, ...),
+  grouped-query attention, q/k/v biases, tied or untied embeddings and scaled RoPE included;
+- a T5 (`decoder.block[i].layer[...]`), into either Copilot variant.
+
+It also holds the two pieces of the Copilot that exist because of such sources: `Rotary` (the
+rotary frequencies, which a source may scale, e.g. LLaMA-3's 'llama3' RoPE) and
+`adopt_saved_biases` (Qwen2's q/k/v biases, re-created when a saved Copilot that has them is
+loaded into a Copilot built from its config). Both travel in the Copilot's state dict, so
+`final/copilot.pt` rebuilds the same model in `tcp-eval`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from tcp.models.copilot import Copilot
+
+
+class Rotary(nn.Module):
+    """cos, sin of shape (B, 1, T, head_dim) for positions (B, T) (HF LLaMA convention).
+
+    The inverse frequencies default to `theta ** (-2i / head_dim)` and can be replaced by a
+    pretrained decoder's (`set_frequencies`), with its post-scaling of cos/sin (YaRN).
+
+    They travel in the state dict as *extra state* (one float64 tensor: [scaling, *inv_freq]),
+    not as a buffer: DeepSpeed's bf16/fp16 engines cast every floating buffer, and bf16
+    frequencies put tokens a few hundred positions apart at visibly wrong angles. A state dict
+    saved before this state existed loads with the `theta` default, which is what such a
+    Copilot used.
+    """
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self._state = self._pack(self.default_frequencies(), 1.0)
+        self._on: tuple[torch.device, torch.Tensor] | None = None
+
+    def default_frequencies(self) -> torch.Tensor:
+        """(head_dim/2,) the plain-RoPE inverse frequencies, computed in fp32 as HF does."""
+        i = torch.arange(0, self.head_dim, 2).float()
+        return 1.0 / (self.theta ** (i / self.head_dim))
+
+    def _pack(self, inv_freq: torch.Tensor, scaling: float) -> torch.Tensor:
+        if inv_freq.shape != (self.head_dim // 2,):
+            raise ValueError(f"rotary frequencies of shape {tuple(inv_freq.shape)}; the Copilot "
+                             f"rotates whole heads of {self.head_dim} (needs "
+                             f"({self.head_dim // 2},): partial rotary embeddings are not "
+                             "supported)")
+        return torch.cat([torch.tensor([scaling], dtype=torch.float64),
+                          inv_freq.detach().cpu().double()])
+
+    def set_frequencies(self, inv_freq: torch.Tensor, scaling: float = 1.0) -> None:
+        """Use a pretrained decoder's inverse frequencies (head_dim/2,) and cos/sin scaling."""
+        self._state, self._on = self._pack(inv_freq, scaling), None
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """(head_dim/2,) float64 on the CPU."""
+        return self._state[1:]
+
+    @property
+    def scaling(self) -> float:
+        return float(self._state[0])
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._on is None or self._on[0] != pos.device:  # one small copy per device
+            self._on = (pos.device, self.inv_freq.float().to(pos.device))
+        freqs = pos.float()[..., None] * self._on[1]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        cos, sin = emb.cos(), emb.sin()
+        if self.scaling != 1.0:
+            cos, sin = cos * self.scaling, sin * self.scaling
+        return cos, sin
+
+    def get_extra_state(self) -> torch.Tensor:
+        return self._state.clone()
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        state = state.detach().cpu().double()
+        self.set_frequencies(state[1:], float(state[0]))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              *args: Any, **kwargs: Any) -> None:
+        # Copilots saved before the frequencies were state used plain RoPE with rope_theta.
+        state_dict.setdefault(prefix + "_extra_state",
+                              self._pack(self.default_frequencies(), 1.0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def enable_bias(linear: nn.Linear) -> None:
+    """Give a bias-free Linear a zero bias (sources such as Qwen2 have q/k/v biases)."""
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device,
+                                               dtype=linear.weight.dtype))
+
+
+def adopt_saved_biases(module: nn.Module, state_dict: dict[str, Any], prefix: str) -> None:
+    """Before `module` loads `state_dict`: every child Linear whose saved bias is present gets
+    one, so a Copilot built from its config loads a Copilot initialised from a biased source."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear) and f"{prefix}{name}.bias" in state_dict:
+            enable_bias(child)
+
+
+# ---------------------------------------------------------------------------------------------
+# Copying a source into the Copilot
+
+
+def init_copilot_from(copilot: Copilot, source: nn.Module) -> list[str]:
+    """Initialise `copilot` from a pretrained LLaMA-style decoder or T5; returns the names of
+    the Copilot tensors that were copied (the head stays zero, so the Copilot starts neutral).
+
+    Raises ValueError naming the copilot.* keys to change when the shapes do not fit.
+    """
+    if _llama_body(source) is not None:
+        return _init_from_llama_style(copilot, source)
+    if _t5_decoder(source) is not None:
+        return _init_from_t5(copilot, source)
+    raise ValueError(f"copilot.init_from: cannot initialise the Copilot from a "
+                     f"{type(source).__name__}: neither a LLaMA-style decoder (model.layers[i]."
+                     "self_attn.q_proj, mlp.gate_proj) nor a T5 (decoder.block). Use "
+                     "copilot.init_from=none")
+
+
+def init_from_llama(copilot: Copilot, llama: nn.Module) -> list[str]:
+    """The former name of `init_copilot_from` (LLaMA-style decoders only)."""
+    if _llama_body(llama) is None:
+        raise ValueError(f"{type(llama).__name__} is not a LLaMA-style decoder")
+    return _init_from_llama_style(copilot, llama)
+
+
+def _llama_body(model: nn.Module) -> nn.Module | None:
+    body = getattr(model, "model", model)
+    layers = getattr(body, "layers", None)
+    if not layers or not hasattr(body, "embed_tokens"):
+        return None
+    first = layers[0]
+    attn, mlp = getattr(first, "self_attn", None), getattr(first, "mlp", None)
+    if attn is None or mlp is None or not hasattr(attn, "q_proj") or \
+            not hasattr(mlp, "gate_proj"):
+        return None
+    return body
+
+
+def _t5_decoder(model: nn.Module) -> nn.Module | None:
+    dec = getattr(model, "decoder", None)
+    return dec if dec is not None and hasattr(dec, "block") else None
+
+
+def _refuse(problems: list[str], what: str) -> None:
+    if problems:
+        raise ValueError(f"copilot.init_from: incompatible {what}: " + "; ".join(problems) +
+                         ". Set these copilot.* keys to the source's values, or use "
+                         "copilot.init_from=none")
+
+
+def _shape_problems(copilot: Copilot, *, hidden: int, heads: int, head_dim: int, inner: int,
+                    layers: int, vocab: int) -> list[str]:
+    c, problems = copilot.cfg, []
+    if hidden != c.hidden_size:
+        problems.append(f"copilot.hidden_size={c.hidden_size} but the source's hidden_size is "
+                        f"{hidden}")
+    if heads != c.num_heads:
+        problems.append(f"copilot.num_heads={c.num_heads} but the source has {heads} (query) "
+                        "heads")
+    if heads * head_dim != hidden:
+        problems.append(f"the source's heads x head_dim = {heads} x {head_dim} != its hidden "
+                        f"size {hidden}; the Copilot's attention needs num_heads x head_dim == "
+                        "hidden_size (no copilot.head_dim key yet)")
+    if inner != c.intermediate_size:
+        problems.append(f"copilot.intermediate_size={c.intermediate_size} but the source's MLP "
+                        f"width is {inner}")
+    if layers < c.num_layers:
+        problems.append(f"copilot.num_layers={c.num_layers} but the source has only {layers} "
+                        "decoder layers")
+    if vocab != copilot.vocab_size:
+        problems.append(f"the source's embedding table has {vocab} rows, the Pilot's "
+                        f"vocabulary {copilot.vocab_size} (the Copilot must use the Pilot's "
+                        "family)")
+    return problems
+
+
+def _copy_linear(dst: nn.Linear, src: nn.Linear, *, repeat: int = 1, head_dim: int = 0,
+                 scale: float = 1.0) -> None:
+    """dst <- src. `repeat` > 1 repeats each output head of `head_dim` rows `repeat` times (a
+    GQA key/value head becomes the key/value head of each query head of its group)."""
+    w = src.weight.detach()
+    b = None if src.bias is None else src.bias.detach()
+    if repeat > 1:
+        w = w.reshape(-1, head_dim, w.shape[1]).repeat_interleave(repeat, 0).flatten(0, 1)
+        b = None if b is None else b.reshape(-1, head_dim).repeat_interleave(repeat, 0).flatten()
+    dst.weight.copy_(w * scale)
+    if b is not None:
+        enable_bias(dst)
+        dst.bias.copy_(b * scale)
+    elif dst.bias is not None:
+        nn.init.zeros_(dst.bias)
+
+
+def _copy_attention(dst: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear, *,
+                    repeat: int, head_dim: int, q_scale: float = 1.0) -> None:
+    _copy_linear(dst.q_proj, q, scale=q_scale)
+    _copy_linear(dst.k_proj, k, repeat=repeat, head_dim=head_dim)
+    _copy_linear(dst.v_proj, v, repeat=repeat, head_dim=head_dim)
+    _copy_linear(dst.o_proj, o)
+
+
+def source_rope(config: Any) -> tuple[torch.Tensor, float]:
+    """A LLaMA-style config's rotary inverse frequencies (head_dim/2,) and cos/sin scaling,
+    computed as transformers computes them at init (rope_theta, rope_scaling / rope_parameters:
+    'llama3', 'linear', 'yarn', ...). For 'dynamic' these are the frequencies before any
+    length-dependent update; the Copilot does not re-scale with sequence length."""
+    params = dict(getattr(config, "rope_parameters", None) or
+                  getattr(config, "rope_scaling", None) or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        theta = params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+        hd = getattr(config, "head_dim", None) or \
+            config.hidden_size // config.num_attention_heads
+        if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("copilot.init_from: partial rotary embeddings are not supported")
+        return 1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd)), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"copilot.init_from: unknown RoPE type {rope_type!r}")
+    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+    return inv.float(), float(scaling)
+
+
+@torch.no_grad()
+def _init_from_llama_style(copilot: Copilot, model: nn.Module) -> list[str]:
+    """LLaMA / Qwen2 / Mistral into either Copilot variant.
+
+    Copilot layer l takes decoder layer l's attention, MLP and norms. Every attention of the
+    block (self-attention; the modified cross-attention, which keeps the name `self_attn`; an
+    encoder-decoder block's `cross_attn`, which also takes the block's `input_layernorm` as its
+    norm) starts as the source's self-attention (METHOD.md §8). Memory rows reach these
+    projections through `mem_proj` (identity when d_P == d_C).
+
+    Grouped-query attention (n_kv < H key/value heads): HF computes query head j against
+    key/value head j // (H / n_kv) (`repeat_kv`). The Copilot's attention has H key/value heads,
+    so key/value head j is a copy of the source's head j // (H / n_kv): k_proj/v_proj rows
+    (and biases) are repeated per head (`repeat_interleave` along the head axis). The copied
+    attention then computes exactly what the source's GQA computes, at H/n_kv times the K/V
+    parameters and cache. Biases (Qwen2's q/k/v) are copied; bias-free projections stay so.
+
+    The error projection takes the input embedding table (ell projects to the expected
+    embedding difference E[y] - sum_v p_v E[v]), whether or not the source ties it to its
+    output layer. The rotary frequencies become the source's (rope_theta and any scaling).
+    Not copied: the final-norm epsilon (the Copilot's RMSNorm keeps 1e-6) and sliding windows.
+    """
+    cfg, body = model.config, _llama_body(model)
+    assert body is not None
+    heads = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = cfg.hidden_size
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    embed = body.embed_tokens.weight
+    problems = _shape_problems(copilot, hidden=hidden, heads=heads, head_dim=head_dim,
+                               inner=cfg.intermediate_size, layers=len(body.layers),
+                               vocab=embed.shape[0])
+    if heads % n_kv:
+        problems.append(f"{heads} query heads do not split into {n_kv} key/value groups")
+    act = getattr(cfg, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        problems.append(f"the source's MLP activation is {act!r}; the Copilot's is SiLU")
+    if hasattr(body.layers[0].self_attn, "q_norm"):
+        problems.append("the source normalises queries/keys per head (q_norm/k_norm, e.g. "
+                        "Qwen3), which the Copilot's attention lacks")
+    _refuse(problems, f"decoder ({type(model).__name__})")
+    inv, scaling = source_rope(cfg)
+    copilot.rotary.set_frequencies(inv, scaling)
+    repeat = heads // n_kv
+    for i, blk in enumerate(copilot.layers):
+        s = body.layers[i]
+        a = s.self_attn
+        targets = [blk.self_attn] + ([blk.cross_attn] if blk.kind == "both" else [])
+        for att in targets:
+            _copy_attention(att, a.q_proj, a.k_proj, a.v_proj, a.o_proj, repeat=repeat,
+                            head_dim=head_dim)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            _copy_linear(getattr(blk.mlp, name), getattr(s.mlp, name))
+        blk.input_layernorm.weight.copy_(s.input_layernorm.weight)
+        if blk.kind == "both":
+            blk.cross_layernorm.weight.copy_(s.input_layernorm.weight)
+        blk.post_attention_layernorm.weight.copy_(s.post_attention_layernorm.weight)
+    copilot.err_proj.weight.copy_(embed)
+    copilot.norm.weight.copy_(body.norm.weight)
+    return [*_copied_names(copilot), "rotary"]
+
+
+@torch.no_grad()
+def _init_from_t5(copilot: Copilot, model: nn.Module) -> list[str]:
+    """A T5's decoder into either Copilot variant.
+
+    Per layer: T5's self-attention (`layer[0].SelfAttention`) -> the Copilot's self-attention;
+    T5's cross-attention (`layer[1].EncDecAttention`) -> the Copilot's memory attention
+    (`cross_attn` of an encoder-decoder Copilot; `self_attn` of a decoder-only Copilot's
+    cross layers), each with the T5 layer norm in front of it; `layer[2]`'s gated MLP
+    (wi_0, wi_1, wo) -> gate/up/down; the decoder's final norm and embedding table -> `norm`
+    and `err_proj`. T5LayerNorm is an RMSNorm without bias, so norms copy as they are.
+
+    Three differences, chosen rather than emulated:
+    - Scaling: T5 does not divide attention logits by sqrt(d_kv) (its init folds that in); the
+      Copilot's attention does, so q is copied times sqrt(d_kv) and the logits are T5's.
+    - Positions: T5's relative position bias is not copied (the Copilot has none); positions
+      come from the Copilot's rotary embedding (copilot.rope_theta). At position offset 0 the
+      copied attention equals T5's bias-free attention; elsewhere it is a warm start.
+    - Activation: T5 v1.1's gated MLP uses GELU (tanh), the Copilot's SwiGLU uses SiLU. The
+      Copilot keeps SiLU: every saved Copilot then rebuilds from its config alone (tcp-eval,
+      transfer), the copy is already inexact through positions, and the zero-initialised head
+      keeps the Copilot neutral until training adapts the blocks.
+    """
+    cfg, dec = model.config, _t5_decoder(model)
+    assert dec is not None
+    heads, head_dim = cfg.num_heads, cfg.d_kv
+    embed = dec.embed_tokens.weight
+    problems = _shape_problems(copilot, hidden=cfg.d_model, heads=heads, head_dim=head_dim,
+                               inner=cfg.d_ff, layers=len(dec.block), vocab=embed.shape[0])
+    if not getattr(cfg, "is_gated_act", False):
+        problems.append(f"the T5's MLP is not gated (feed_forward_proj="
+                        f"{cfg.feed_forward_proj!r}); the Copilot's SwiGLU needs a gated "
+                        "(T5 v1.1 / FLAN-T5) source")
+    _refuse(problems, f"T5 ({type(model).__name__})")
+    q_scale = math.sqrt(head_dim)
+    for i, blk in enumerate(copilot.layers):
+        s = dec.block[i]
+        sa, ca, ff = s.layer[0], s.layer[1], s.layer[2]
+        mem_att = blk.cross_attn if blk.kind == "both" else blk.self_attn
+        if blk.kind != "cross":
+            t = sa.SelfAttention
+            _copy_attention(blk.self_attn, t.q, t.k, t.v, t.o, repeat=1, head_dim=head_dim,
+                            q_scale=q_scale)
+            blk.input_layernorm.weight.copy_(sa.layer_norm.weight)
+        if blk.kind != "self":
+            t = ca.EncDecAttention
+            _copy_attention(mem_att, t.q, t.k, t.v, t.o, repeat=1, head_dim=head_dim,
+                            q_scale=q_scale)
+            norm = blk.cross_layernorm if blk.kind == "both" else blk.input_layernorm
+            norm.weight.copy_(ca.layer_norm.weight)
+        d = ff.DenseReluDense
+        _copy_linear(blk.mlp.gate_proj, d.wi_0)
+        _copy_linear(blk.mlp.up_proj, d.wi_1)
+        _copy_linear(blk.mlp.down_proj, d.wo)
+        blk.post_attention_layernorm.weight.copy_(ff.layer_norm.weight)
+    copilot.err_proj.weight.copy_(embed)
+    copilot.norm.weight.copy_(dec.final_layer_norm.weight)
+    return _copied_names(copilot)
+
+
+def _copied_names(copilot: Copilot) -> list[str]:
+    """Every block tensor, the error projection's table and the final norm."""
+    return [n for n, _ in copilot.named_parameters()
+            if n.startswith("layers.") or n in ("err_proj.weight", "norm.weight")]
