@@ -9,8 +9,11 @@ for j <= i, and errors < i. The output head is zero-initialised: an untrained Co
 
 Blocks mirror LLaMA's (RMSNorm, rotary attention, SwiGLU) with the same parameter names, so a
 same-family pretrained decoder or a T5 can initialise them (`init_copilot_from`, in
-copilot_init.py). Rotary positions are the Pilot's: X~ rows sit at prompt positions 0..P-1, h_j
-and query j at P-1+j (the position that produced p_hat_j).
+copilot_init.py). Attention (attention.py) is grouped-query when copilot.num_kv_heads < num_heads,
+with heads copilot.head_dim wide; decoding caches keys/values at num_kv_heads.
+
+Rotary positions are the Pilot's: X~ rows sit at prompt positions 0..P-1, h_j and query j at
+P-1+j (the position that produced p_hat_j).
 
 Every parameter is used inside its owning submodule's `forward`, and every entry point goes
 through `Copilot.forward`, so DeepSpeed ZeRO-3 gathers partitioned weights in all modes.
@@ -29,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from tcp.config import CopilotConfig
 from tcp.kernels.copilot_loss import copilot_rmse_loss, fused_copilot_rmse_loss
 from tcp.mistake_log.record import MistakeBatch
+from tcp.models.attention import KV, Attention
 from tcp.models.copilot_init import Rotary, adopt_saved_biases
 from tcp.models.copilot_init import init_copilot_from as init_copilot_from
 from tcp.models.copilot_init import init_from_llama as init_from_llama  # the former home
@@ -46,61 +50,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
-
-
-def _rotate(x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    cos, sin = cs
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
-
-
-KV = tuple[torch.Tensor, torch.Tensor]
-
-
-class Attention(nn.Module):
-    """Multi-head attention with rotary positions; keys/values from `kv_src` (self or memory).
-
-    Projections are bias-free unless a source with biases initialised them (Qwen2's q/k/v);
-    loading a state dict that has a bias gives the projection one (`adopt_saved_biases`).
-    """
-
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads, self.hd = heads, d // heads
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
-        self.o_proj = nn.Linear(d, d, bias=False)
-
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        return x.view(B, T, self.heads, self.hd).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor, *, kv_src: torch.Tensor | None, q_rope: tuple,
-                k_rope: tuple | None, mask: torch.Tensor | None,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x (B, Tq, d); kv_src (B, Tk, d) rows to append to `past` keys/values (None: none).
-
-        Returns the output (B, Tq, d) and the full (keys, values) (B, H, Tk_total, hd).
-        """
-        q = _rotate(self._split(self.q_proj(x)), q_rope)
-        if kv_src is not None:
-            k = _rotate(self._split(self.k_proj(kv_src)), k_rope)
-            v = self._split(self.v_proj(kv_src))
-            if past is not None:
-                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        else:
-            assert past is not None
-            k, v = past
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        B, _, Tq, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(B, Tq, -1)), (k, v)
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
-                              *args: Any, **kwargs: Any) -> None:
-        adopt_saved_biases(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class MLP(nn.Module):
@@ -136,11 +85,12 @@ class Block(nn.Module):
         assert kind in ("self", "cross", "both")
         self.kind = kind
         self.cross = kind == "cross"
+        heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)  # None: multi-head, d / heads
         self.input_layernorm = RMSNorm(cfg.hidden_size)
-        self.self_attn = Attention(cfg.hidden_size, cfg.num_heads)  # named as in LLaMA
+        self.self_attn = Attention(cfg.hidden_size, *heads)  # named as in LLaMA
         if kind == "both":
             self.cross_layernorm = RMSNorm(cfg.hidden_size)
-            self.cross_attn = Attention(cfg.hidden_size, cfg.num_heads)
+            self.cross_attn = Attention(cfg.hidden_size, *heads)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -331,7 +281,8 @@ class CopilotCache:
     """Per-layer keys/values for incremental decoding."""
 
     kv: list[KV | None] = field(default_factory=list)
-    """Self-attention keys/values of the Copilot's own positions (None: layer has none yet)."""
+    """Self-attention keys/values of the Copilot's own positions, (B, num_kv_heads, T, head_dim)
+    each (None: the layer has none yet)."""
     mem_kv: list[KV | None] = field(default_factory=list)
     """Memory attention keys/values of [X~ ; h_<=i] (None: the layer does not attend it)."""
     mem_valid: torch.Tensor | None = None
@@ -369,7 +320,7 @@ class Copilot(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, kind=k) for k in kinds)
         self.norm = RMSNorm(d)
         # Plain RoPE with rope_theta unless a pretrained source sets its own frequencies.
-        self.rotary = Rotary(d // cfg.num_heads, cfg.rope_theta)
+        self.rotary = Rotary(cfg.head_dim or d // cfg.num_heads, cfg.rope_theta)
         self.head = ErrorHead(d, vocab_size)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -440,9 +391,7 @@ class Copilot(nn.Module):
             cache.kv.append(None)
             if layer.attends_memory:
                 att = layer.cross_attn if layer.kind == "both" else layer.self_attn
-                k = _rotate(att._split(att.k_proj(mem)), k_rope)
-                v = att._split(att.v_proj(mem))
-                cache.mem_kv.append((k, v))
+                cache.mem_kv.append(att.keys_values(mem, k_rope))  # at num_kv_heads
             else:
                 cache.mem_kv.append(None)
         return cache

@@ -4,7 +4,13 @@
 
 - a LLaMA-style decoder (LLaMA, Qwen2, Mistral: `model.layers[i].self_attn.q_proj`, ...),
   grouped-query attention, q/k/v biases, tied or untied embeddings and scaled RoPE included;
-- a T5 (`decoder.block[i].layer[...]`), into either Copilot variant.
+- a T5 (`decoder.block[i].layer[...]`), heads narrower than d_model / heads included
+  (FLAN-T5-small: 6 x 64 on 512),
+
+into either Copilot variant. Attention heads are copied as they are (METHOD.md §8): the Copilot
+is configured with the source's heads (copilot.num_heads, num_kv_heads, head_dim), so q/k/v/o
+keep their shapes and a GQA source stays GQA. Attention reading the memory [X~ ; h] takes its
+k/v only where the Pilot width equals the Copilot's (`_memory_kv_copied`).
 
 It also holds the two pieces of the Copilot that exist because of such sources: `Rotary` (the
 rotary frequencies, which a source may scale, e.g. LLaMA-3's 'llama3' RoPE) and
@@ -163,29 +169,29 @@ def _refuse(problems: list[str], what: str) -> None:
                          "copilot.init_from=none")
 
 
-def _shape_problems(copilot: Copilot, *, hidden: int, heads: int, head_dim: int, inner: int,
-                    layers: int, vocab: int) -> list[str]:
+def _shape_problems(copilot: Copilot, *, hidden: int, heads: int, kv_heads: int,
+                    head_dim: int, inner: int, layers: int) -> list[str]:
     c, problems = copilot.cfg, []
+    att = copilot.layers[0].self_attn
     if hidden != c.hidden_size:
         problems.append(f"copilot.hidden_size={c.hidden_size} but the source's hidden_size is "
                         f"{hidden}")
     if heads != c.num_heads:
         problems.append(f"copilot.num_heads={c.num_heads} but the source has {heads} (query) "
                         "heads")
-    if heads * head_dim != hidden:
-        problems.append(f"the source's heads x head_dim = {heads} x {head_dim} != its hidden "
-                        f"size {hidden}; the Copilot's attention needs num_heads x head_dim == "
-                        "hidden_size (no copilot.head_dim key yet)")
+    # A multi-head Copilot (num_kv_heads = num_heads) also takes a GQA source (_kv_repeat).
+    if kv_heads != att.kv_heads and att.kv_heads != att.heads:
+        problems.append(f"copilot.num_kv_heads={c.num_kv_heads} but the source has {kv_heads} "
+                        "key/value heads")
+    if head_dim != att.hd:
+        problems.append(f"copilot.head_dim={c.head_dim} (heads of {att.hd}) but the source's "
+                        f"heads are {head_dim} wide")
     if inner != c.intermediate_size:
         problems.append(f"copilot.intermediate_size={c.intermediate_size} but the source's MLP "
                         f"width is {inner}")
     if layers < c.num_layers:
         problems.append(f"copilot.num_layers={c.num_layers} but the source has only {layers} "
                         "decoder layers")
-    if vocab != copilot.vocab_size:
-        problems.append(f"the source's embedding table has {vocab} rows, the Pilot's "
-                        f"vocabulary {copilot.vocab_size} (the Copilot must use the Pilot's "
-                        "family)")
     return problems
 
 
@@ -207,11 +213,42 @@ def _copy_linear(dst: nn.Linear, src: nn.Linear, *, repeat: int = 1, head_dim: i
 
 
 def _copy_attention(dst: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear, *,
-                    repeat: int, head_dim: int, q_scale: float = 1.0) -> None:
+                    repeat: int, head_dim: int, q_scale: float = 1.0, kv: bool = True) -> None:
+    """q/k/v/o as they are (k/v repeated per group only by `_kv_repeat`'s fallback); `kv`
+    False leaves k/v as initialised (memory attention of a narrower or wider Pilot)."""
     _copy_linear(dst.q_proj, q, scale=q_scale)
-    _copy_linear(dst.k_proj, k, repeat=repeat, head_dim=head_dim)
-    _copy_linear(dst.v_proj, v, repeat=repeat, head_dim=head_dim)
+    if kv:
+        _copy_linear(dst.k_proj, k, repeat=repeat, head_dim=head_dim)
+        _copy_linear(dst.v_proj, v, repeat=repeat, head_dim=head_dim)
     _copy_linear(dst.o_proj, o)
+
+
+def _kv_repeat(copilot: Copilot, kv_heads: int) -> int:
+    """1 when the Copilot has the source's key/value heads (the configuration METHOD.md §8
+    asks for). Otherwise (checked by `_shape_problems`) the Copilot is multi-head
+    (num_kv_heads = num_heads, e.g. left unset) and each source key/value head is repeated for
+    the H / n_kv query heads of its group, as transformers' `repeat_kv` does at run time: the
+    same attention at H / n_kv times the key/value parameters and cache."""
+    return copilot.layers[0].self_attn.kv_heads // kv_heads
+
+
+def _memory_kv_copied(copilot: Copilot) -> bool:
+    """Whether attention over the memory [X~ ; h] takes the source's k/v (METHOD.md §8).
+
+    Memory rows reach k_proj/v_proj through `mem_proj` (d_P -> d_C, shared by all memory
+    layers), so any copy would fit by shape. Only when d_P == d_C is `mem_proj` the identity,
+    and the source's k/v read Pilot states of the width (and, same family, the kind of space)
+    they were trained on. Otherwise they would read a random projection, so k/v keep their
+    fresh initialisation and only q/o (which face the Copilot's own states) are copied.
+    """
+    return copilot.mem_proj.proj.in_features == copilot.cfg.hidden_size
+
+
+def _memory_attention(blk: nn.Module) -> tuple[str, nn.Module] | None:
+    """(name, module) of the block's attention over the memory, None for a 'self' block."""
+    if blk.kind == "self":
+        return None
+    return ("cross_attn", blk.cross_attn) if blk.kind == "both" else ("self_attn", blk.self_attn)
 
 
 def source_rope(config: Any) -> tuple[torch.Tensor, float]:
@@ -244,20 +281,23 @@ def _init_from_llama_style(copilot: Copilot, model: nn.Module) -> list[str]:
     Copilot layer l takes decoder layer l's attention, MLP and norms. Every attention of the
     block (self-attention; the modified cross-attention, which keeps the name `self_attn`; an
     encoder-decoder block's `cross_attn`, which also takes the block's `input_layernorm` as its
-    norm) starts as the source's self-attention (METHOD.md §8). Memory rows reach these
-    projections through `mem_proj` (identity when d_P == d_C).
+    norm) starts as the source's self-attention: a decoder has no cross-attention of its own,
+    and Encoder-Decoder Gemma starts its cross-attention the same way (METHOD.md §8). Attention
+    over the memory takes the k/v only when d_P == d_C (`_memory_kv_copied`); q/o always.
 
-    Grouped-query attention (n_kv < H key/value heads): HF computes query head j against
-    key/value head j // (H / n_kv) (`repeat_kv`). The Copilot's attention has H key/value heads,
-    so key/value head j is a copy of the source's head j // (H / n_kv): k_proj/v_proj rows
-    (and biases) are repeated per head (`repeat_interleave` along the head axis). The copied
-    attention then computes exactly what the source's GQA computes, at H/n_kv times the K/V
-    parameters and cache. Biases (Qwen2's q/k/v) are copied; bias-free projections stay so.
+    Grouped-query attention (n_kv < H key/value heads): query head j reads key/value head
+    j // (H / n_kv) in HF and in the Copilot's attention alike, so with copilot.num_kv_heads =
+    n_kv and copilot.head_dim = the source's, q/k/v/o (and biases) copy as they are and the
+    Copilot computes exactly the source's attention, caching n_kv heads as it does (this is what
+    transformers' Mllama cross-attention and T5Gemma do). A Copilot left multi-head gets the
+    key/value heads repeated per group instead (`_kv_repeat`); other head counts are refused.
+    Biases (Qwen2's q/k/v) are copied; bias-free projections stay so.
 
     The error projection takes the input embedding table (ell projects to the expected
     embedding difference E[y] - sum_v p_v E[v]), whether or not the source ties it to its
-    output layer. The rotary frequencies become the source's (rope_theta and any scaling).
-    Not copied: the final-norm epsilon (the Copilot's RMSNorm keeps 1e-6) and sliding windows.
+    output layer (the rows it shares with the Pilot's vocabulary: `_copy_embedding`). The
+    rotary frequencies become the source's (rope_theta and any scaling). Not copied: the
+    final-norm epsilon (the Copilot's RMSNorm keeps 1e-6) and sliding windows.
     """
     cfg, body = model.config, _llama_body(model)
     assert body is not None
@@ -266,9 +306,9 @@ def _init_from_llama_style(copilot: Copilot, model: nn.Module) -> list[str]:
     hidden = cfg.hidden_size
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     embed = body.embed_tokens.weight
-    problems = _shape_problems(copilot, hidden=hidden, heads=heads, head_dim=head_dim,
-                               inner=cfg.intermediate_size, layers=len(body.layers),
-                               vocab=embed.shape[0])
+    problems = _shape_problems(copilot, hidden=hidden, heads=heads, kv_heads=n_kv,
+                               head_dim=head_dim, inner=cfg.intermediate_size,
+                               layers=len(body.layers))
     if heads % n_kv:
         problems.append(f"{heads} query heads do not split into {n_kv} key/value groups")
     act = getattr(cfg, "hidden_act", "silu")
@@ -280,23 +320,24 @@ def _init_from_llama_style(copilot: Copilot, model: nn.Module) -> list[str]:
     _refuse(problems, f"decoder ({type(model).__name__})")
     inv, scaling = source_rope(cfg)
     copilot.rotary.set_frequencies(inv, scaling)
-    repeat = heads // n_kv
+    repeat, mem_kv = _kv_repeat(copilot, n_kv), _memory_kv_copied(copilot)
     for i, blk in enumerate(copilot.layers):
         s = body.layers[i]
         a = s.self_attn
         targets = [blk.self_attn] + ([blk.cross_attn] if blk.kind == "both" else [])
+        mem = _memory_attention(blk)
         for att in targets:
             _copy_attention(att, a.q_proj, a.k_proj, a.v_proj, a.o_proj, repeat=repeat,
-                            head_dim=head_dim)
+                            head_dim=head_dim, kv=mem_kv or mem is None or att is not mem[1])
         for name in ("gate_proj", "up_proj", "down_proj"):
             _copy_linear(getattr(blk.mlp, name), getattr(s.mlp, name))
         blk.input_layernorm.weight.copy_(s.input_layernorm.weight)
         if blk.kind == "both":
             blk.cross_layernorm.weight.copy_(s.input_layernorm.weight)
         blk.post_attention_layernorm.weight.copy_(s.post_attention_layernorm.weight)
-    copilot.err_proj.weight.copy_(embed)
+    _copy_embedding(copilot, embed)
     copilot.norm.weight.copy_(body.norm.weight)
-    return [*_copied_names(copilot), "rotary"]
+    return [*_copied_names(copilot, mem_kv), "rotary"]
 
 
 @torch.no_grad()
@@ -306,9 +347,14 @@ def _init_from_t5(copilot: Copilot, model: nn.Module) -> list[str]:
     Per layer: T5's self-attention (`layer[0].SelfAttention`) -> the Copilot's self-attention;
     T5's cross-attention (`layer[1].EncDecAttention`) -> the Copilot's memory attention
     (`cross_attn` of an encoder-decoder Copilot; `self_attn` of a decoder-only Copilot's
-    cross layers), each with the T5 layer norm in front of it; `layer[2]`'s gated MLP
+    cross layers), now pointed at [X~ ; h] (its k/v only when d_P == d_C, as for decoders:
+    `_memory_kv_copied`), each with the T5 layer norm in front of it; `layer[2]`'s gated MLP
     (wi_0, wi_1, wo) -> gate/up/down; the decoder's final norm and embedding table -> `norm`
     and `err_proj`. T5LayerNorm is an RMSNorm without bias, so norms copy as they are.
+
+    Heads copy as they are: T5's num_heads x d_kv need not tile d_model (FLAN-T5-small: 6 x 64
+    on 512), so the Copilot is configured with copilot.num_heads = num_heads and
+    copilot.head_dim = d_kv; T5 has no grouped key/value heads (num_kv_heads unset or equal).
 
     Three differences, chosen rather than emulated:
     - Scaling: T5 does not divide attention logits by sqrt(d_kv) (its init folds that in); the
@@ -325,27 +371,26 @@ def _init_from_t5(copilot: Copilot, model: nn.Module) -> list[str]:
     assert dec is not None
     heads, head_dim = cfg.num_heads, cfg.d_kv
     embed = dec.embed_tokens.weight
-    problems = _shape_problems(copilot, hidden=cfg.d_model, heads=heads, head_dim=head_dim,
-                               inner=cfg.d_ff, layers=len(dec.block), vocab=embed.shape[0])
+    problems = _shape_problems(copilot, hidden=cfg.d_model, heads=heads, kv_heads=heads,
+                               head_dim=head_dim, inner=cfg.d_ff, layers=len(dec.block))
     if not getattr(cfg, "is_gated_act", False):
         problems.append(f"the T5's MLP is not gated (feed_forward_proj="
                         f"{cfg.feed_forward_proj!r}); the Copilot's SwiGLU needs a gated "
                         "(T5 v1.1 / FLAN-T5) source")
     _refuse(problems, f"T5 ({type(model).__name__})")
-    q_scale = math.sqrt(head_dim)
+    q_scale, mem_kv = math.sqrt(head_dim), _memory_kv_copied(copilot)
     for i, blk in enumerate(copilot.layers):
         s = dec.block[i]
         sa, ca, ff = s.layer[0], s.layer[1], s.layer[2]
-        mem_att = blk.cross_attn if blk.kind == "both" else blk.self_attn
         if blk.kind != "cross":
             t = sa.SelfAttention
             _copy_attention(blk.self_attn, t.q, t.k, t.v, t.o, repeat=1, head_dim=head_dim,
                             q_scale=q_scale)
             blk.input_layernorm.weight.copy_(sa.layer_norm.weight)
-        if blk.kind != "self":
+        if (mem := _memory_attention(blk)) is not None:
             t = ca.EncDecAttention
-            _copy_attention(mem_att, t.q, t.k, t.v, t.o, repeat=1, head_dim=head_dim,
-                            q_scale=q_scale)
+            _copy_attention(mem[1], t.q, t.k, t.v, t.o, repeat=1, head_dim=head_dim,
+                            q_scale=q_scale, kv=mem_kv)
             norm = blk.cross_layernorm if blk.kind == "both" else blk.input_layernorm
             norm.weight.copy_(ca.layer_norm.weight)
         d = ff.DenseReluDense
@@ -353,12 +398,27 @@ def _init_from_t5(copilot: Copilot, model: nn.Module) -> list[str]:
         _copy_linear(blk.mlp.up_proj, d.wi_1)
         _copy_linear(blk.mlp.down_proj, d.wo)
         blk.post_attention_layernorm.weight.copy_(ff.layer_norm.weight)
-    copilot.err_proj.weight.copy_(embed)
+    _copy_embedding(copilot, embed)
     copilot.norm.weight.copy_(dec.final_layer_norm.weight)
-    return _copied_names(copilot)
+    return _copied_names(copilot, mem_kv)
 
 
-def _copied_names(copilot: Copilot) -> list[str]:
-    """Every block tensor, the error projection's table and the final norm."""
+def _copy_embedding(copilot: Copilot, embed: torch.Tensor) -> None:
+    """The error projection takes the source's embedding rows it shares with the Pilot's
+    vocabulary. Same-family tables may be padded to different sizes for one tokenizer
+    (Qwen2.5-7B has 128 rows more than Qwen2.5-0.5B); rows the source lacks keep their
+    initialisation. Row v means token v only if the source uses the Pilot's tokenizer (same
+    family, as `copilot.init_from` asks); that is not checked here."""
+    n = min(embed.shape[0], copilot.vocab_size)
+    copilot.err_proj.weight[:n].copy_(embed[:n])
+
+
+def _copied_names(copilot: Copilot, mem_kv: bool) -> list[str]:
+    """Every block tensor, the error projection's table and the final norm (less the memory
+    attention's k/v when they were left fresh)."""
+    fresh = () if mem_kv else tuple(
+        f"layers.{i}.{m[0]}.{p}_proj." for i, blk in enumerate(copilot.layers)
+        if (m := _memory_attention(blk)) is not None for p in "kv")
     return [n for n, _ in copilot.named_parameters()
-            if n.startswith("layers.") or n in ("err_proj.weight", "norm.weight")]
+            if (n.startswith("layers.") and not n.startswith(fresh))
+            or n in ("err_proj.weight", "norm.weight")]

@@ -137,3 +137,61 @@ def test_init_from_llama_copies_blocks_and_rejects_mismatch():
                   vocab_size=V, pilot_hidden=32)
     with pytest.raises(ValueError, match="hidden_size"):
         init_from_llama(bad, llama)
+
+
+def gqa_copilot(*, encoder_decoder: bool = False, **heads) -> Copilot:
+    """4 query heads sharing 2 key/value heads, heads 10 wide on a 24-wide model."""
+    torch.manual_seed(2)
+    kw = {"num_kv_heads": 2, "head_dim": 10} | heads
+    cfg = CopilotConfig(hidden_size=24, intermediate_size=48, num_layers=4, num_heads=4,
+                        init_from="none", **kw)
+    cop = Copilot(cfg, vocab_size=V, pilot_hidden=DP, encoder_decoder=encoder_decoder).eval()
+    with torch.no_grad():
+        cop.head.weight.normal_(0, 0.5)
+        cop.head.bias.normal_(0, 0.1)
+    return cop
+
+
+def test_default_heads_are_the_plain_multi_head_attention():
+    """num_kv_heads / head_dim unset: the parameters (names, shapes, initial values) and
+    outputs of the multi-head attention saved Copilots were trained with."""
+    plain, explicit = gqa_copilot(num_kv_heads=None, head_dim=None), \
+        gqa_copilot(num_kv_heads=4, head_dim=6)
+    attn = {k: tuple(v.shape) for k, v in plain.state_dict().items()
+            if k.startswith("layers.0.self_attn.")}
+    assert attn == {f"layers.0.self_attn.{p}_proj.weight": (24, 24) for p in "qkvo"}
+    a, b = plain.state_dict(), explicit.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    x = build_inputs(random_batch([4, 6], [5, 3]), "cpu")
+    torch.testing.assert_close(plain(x), explicit(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("encoder_decoder", [False, True])
+def test_gqa_incremental_decoding_and_beam_reorder(encoder_decoder):
+    """A GQA Copilot caches keys/values at its 2 key/value heads; cached steps (also after a
+    beam reorder that swaps and duplicates rows) reproduce the teacher-forced forward."""
+    cop = gqa_copilot(encoder_decoder=encoder_decoder)
+    att = cop.layers[0].self_attn
+    assert att.k_proj.weight.shape == (20, 24) and att.q_proj.weight.shape == (40, 24)
+    assert att.o_proj.weight.shape == (24, 40)
+    batch = random_batch([5, 5], [6, 6], k=V)
+    x = build_inputs(batch, "cpu")
+    full = cop(x)
+    ell = batch.dense_errors(V).view(2, 6, V)
+    P = 5
+    cache = cop(prefix=(x.mem[:, :P], x.mem_valid[:, :P], x.mem_pos[:, :P]))
+    assert cache.mem_kv[1][0].shape == (2, 2, P, 10)  # (B, kv heads, rows, head_dim)
+    rows, prev = torch.arange(2), None
+    for i in range(6):
+        if i == 3:  # beam search: row 1 continues twice, row 0 once
+            idx = torch.tensor([1, 0, 1])
+            cache.reorder(idx)
+            rows = rows[idx]
+            prev = ell[rows, i - 1]
+        f = cop(cache=cache, prev_f=prev, h_new=x.mem[rows, P + i], pos=x.q_pos[rows, i])
+        torch.testing.assert_close(f, full[rows, i], rtol=1e-4, atol=1e-5)
+        prev = ell[rows, i]
+    kv = cache.kv[0] if not encoder_decoder else cache.kv[1]
+    assert kv[0].shape == (3, 2, 6, 10)

@@ -1,5 +1,5 @@
 """Initialising the Copilot from pretrained sources (GQA LLaMA, Qwen2 with biases, llama3 RoPE,
-T5), its save/load, and Copilot gradient checkpointing."""
+T5 incl. FLAN-T5-small's head split), its save/load (tcp-eval), and gradient checkpointing."""
 
 from __future__ import annotations
 
@@ -59,10 +59,22 @@ def gqa_source(family: str = "llama", *, tie: bool = False, scaled_rope: bool = 
 
 
 def copilot_for(*, d: int = 64, heads: int = 8, inner: int = 96, layers: int = 2,
-                encoder_decoder: bool = False, **kw) -> Copilot:
+                encoder_decoder: bool = False, pilot_hidden: int | None = None,
+                **kw) -> Copilot:
     cfg = CopilotConfig(hidden_size=d, intermediate_size=inner, num_layers=layers,
                         num_heads=heads, init_from="none", **kw)
-    return Copilot(cfg, vocab_size=V, pilot_hidden=d, encoder_decoder=encoder_decoder).eval()
+    return Copilot(cfg, vocab_size=V, pilot_hidden=pilot_hidden or d,
+                   encoder_decoder=encoder_decoder).eval()
+
+
+def assert_same_shapes(att: torch.nn.Module, src_att: torch.nn.Module) -> None:
+    """q/k/v/o weights and biases have the source's shapes (GQA kept, nothing repeated)."""
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        ours, theirs = getattr(att, name), getattr(src_att, name)
+        assert ours.weight.shape == theirs.weight.shape, name
+        assert (ours.bias is None) == (theirs.bias is None), name
+        if ours.bias is not None:
+            assert ours.bias.shape == theirs.bias.shape, name
 
 
 def attention_outputs(cop: Copilot, src: torch.nn.Module, layer: int, pos0: int):
@@ -87,29 +99,35 @@ def attention_outputs(cop: Copilot, src: torch.nn.Module, layer: int, pos0: int)
 ])
 def test_gqa_source_attention_equals_the_source(family, tie, scaled, bias):
     src = gqa_source(family, tie=tie, scaled_rope=scaled, bias=bias)
-    cop = copilot_for(layers=2)
+    cop = copilot_for(layers=2, num_kv_heads=2)  # the source's 8 query / 2 key-value heads
     names = init_copilot_from(cop, src)
     assert "layers.1.self_attn.k_proj.weight" in names and "rotary" in names
     for layer in (0, 1):  # a self- and a (modified) cross-attention layer
+        assert_same_shapes(cop.layers[layer].self_attn, src.model.layers[layer].self_attn)
         ours, theirs = attention_outputs(cop, src, layer, pos0=3000)  # past the llama3 knee
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):  # copied as they are
+            torch.testing.assert_close(getattr(cop.layers[layer].self_attn, p).weight,
+                                       getattr(src.model.layers[layer].self_attn, p).weight)
     x = torch.randn(3, 64)
     torch.testing.assert_close(cop.layers[1].mlp(x), src.model.layers[1].mlp(x))
     torch.testing.assert_close(cop.err_proj.weight, src.get_input_embeddings().weight)
     assert cop.head.weight.abs().max() == 0  # still neutral
     if scaled:  # the test can tell: plain RoPE at the same theta gives another attention
-        plain = copilot_for(layers=2)
+        plain = copilot_for(layers=2, num_kv_heads=2)
         init_copilot_from(plain, src)
         plain.rotary.set_frequencies(1.0 / (5e5 ** (torch.arange(0, 8, 2).float() / 8)))
         ours, theirs = attention_outputs(plain, src, 0, pos0=3000)
         assert (ours - theirs).abs().max() > 1e-2
 
 
-def test_gqa_key_value_heads_repeat_per_group():
+def test_multi_head_copilot_repeats_gqa_heads_per_group():
+    """The fallback for a Copilot left multi-head (num_kv_heads unset): same attention."""
     src = gqa_source("qwen2", bias=True)
     cop = copilot_for(layers=2)
     init_copilot_from(cop, src)
     k_src, k_cop = src.model.layers[0].self_attn.k_proj, cop.layers[0].self_attn.k_proj
+    assert k_cop.weight.shape == (64, 64)
     hd = 8
     for head in range(8):  # query head j reads key/value head j // (8 / 2)
         g = head // 4
@@ -118,17 +136,56 @@ def test_gqa_key_value_heads_repeat_per_group():
         torch.testing.assert_close(k_cop.bias[head * hd:(head + 1) * hd],
                                    k_src.bias[g * hd:(g + 1) * hd])
     assert cop.layers[0].self_attn.o_proj.bias is None  # Qwen2's o_proj has none
+    ours, theirs = attention_outputs(cop, src, 0, pos0=5)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_mismatched_head_settings_name_the_keys():
+    src = gqa_source("llama")
+    with pytest.raises(ValueError, match=r"copilot\.num_kv_heads=4 but the source has 2"):
+        init_copilot_from(copilot_for(num_kv_heads=4), src)
+    with pytest.raises(ValueError, match=r"copilot\.head_dim=16 \(heads of 16\).* 8 wide"):
+        init_copilot_from(copilot_for(num_kv_heads=2, head_dim=16), src)
 
 
 def test_encoder_decoder_copilot_from_llama_style_source():
+    """d_P == d_C: cross-attention starts as the same block's self-attention (q/k/v/o)."""
     src = gqa_source("qwen2", tie=True)
-    cop = copilot_for(layers=2, encoder_decoder=True)
-    init_copilot_from(cop, src)
+    cop = copilot_for(layers=2, encoder_decoder=True, num_kv_heads=2)
+    names = init_copilot_from(cop, src)
+    assert "layers.1.cross_attn.k_proj.weight" in names
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         torch.testing.assert_close(getattr(cop.layers[1].cross_attn, name).weight,
                                    getattr(cop.layers[1].self_attn, name).weight)
+    assert_same_shapes(cop.layers[1].cross_attn, src.model.layers[1].self_attn)
     torch.testing.assert_close(cop.layers[1].cross_layernorm.weight,
                                src.model.layers[1].input_layernorm.weight)
+
+
+@pytest.mark.parametrize("encoder_decoder", [False, True])
+def test_memory_keys_values_start_fresh_when_the_pilot_is_wider(encoder_decoder):
+    """d_P != d_C: memory rows reach k/v through a random d_P -> d_C projection, so the
+    memory attention's k/v keep their initialisation; q/o are still copied."""
+    src = gqa_source("llama")
+    torch.manual_seed(5)
+    cop = copilot_for(layers=2, num_kv_heads=2, pilot_hidden=48,
+                      encoder_decoder=encoder_decoder)
+    fresh = {n: p.clone() for n, p in cop.named_parameters()}
+    names = init_copilot_from(cop, src)
+    a = src.model.layers[1].self_attn
+    mem = cop.layers[1].cross_attn if encoder_decoder else cop.layers[1].self_attn
+    prefix = "layers.1.cross_attn" if encoder_decoder else "layers.1.self_attn"
+    for p in ("k_proj", "v_proj"):
+        assert f"{prefix}.{p}.weight" not in names
+        torch.testing.assert_close(getattr(mem, p).weight, fresh[f"{prefix}.{p}.weight"])
+    for p in ("q_proj", "o_proj"):
+        assert f"{prefix}.{p}.weight" in names
+        torch.testing.assert_close(getattr(mem, p).weight, getattr(a, p).weight)
+    # Self-attention (layer 0, and the encoder-decoder's layer 1 self_attn) is copied whole.
+    torch.testing.assert_close(cop.layers[0].self_attn.k_proj.weight,
+                               src.model.layers[0].self_attn.k_proj.weight)
+    if encoder_decoder:
+        torch.testing.assert_close(cop.layers[1].self_attn.v_proj.weight, a.v_proj.weight)
 
 
 def roundtrip(cop: Copilot, *, encoder_decoder: bool = False) -> Copilot:
@@ -137,18 +194,20 @@ def roundtrip(cop: Copilot, *, encoder_decoder: bool = False) -> Copilot:
     torch.save({k: v.detach().clone() for k, v in cop.state_dict().items()}, buf)
     buf.seek(0)
     state = torch.load(buf, map_location="cpu", weights_only=True)
-    fresh = Copilot(cop.cfg, vocab_size=V, pilot_hidden=64, encoder_decoder=encoder_decoder)
+    fresh = Copilot(cop.cfg, vocab_size=V, pilot_hidden=cop.mem_proj.proj.in_features,
+                    encoder_decoder=encoder_decoder)
     fresh.load_state_dict(state)
     return fresh.eval()
 
 
 def test_save_load_keeps_rope_scaling_and_biases():
     src = gqa_source("llama", tie=True, scaled_rope=True, bias=True)
-    cop = copilot_for(layers=2)
+    cop = copilot_for(layers=2, num_kv_heads=2)
     init_copilot_from(cop, src)
     with torch.no_grad():
         cop.head.weight.normal_(0, 0.5)
     again = roundtrip(cop)
+    assert again.layers[0].self_attn.k_proj.weight.shape == (16, 64)  # 2 heads of 8
     torch.testing.assert_close(again.rotary.inv_freq, cop.rotary.inv_freq, rtol=0, atol=0)
     assert again.layers[0].self_attn.q_proj.bias is not None
     x = build_inputs(random_batch([5, 3], [4, 6], d=64), "cpu")
@@ -159,7 +218,7 @@ def test_save_load_keeps_rope_scaling_and_biases():
 
 def test_rope_frequencies_survive_a_bf16_cast_and_old_state_dicts_load():
     src = gqa_source("llama", scaled_rope=True)
-    cop = copilot_for(layers=2)
+    cop = copilot_for(layers=2, num_kv_heads=2)
     init_copilot_from(cop, src)
     inv = cop.rotary.inv_freq.clone()
     cop.to(torch.bfloat16)  # what a bf16 DeepSpeed engine does to buffers
@@ -178,7 +237,7 @@ def test_incompatible_sources_name_the_keys():
     with pytest.raises(ValueError, match=r"copilot\.hidden_size=32.*copilot\.num_heads=4"):
         init_copilot_from(copilot_for(d=32, heads=4, inner=96), src)
     with pytest.raises(ValueError, match=r"copilot\.num_layers=4"):
-        init_copilot_from(copilot_for(layers=4), src)
+        init_copilot_from(copilot_for(layers=4, num_kv_heads=2), src)
     with pytest.raises(ValueError, match="neither a LLaMA-style decoder"):
         init_copilot_from(copilot_for(), torch.nn.Linear(2, 2))
 
@@ -246,26 +305,65 @@ def test_t5_cross_attention_logits_match_at_position_zero():
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_t5_refuses_flan_t5_small_like_head_split():
+def flan_t5_small_shaped(heads: int = 6, d_kv: int = 4) -> torch.nn.Module:
+    """FLAN-T5-small's shape in small: heads x d_kv (6 x 4 = 24) != d_model (32), gated GELU."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    t5 = T5ForConditionalGeneration(T5Config(
-        vocab_size=V, d_model=32, d_ff=64, d_kv=4, num_heads=4, num_layers=2,
-        feed_forward_proj="gated-gelu"))  # 4 heads x 4 = 16 != 32, like FLAN-T5-small
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(
+        vocab_size=V, d_model=32, d_ff=64, d_kv=d_kv, num_heads=heads, num_layers=2,
+        feed_forward_proj="gated-gelu")).eval()
+
+
+@pytest.mark.parametrize("encoder_decoder", [True, False])
+def test_flan_t5_small_shaped_source_initialises_with_head_dim(encoder_decoder):
+    t5 = flan_t5_small_shaped()
+    cfg = CopilotConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=6,
+                        head_dim=4, init_from="none")
+    cop = Copilot(cfg, vocab_size=V, pilot_hidden=32, encoder_decoder=encoder_decoder).eval()
+    init_copilot_from(cop, t5)
+    sa = t5.decoder.block[0].layer[0].SelfAttention
+    att = cop.layers[0].self_attn
+    assert att.q_proj.weight.shape == sa.q.weight.shape == (24, 32)
+    assert att.o_proj.weight.shape == sa.o.weight.shape == (32, 24)
+    assert cop.rotary.inv_freq.shape == (2,)
+    if encoder_decoder:  # cross-attention at rotary position 0 is T5's (see the test above)
+        torch.manual_seed(3)
+        x, mem = torch.randn(2, 5, 32), torch.randn(2, 9, 32)
+        zq = cop.rotary(torch.zeros(2, 5, dtype=torch.long))
+        zk = cop.rotary(torch.zeros(2, 9, dtype=torch.long))
+        ours, _ = cop.layers[1].cross_attn(x, kv_src=mem, q_rope=zq, k_rope=zk, mask=None)
+        theirs = t5.decoder.block[1].layer[1].EncDecAttention(x, key_value_states=mem)[0]
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    batch = random_batch([5, 3], [4, 6], d=32)
+    x = build_inputs(batch, "cpu")
+    loss, zero = cop(x, target=ErrorTarget.from_batch(batch, "cpu"))
+    assert torch.isfinite(loss) and torch.isfinite(zero)
+    again = roundtrip(cop, encoder_decoder=encoder_decoder)
+    torch.testing.assert_close(again(x), cop(x))
+
+
+def test_t5_head_split_mismatch_names_head_dim():
+    t5 = flan_t5_small_shaped(heads=4, d_kv=4)  # 4 x 4 = 16 != 32
     cfg = CopilotConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                        init_from="none")
-    with pytest.raises(ValueError, match="heads x head_dim"):
+                        init_from="none")  # heads of 32 / 4 = 8
+    with pytest.raises(ValueError, match=r"copilot\.head_dim=None \(heads of 8\).* 4 wide"):
         init_copilot_from(Copilot(cfg, vocab_size=V, pilot_hidden=32, encoder_decoder=True), t5)
+    gqa = CopilotConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=4, init_from="none")
+    with pytest.raises(ValueError, match=r"copilot\.num_kv_heads=2 but the source has 4"):
+        init_copilot_from(Copilot(gqa, vocab_size=V, pilot_hidden=32, encoder_decoder=True), t5)
 
 
+@pytest.mark.parametrize("heads", [{}, {"num_kv_heads": 2, "head_dim": 6}])
 @pytest.mark.parametrize("encoder_decoder", [False, True])
-def test_gradient_checkpointing_same_loss_and_gradients(encoder_decoder):
+def test_gradient_checkpointing_same_loss_and_gradients(encoder_decoder, heads):
     batch = random_batch([5, 3], [4, 6], d=32)
     results = []
     for ckpt in (False, True):
         torch.manual_seed(0)
         cop = copilot_for(d=32, heads=4, inner=64, layers=4, encoder_decoder=encoder_decoder,
-                          gradient_checkpointing=ckpt).train()
+                          gradient_checkpointing=ckpt, **heads).train()
         with torch.no_grad():
             cop.head.weight.normal_(0, 0.5)
         calls = []
@@ -311,3 +409,53 @@ def test_build_copilot_initialises_from_a_local_folder(tmp_path, kind):
     assert cop.encoder_decoder == (kind == "t5")
     embed = src.get_input_embeddings().weight
     torch.testing.assert_close(cop.err_proj.weight, embed.float())
+
+
+def test_tcp_eval_rebuilds_a_gqa_copilot_from_the_run_config(tmp_path):
+    """load_run builds the Copilot from the run's config.yaml (num_kv_heads, head_dim) and
+    loads final/copilot.pt into it: same outputs."""
+    from tcp.config import dump_yaml, load_config
+    from tcp.eval_cli import load_run, run_config
+    from tests.helpers import tiny_pilot
+
+    pilot, tok = tiny_pilot(d=32)
+    run = tmp_path / "run"
+    cfg = load_config("configs/default.yaml", [
+        f"output_dir={run}", "copilot.init_from=none", "copilot.hidden_size=32",
+        "copilot.intermediate_size=64", "copilot.num_layers=2", "copilot.num_heads=4",
+        "copilot.num_kv_heads=2", "copilot.head_dim=6"])
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_yaml(cfg))
+    tok.save_pretrained(run / "tokenizer")
+    pilot.save_pretrained(run / "final" / "pilot")
+    vocab = pilot.config.vocab_size
+    torch.manual_seed(0)
+    cop = Copilot(cfg.copilot, vocab_size=vocab, pilot_hidden=32).eval()
+    with torch.no_grad():
+        cop.head.weight.normal_(0, 0.5)
+    torch.save(cop.state_dict(), run / "final" / "copilot.pt")
+    loaded = load_run(run, run_config(run, []), pilot_from=None, device=torch.device("cpu"))
+    att = loaded.copilot.layers[1].self_attn
+    assert (att.kv_heads, att.hd, att.k_proj.weight.shape) == (2, 6, (12, 32))
+    g = torch.Generator().manual_seed(0)
+    batch = random_batch([5, 3], [4, 6], d=32)
+    batch.labels = torch.randint(vocab, batch.labels.shape, generator=g)
+    batch.topk_ids = torch.randint(vocab, batch.topk_ids.shape, generator=g)
+    x = build_inputs(batch, "cpu")
+    torch.testing.assert_close(loaded.copilot(x), cop(x))
+
+
+@pytest.mark.parametrize("extra", [8, -8])
+def test_embedding_tables_padded_differently_share_their_rows(extra):
+    """Qwen2.5-7B's table has 128 rows more than Qwen2.5-0.5B's (one tokenizer): the error
+    projection takes the shared rows; the rest keep their initialisation."""
+    src = gqa_source("qwen2", tie=True)
+    cfg = CopilotConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=8,
+                        num_kv_heads=2, init_from="none")
+    cop = Copilot(cfg, vocab_size=V + extra, pilot_hidden=64)
+    before = cop.err_proj.weight.detach().clone()
+    init_copilot_from(cop, src)
+    n = min(V, V + extra)
+    embed = src.get_input_embeddings().weight
+    torch.testing.assert_close(cop.err_proj.weight[:n], embed[:n])
+    torch.testing.assert_close(cop.err_proj.weight[n:], before[n:])
