@@ -79,18 +79,56 @@ def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def _tmp_dir(path: Path) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
 def save_hf(module: nn.Module, path: Path) -> None:
     """Save an HF model held by a (possibly ZeRO-3) engine in `save_pretrained` format.
 
     Written to a temporary folder and renamed, so an interrupted save never leaves a half model.
     """
+    from tcp.models.lora import is_peft
+
+    if is_peft(module):  # its save_pretrained would write the adapter alone as "the model"
+        raise TypeError(f"{path}: a LoRA (peft) model is saved with save_hf_lora")
     sd = gathered_state_dict(module)
     if sd is not None:
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = _tmp_dir(path)
         module.save_pretrained(tmp, state_dict=sd)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        _publish(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_hf_lora(module: nn.Module, path: Path, adapter_path: Path) -> None:
+    """Save a LoRA Pilot (a peft model, possibly ZeRO-3) twice: merged into its base weights as
+    a plain HF model at `path` (loads with `from_pretrained`, no peft), and the adapter alone in
+    peft's `save_pretrained` format at `adapter_path`. Collective; rank 0 writes.
+
+    Rank 0 holds the gathered model once: the merge replaces base weights in place. Both folders
+    are written to temporary folders first and renamed only when both are complete.
+    """
+    from tcp.models.lora import adapter_state_dict, merge_state_dict
+
+    sd = gathered_state_dict(module)
+    if sd is not None:
+        adapter = adapter_state_dict(module, sd)
+        tmp_adapter = _tmp_dir(adapter_path)
+        module.save_pretrained(tmp_adapter, state_dict=adapter)
+        merged = merge_state_dict(module, sd)
+        del sd
+        tmp = _tmp_dir(path)
+        module.get_base_model().save_pretrained(tmp, state_dict=merged)
+        _publish(tmp, path)
+        _publish(tmp_adapter, adapter_path)
     if dist.is_initialized():
         dist.barrier()
 

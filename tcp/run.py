@@ -22,7 +22,7 @@ from tcp.mistake_log.base import MistakeLog
 from tcp.mistake_log.disk import ZarrMistakeLog
 from tcp.mistake_log.memory import MemoryMistakeLog
 from tcp.mistake_log.store import FORMAT, Schema, create_root
-from tcp.models.copilot import Copilot, init_from_llama
+from tcp.models.copilot import Copilot, init_copilot_from
 from tcp.models.pilot import (
     PilotTap,
     build_model,
@@ -54,7 +54,9 @@ def load_tokenizer(cfg: RunConfig) -> Any:
 
 
 def build_pilot(cfg: RunConfig, tokenizer: Any, base: Path | None, world: int) -> torch.nn.Module:
-    """The Pilot model before DeepSpeed wraps it."""
+    """The Pilot model before DeepSpeed wraps it: LoRA-wrapped (peft) when pilot.lora.enabled,
+    with gradient checkpointing when pilot.gradient_checkpointing."""
+    model: torch.nn.Module
     if cfg.model.name_or_path is not None:
         keep = None
         if cfg.train.pilot.zero.stage == 3:
@@ -65,29 +67,50 @@ def build_pilot(cfg: RunConfig, tokenizer: Any, base: Path | None, world: int) -
             keep = HfDeepSpeedConfig(render_deepspeed(cfg, "pilot", world_size=world))
         model = load_pretrained(cfg.model.name_or_path, cfg.model)
         del keep
-        return model
-    if base is not None and cfg.model.init_from_base:
+    elif base is not None and cfg.model.init_from_base:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(base)
-    return build_model(cfg.model.arch, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,
-                       bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
-                       seed=cfg.seed)
+        model = AutoModelForCausalLM.from_pretrained(base)
+    else:
+        model = build_model(cfg.model.arch, vocab_size=len(tokenizer),
+                            pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id,
+                            eos_id=tokenizer.eos_token_id, seed=cfg.seed)
+    if cfg.pilot.lora.enabled:
+        from tcp.models.lora import apply_lora
+
+        # Before the engine: its optimizer then holds the adapters only. A partitioned
+        # (zero.Init) Pilot takes adapters too; the engine partitions the new parameters.
+        model = apply_lora(model, cfg.pilot.lora)
+    if cfg.pilot.gradient_checkpointing:
+        from tcp.models.pilot import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
+    return model
 
 
 def build_copilot(cfg: RunConfig, *, vocab: int, d_pilot: int, base: Path | None,
                   pilot_encoder_decoder: bool = False) -> Copilot:
-    """The Copilot, initialised from the base model / a pretrained decoder / from scratch.
-    `copilot.architecture=auto` makes it encoder-decoder when the Pilot is."""
+    """The Copilot, initialised from the base model / a pretrained LLaMA-style decoder or T5 /
+    from scratch. `copilot.architecture=auto` makes it encoder-decoder when the Pilot is."""
     torch.manual_seed(cfg.seed + 1)
     arch = cfg.copilot.architecture
     encdec = arch == "encoder_decoder" or (arch == "auto" and pilot_encoder_decoder)
     cop = Copilot(cfg.copilot, vocab_size=vocab, pilot_hidden=d_pilot, encoder_decoder=encdec)
     src = {"base": base, "none": None}.get(cfg.copilot.init_from, cfg.copilot.init_from)
     if src is not None:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-        init_from_llama(cop, AutoModelForCausalLM.from_pretrained(src))
+        try:  # a T5 loads with its decoder (seq2seq), every other source as a causal LM
+            seq2seq = AutoConfig.from_pretrained(src).is_encoder_decoder
+            auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+            source = auto.from_pretrained(src)
+        except OSError as e:
+            raise RuntimeError(f"copilot.init_from={str(src)!r} could not be loaded (not a "
+                               "local model folder, or offline); point it at a local copy or "
+                               "use copilot.init_from=none") from e
+        copied = init_copilot_from(cop, source)
+        del source  # only its weights were needed
+        print_rank0(f"[tcp] Copilot initialised from {src} ({len(copied)} tensors copied)")
     return cop
 
 
@@ -218,7 +241,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 val_records=splits["validation"], test_records=splits["test"],
                 val_samples=val_samples, rank=rank, world=world, device=device))
         t_eval = time.time()
-        save_hf(pilot.module, out / "final" / "pilot")
+        if cfg.pilot.lora.enabled:  # merged into a plain HF model, and the adapter beside it
+            from tcp.engines import save_hf_lora
+
+            save_hf_lora(pilot.module, out / "final" / "pilot", out / "final" / "pilot_adapter")
+        else:
+            save_hf(pilot.module, out / "final" / "pilot")
         save_module(copilot.module, out / "final" / "copilot.pt")
         results.update(
             history=trainer.history.rows,

@@ -124,7 +124,10 @@ def _module_at(model: nn.Module, path: str) -> nn.ModuleList | None:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of an HF causal LM (LLaMA/Qwen/Mistral/GPT-2/...) or of the decoder of
-    an encoder-decoder (T5: decoder.block; BART: model.decoder.layers)."""
+    an encoder-decoder (T5: decoder.block; BART: model.decoder.layers); through a peft wrapper,
+    the (adapted) layers of the model it wraps."""
+    if hasattr(model, "get_base_model"):  # peft: the paths below are the wrapped model's
+        model = model.get_base_model()
     encdec = is_encoder_decoder(model)
     paths = (("decoder.block", "model.decoder.layers", "decoder.layers") if encdec else
              ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"))
@@ -156,7 +159,12 @@ class Capture:
 
 
 class PilotTap:
-    """Forward hooks on an HF causal LM that capture X~ and layer-mean pooled states."""
+    """Forward hooks on an HF causal LM that capture X~ and layer-mean pooled states.
+
+    The hooks act only inside `capture(...)`, which ends with the forward: under gradient
+    checkpointing the backward's recompute of a layer (which re-runs its forward hooks where
+    transformers checkpoints `__call__` rather than `forward`) finds no capture and adds nothing.
+    """
 
     def __init__(self, model: nn.Module, *, impl: str | None = "auto") -> None:
         self.layers = decoder_layers(model)
@@ -240,8 +248,9 @@ class HeadOptions:
 @dataclass
 class _HeadRequest:
     rows: tuple[torch.Tensor, torch.Tensor]
-    labels: torch.Tensor
-    options: HeadOptions
+    labels: torch.Tensor | None
+    options: HeadOptions | None
+    """None: return the logits at `rows` only ((N, V), not the model's (B, T, V))."""
     result: CEResult | None = None
 
 
@@ -274,10 +283,40 @@ class FusedLMHead(nn.Linear):
         if req is None:
             return super().forward(x)
         o = req.options
+        if o is None:
+            return super().forward(x[req.rows])
+        assert req.labels is not None
         req.result = fused_linear_cross_entropy(x[req.rows], self.weight, req.labels,
                                                 topk=o.topk, bias=self.bias, impl=o.impl,
                                                 chunk_mib=o.chunk_mib)
         return req.result.loss
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """HF gradient checkpointing on every decoder layer, non-reentrant: it needs no inputs that
+    require grad (frozen embeddings under LoRA), and the layers' own hooks stay outside the
+    recompute (transformers checkpoints `forward`)."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # gradient_checkpointing_enable is
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)  # deprecated
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    else:
+        raise RuntimeError(f"{type(model).__name__} has no HF gradient checkpointing; set "
+                           "pilot.gradient_checkpointing=false")
+
+
+@contextlib.contextmanager
+def logits_at(model: nn.Module, rows: tuple[torch.Tensor, torch.Tensor]) -> Iterator[bool]:
+    """Within it, a forward of `model` (an HF model or its engine) computes logits at `rows`
+    (batch, position) only, (R, V) instead of (B, T, V), when its head is a `FusedLMHead`;
+    yields whether it does (if not, the model returns its usual (B, T, V) logits)."""
+    head = getattr(model, "module", model).get_output_embeddings()
+    if not isinstance(head, FusedLMHead):
+        yield False
+        return
+    with head.request(_HeadRequest(rows=rows, labels=None, options=None)):
+        yield True
 
 
 def use_fused_head(model: nn.Module) -> FusedLMHead:
@@ -316,7 +355,8 @@ class PilotStep:
     topk_ids: torch.Tensor | None = None
     """(N, k) their token ids."""
     target_logits: torch.Tensor | None = None
-    """(N, V) logits at target-producing positions (with grad); eager path only."""
+    """(N, V) logits at target-producing positions (with grad); eager path only. With a
+    `FusedLMHead` installed only these rows are ever computed."""
 
 
 def flat_indices(prompt_len: torch.Tensor, target_len: torch.Tensor, *,
@@ -393,8 +433,11 @@ def pilot_forward(model: nn.Module, tap: PilotTap, batch: dict[str, torch.Tensor
             res, logits = req.result, None
             assert res is not None
         else:
-            logits = model(**inputs).logits[tidx]
-            res = logits_cross_entropy(logits, labels, topk=head.topk if head else 0)
+            with logits_at(model, tidx) as rows_only:  # (N, V), not the model's (B, T, V)
+                logits = model(**inputs).logits
+            logits = logits if rows_only else logits[tidx]
+            res = logits_cross_entropy(logits, labels, topk=head.topk if head else 0,
+                                       chunk_mib=head.chunk_mib if head else 64.0)
             loss = res.loss
     sample_loss = torch.zeros(prompt_len.numel(), device=device).index_add_(
         0, tidx[0], res.token_loss) / target_len.to(device)
