@@ -35,21 +35,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", type=str, default=None,
                    help="YAML run config (default: built-in defaults = configs/default.yaml)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config and both DeepSpeed configs, then exit")
+                   help="print the resolved config, both DeepSpeed configs and a per-rank memory "
+                   "plan of both engines (docs/memory_plan.md), then exit 0 without loading any "
+                   "weights (a pretrained Pilot's config.json must be local or reachable, else "
+                   "the plan is a one-line note)")
+    p.add_argument("--world-size", type=_positive_int, default=None, metavar="N",
+                   help="--dry-run: plan for N ranks (default: $WORLD_SIZE, else 1), e.g. a "
+                   "cluster job planned from a laptop")
+    p.add_argument("--device-memory-gib", type=float, default=None, metavar="X",
+                   help="--dry-run: memory of one device in GiB, for the plan's warning "
+                   "(default: the local CUDA device's, else unknown)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p.parse_args(argv)
 
 
-def dry_run(cfg: RunConfig) -> str:
-    """The resolved config and both DeepSpeed configs, as printed by --dry-run."""
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {n})")
+    return n
+
+
+def dry_run(cfg: RunConfig, *, world_size: int | None = None,
+            device_gib: float | None = None) -> str:
+    """What --dry-run prints: the resolved config, both DeepSpeed configs and the memory plan
+    (tcp.memory_plan) for `world_size` ranks (None: $WORLD_SIZE, else 1) on devices of
+    `device_gib` GiB (None: the local CUDA device's, else unknown)."""
+    from tcp.memory_plan import GiB, format_plan, plan
     from tcp.train import ds_configs
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if device_gib is None and torch.cuda.is_available():
+        device_gib = torch.cuda.get_device_properties(0).total_memory / GiB
     return ("# resolved config\n" + dump_yaml(cfg) +
             f"# DeepSpeed configs (world_size={world})\n" +
-            json.dumps(ds_configs(cfg, world), indent=2))
+            json.dumps(ds_configs(cfg, world), indent=2) + "\n" +
+            format_plan(plan(cfg, world), device_gib))
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -61,7 +84,7 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(dry_run(cfg))
+        print(dry_run(cfg, world_size=args.world_size, device_gib=args.device_memory_gib))
         return 0
     from tcp.checkpoint import CheckpointError
     from tcp.preemption import StopSignal
