@@ -14,9 +14,9 @@ width, a = heads*head_dim, V vocabulary, k = mistake_log.topk.
   gradient partitions in host memory, offload_param=cpu the parameters. ZeRO-3 gathers the
   running module whole: the largest one, plus the prefetch bucket (DeepSpeed default 5e7
   elements), plus the largest trainable module's full gradient before its reduce-scatter.
-  Stages 1-3 allocate a reduce bucket of reduce_bucket_size (default 5e8 elements; x2 at stage
-  1/2 with overlap_comm): tcp's configs keep the defaults, so even a tiny model pays 5e8*e per
-  engine (on CPU, untouched pages stay virtual).
+  Stages 1-3 allocate a reduce bucket of `zero.reduce_bucket_size` elements (tcp: 5e7;
+  DeepSpeed's own default is 5e8; x2 at stage 1/2 with overlap_comm), whatever the model's size
+  (on CPU, untouched pages stay virtual).
 * Activations kept for the backward by a pre-norm block over N rows (Korthikanti et al.'s
   (34d + 5*heads*T)*N bytes in 16-bit, re-derived for LLaMA: SwiGLU, no dropout, fused SDPA):
       N * ((attns + 1)*(4 + 2e)*d + attns*4*a*e + 4*I*e)
@@ -33,7 +33,7 @@ width, a = heads*head_dim, V vocabulary, k = mistake_log.topk.
   forward; eager - (N, V) logits in e and two fp32 (N, V).
 * Copilot batch: the Pilot's micro batch (include_current) + replay_size entries, as the trainer
   feeds it (train.copilot.micro_batch_size is DeepSpeed's bookkeeping), queries and memory at T
-  rows; its sparse error input gathers (E, T, k+1, d_C) twice.
+  rows; its sparse error input is an embedding bag: (E, T, k+1) ids and values, (E, T, d_C) out.
 * Mistake Log (host): an entry of T rows is T*(s*d_P + 12k + 12) + 44 bytes in memory (int64 ids,
   fp32 probabilities). The writer holds <= 2*queue_depth + 1 steps (queued, drained into a commit,
   being staged) and, committing, ~3 copies of the drained steps plus two open write units per
@@ -56,8 +56,6 @@ from tcp.config import EngineConfig, RunConfig
 
 GiB, MiB = 2**30, 2**20
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-DS_REDUCE_BUCKET = 500_000_000
-"""DeepSpeed's default reduce_bucket_size (elements); tcp's configs do not set it."""
 DS_PREFETCH_BUCKET = 50_000_000
 """DeepSpeed's default stage3_prefetch_bucket_size (elements)."""
 
@@ -298,11 +296,11 @@ def zero_lines(eng: EngineConfig, *, n: int, trainable: int, largest: int, large
                           device=(largest + pre + largest_grad) * e, transient=True))
     if st >= 1:
         k = 2 if z.overlap_comm and st < 3 else 1
-        lines.append(Line(f"ZeRO reduce bucket: {k} x {_count(DS_REDUCE_BUCKET)} (DeepSpeed "
-                          "default reduce_bucket_size)", device=k * DS_REDUCE_BUCKET * e))
+        lines.append(Line(f"ZeRO reduce bucket: {k} x {_count(z.reduce_bucket_size)} "
+                          "(zero.reduce_bucket_size)", device=k * z.reduce_bucket_size * e))
     else:
         lines.append(Line("gradient all-reduce buffer", transient=True,
-                          device=min(DS_REDUCE_BUCKET, trainable) * e))
+                          device=min(z.reduce_bucket_size, trainable) * e))
     return lines
 
 
@@ -392,8 +390,9 @@ def plan(cfg: RunConfig, world_size: int) -> MemoryPlan:
         else:
             E, d_c = copilot_entries(cfg), cfg.copilot.hidden_size
             lines += [head_line(cfg, rows=E * T, d=d_c, vocab=vocab, bias=True, min_rows=T),
-                      Line("error input: sparse gather (E, T, k+1, d_C) x2", transient=True,
-                           device=2 * E * T * (cfg.mistake_log.topk + 1) * d_c * e)]
+                      Line("error input: ids/values (E, T, k+1) + bag sums (E, T, d_C)",
+                           transient=True,
+                           device=E * T * ((cfg.mistake_log.topk + 1) * 12 + d_c * e))]
             batch = f"{E} entries x {T} tokens"
         out.engines.append(EnginePlan(name, label, n, trainable, batch, lines, acts))
     out.host = mistake_log_lines(cfg, d_p, vocab)

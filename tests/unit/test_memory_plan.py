@@ -26,7 +26,6 @@ from tcp.cli import parse_args, train_main
 from tcp.config import RunConfig, load_config
 from tcp.data.tokenizer import build_char_tokenizer
 from tcp.memory_plan import (
-    DS_REDUCE_BUCKET,
     EnginePlan,
     GiB,
     MemoryPlan,
@@ -206,7 +205,8 @@ def test_zero_stages_shard_what_they_should():
     assert [_zero(s)["parameters"] for s in (0, 1, 2, 3)] == [(2000, 0)] * 3 + [(500, 0)]
     assert [_zero(s)["gradients"] for s in (0, 1, 2, 3)] == [(2000, 0)] * 2 + [(500, 0)] * 2
     assert [_zero(s)["AdamW:"] for s in (0, 1, 2, 3)] == [(12000, 0)] + [(3000, 0)] * 3
-    assert _zero(3)["ZeRO"] == (DS_REDUCE_BUCKET * 2, 0)  # the reduce bucket, not sharded
+    assert _zero(3)["ZeRO"] == (50_000_000 * 2, 0)  # the reduce bucket, not sharded
+    assert _zero(3, reduce_bucket_size=1000)["ZeRO"] == (2000, 0)
     off = _zero(3, offload_optimizer="cpu", offload_param="cpu")
     assert off["parameters"] == (0, 500) and off["AdamW:"] == (0, 3000)
     assert off["gradients"] == (0, 250 * 4)  # fp32 partitions on the host
