@@ -89,9 +89,11 @@ def build_pilot(cfg: RunConfig, tokenizer: Any, base: Path | None, world: int) -
 
 
 def build_copilot(cfg: RunConfig, *, vocab: int, d_pilot: int, base: Path | None,
-                  pilot_encoder_decoder: bool = False) -> Copilot:
+                  pilot_encoder_decoder: bool = False, tokenizer: Any = None) -> Copilot:
     """The Copilot, initialised from the base model / a pretrained LLaMA-style decoder or T5 /
-    from scratch. `copilot.architecture=auto` makes it encoder-decoder when the Pilot is."""
+    from scratch. `copilot.architecture=auto` makes it encoder-decoder when the Pilot is.
+    With `tokenizer` (the run's), a source that ships another tokenizer is refused: its
+    embedding rows would mean other tokens."""
     torch.manual_seed(cfg.seed + 1)
     arch = cfg.copilot.architecture
     encdec = arch == "encoder_decoder" or (arch == "auto" and pilot_encoder_decoder)
@@ -108,10 +110,29 @@ def build_copilot(cfg: RunConfig, *, vocab: int, d_pilot: int, base: Path | None
             raise RuntimeError(f"copilot.init_from={str(src)!r} could not be loaded (not a "
                                "local model folder, or offline); point it at a local copy or "
                                "use copilot.init_from=none") from e
+        if tokenizer is not None:
+            check_same_tokenizer(src, tokenizer)
         copied = init_copilot_from(cop, source)
         del source  # only its weights were needed
         print_rank0(f"[tcp] Copilot initialised from {src} ({len(copied)} tensors copied)")
     return cop
+
+
+def check_same_tokenizer(src: str | Path, tokenizer: Any) -> None:
+    """Refuse a Copilot source whose own tokenizer maps tokens to other ids than the run's
+    (padding rows beyond the vocabulary may differ; the tokens may not). No tokenizer beside
+    the source: nothing to compare, the run's is assumed."""
+    from transformers import AutoTokenizer
+
+    try:
+        theirs = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError):
+        return
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise RuntimeError(f"copilot.init_from={str(src)!r}: its tokenizer differs from the "
+                           f"Pilot's ({len(theirs)} vs {len(tokenizer)} tokens, or other ids); "
+                           "the Copilot must start from a same-family model (same tokenizer), "
+                           "or use copilot.init_from=none")
 
 
 def build_engines(cfg: RunConfig, tokenizer: Any, base: Path | None,
@@ -120,7 +141,8 @@ def build_engines(cfg: RunConfig, tokenizer: Any, base: Path | None,
     pilot_model = build_pilot(cfg, tokenizer, base, world)
     vocab, d_pilot = int(pilot_model.config.vocab_size), int(pilot_model.config.hidden_size)
     copilot_model = build_copilot(cfg, vocab=vocab, d_pilot=d_pilot, base=base,
-                                  pilot_encoder_decoder=is_encoder_decoder(pilot_model))
+                                  pilot_encoder_decoder=is_encoder_decoder(pilot_model),
+                                  tokenizer=tokenizer)
     if cfg.kernels.fused:
         use_fused_head(pilot_model)  # before DeepSpeed wraps it, so ZeRO-3 hooks the new head
     tap = PilotTap(pilot_model, impl=cfg.kernels.impl)  # hooks survive DeepSpeed wrapping

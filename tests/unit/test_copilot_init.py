@@ -411,6 +411,28 @@ def test_build_copilot_initialises_from_a_local_folder(tmp_path, kind):
     torch.testing.assert_close(cop.err_proj.weight, embed.float())
 
 
+def test_build_copilot_refuses_a_source_with_another_tokenizer(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from tcp.config import load_config
+    from tcp.data.tokenizer import build_char_tokenizer
+    from tcp.run import build_copilot
+
+    tok = build_char_tokenizer()
+    src = gqa_source("qwen2", tie=True)
+    src.save_pretrained(tmp_path / "src")
+    cfg = load_config(None, ["copilot.hidden_size=64", "copilot.intermediate_size=96",
+                             "copilot.num_layers=2", "copilot.num_heads=8",
+                             f"copilot.init_from={tmp_path / 'src'}"])
+    tok.save_pretrained(tmp_path / "src")  # same tokenizer: accepted
+    build_copilot(cfg, vocab=V, d_pilot=64, base=None, tokenizer=tok)
+    other = PreTrainedTokenizerFast.from_pretrained(tmp_path / "src")
+    other.add_tokens(["<another-family>"])
+    other.save_pretrained(tmp_path / "src")
+    with pytest.raises(RuntimeError, match="tokenizer differs from the Pilot's"):
+        build_copilot(cfg, vocab=V, d_pilot=64, base=None, tokenizer=tok)
+
+
 def test_tcp_eval_rebuilds_a_gqa_copilot_from_the_run_config(tmp_path):
     """load_run builds the Copilot from the run's config.yaml (num_kv_heads, head_dim) and
     loads final/copilot.pt into it: same outputs."""
