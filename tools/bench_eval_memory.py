@@ -6,10 +6,11 @@
 A narrow Pilot and Copilot (d=64, 2 layers: the width does not change what is vocabulary-sized)
 are built from config; a batch of `--batch` sequences of `--seq` tokens (half prompt, half answer)
 goes through the teacher-forced diagnostics (tcp.diagnostics) and through fused greedy decoding
-(λ ∈ {0, 1}). Peak memory is the process's peak resident set (VmHWM, reset before each phase
-through /proc/self/clear_refs) minus its resident set before the phase: what evaluation adds on
-top of the loaded models and data. The goal (issue 14): ≤ 2 × the logits' own size,
-B·T·V·4 bytes in fp32. Linux only (reads /proc).
+(λ ∈ {0, 1}). Peak memory is what evaluation adds on top of the loaded models and data: on the
+CPU the process's peak resident set (VmHWM, reset before each phase through
+/proc/self/clear_refs; Linux only) minus its resident set before the phase, on CUDA
+(`--device cuda`) the allocator's peak minus what was allocated before. The goal (issue 14):
+≤ 2 × the logits' own size, B·T·V·4 bytes in fp32.
 """
 
 from __future__ import annotations
@@ -32,12 +33,21 @@ def _status(key: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {key}")
 
 
-def measure(fn) -> tuple[float, int]:
-    """(seconds, peak bytes above the resident set at the start) of fn()."""
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    before = _status("VmRSS")
+def measure(fn, device: torch.device) -> tuple[float, int]:
+    """(seconds, peak bytes above what was held at the start) of fn(): the CUDA caching
+    allocator's peak on a GPU, the process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        before = _status("VmRSS")
     t0 = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, torch.cuda.max_memory_allocated() - before
     return time.perf_counter() - t0, _status("VmHWM") - before
 
 
@@ -49,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--topk", type=int, default=64, help="mistake_log.topk")
     p.add_argument("--chunk-mib", type=float, default=64.0, help="kernels.chunk_mib")
     p.add_argument("--new-tokens", type=int, default=4, help="decoding steps")
+    p.add_argument("--device", type=str, default="cpu", help="cpu or cuda")
     p.add_argument("--out", type=str, default=None, help="also write the JSON here")
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -65,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
                       max_position_embeddings=T + a.new_tokens + 8)
     pilot = build_llama(arch, vocab_size=V, pad_id=0, bos_id=1, eos_id=2, seed=0).eval()
     use_fused_head(pilot)
-    tap = PilotTap(pilot, impl="torch")
+    tap = PilotTap(pilot, impl="torch" if a.device == "cpu" else "auto")
     cop = Copilot(CopilotConfig(hidden_size=64, intermediate_size=128, num_layers=2,
                                 num_heads=4, init_from="none"),
                   vocab_size=V, pilot_hidden=64).eval()
@@ -73,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     P = T // 2
     samples = [TokenizedSample(input_ids=[1, *torch.randint(3, V, (T - 1,), generator=g).tolist()],
                                prompt_len=P, sample_id=i) for i in range(B)]
-    dev = torch.device("cpu")
+    dev = torch.device(a.device)
+    pilot, cop = pilot.to(dev), cop.to(dev)
 
     def diagnostics() -> None:
         teacher_forced_diagnostics(pilot, tap, cop, samples, pad_id=0, topk=a.topk,
@@ -88,8 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     logits = B * T * V * 4
     target_rows = B * (T - P)
-    t_diag, peak_diag = measure(diagnostics)
-    t_dec, peak_dec = measure(decoding)
+    t_diag, peak_diag = measure(diagnostics, dev)
+    t_dec, peak_dec = measure(decoding, dev)
     res = {
         "vocab": V, "seq": T, "batch": B, "topk": a.topk, "chunk_mib": a.chunk_mib,
         "logits_bytes_BTV_fp32": logits,
@@ -100,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "peak_over_logits": round(peak_dec / logits, 3), "rows": 2 * B},
         "goal": "peak <= 2 x logits (B*T*V fp32)",
         "met": max(peak_diag, peak_dec) <= 2 * logits,
+        "device": a.device,
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                    f"torch {torch.__version__}, {torch.get_num_threads()} threads",
     }

@@ -17,7 +17,7 @@ What it measures (docs/gpu_check.md has every JSON key and its goal):
 3. Decode time per token with and without the Copilot (`tcp.generate.fused_generate`, the
    method of tools/bench_decode.py: (T tokens - 1 token) / (T - 1), interleaved, medians).
 4. Peak memory of the evaluation (teacher-forced diagnostics, fused decoding) against the
-   (B, T, V) fp32 logits: tools/bench_eval_memory.py, which runs on the CPU.
+   (B, T, V) fp32 logits: tools/bench_eval_memory.py, on the check's device.
 
 Memory is `torch.cuda.max_memory_allocated` on CUDA and the peak resident set on CPU (the CPU
 figures only show that the pipeline runs: RSS does not grow when freed memory is reused).
@@ -326,15 +326,14 @@ def decode_times(cfg: Any, p: Preset, device: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- 4. eval memory
-def eval_memory(p: Preset) -> dict[str, Any]:
+def eval_memory(p: Preset, device: Any) -> dict[str, Any]:
     """tools/bench_eval_memory.py: peak memory of the teacher-forced diagnostics and of fused
-    decoding at vocabulary V, against the (B, T, V) fp32 logits. That tool runs on the CPU
-    (peak resident set), also when this check runs on CUDA."""
+    decoding at vocabulary V on `device`, against the (B, T, V) fp32 logits."""
     import bench_eval_memory
 
     e = p.eval_mem
     return bench_eval_memory.main(["--vocab", str(e["vocab"]), "--seq", str(e["seq_len"]),
-                                   "--batch", str(e["batch"])])
+                                   "--batch", str(e["batch"]), "--device", device.type])
 
 
 # ---------------------------------------------------------------------- main
@@ -425,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     stages = [("kernels", "fused_loss", lambda: fused_losses(
                   p, device.type, p.dtype, KernelsConfig().chunk_mib)),
-              ("eval_memory", "eval_memory", lambda: eval_memory(p)),
+              ("eval_memory", "eval_memory", lambda: eval_memory(p, device)),
               ("decode", "decode", lambda: decode_times(cfg, p, device)),
               ("joint", "joint", lambda: joint_steps(cfg, p, device))]
     try:
