@@ -406,7 +406,7 @@ class EngineConfig:
     min_lr_ratio: float = 0.1
     """Cosine schedule floor as a fraction of lr."""
     warmup_steps: int = 20
-    """Linear warmup steps."""
+    """Linear warmup, in optimizer steps (one per grad_accum_steps joint steps)."""
     schedule: Literal["cosine", "constant"] = "cosine"
     """Learning-rate schedule after warmup."""
     weight_decay: float = 0.0
@@ -842,7 +842,10 @@ def render_deepspeed(cfg: RunConfig, engine: Literal["pilot", "copilot", "base"]
                      world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict of one engine (each engine gets its own)."""
     e = engine_config(cfg, engine)
-    steps = cfg.base.steps if engine == "base" else cfg.train.steps
+    micro_steps = cfg.base.steps if engine == "base" else cfg.train.steps
+    # DeepSpeed steps the scheduler once per optimizer step, i.e. every grad_accum_steps
+    # micro steps (one joint step = one micro step).
+    steps = math.ceil(micro_steps / e.grad_accum_steps)
     z = e.zero
     zero: dict[str, Any] = {"stage": z.stage, "overlap_comm": z.overlap_comm,
                             "reduce_bucket_size": z.reduce_bucket_size}

@@ -102,6 +102,8 @@ def build_copilot(cfg: RunConfig, *, vocab: int, d_pilot: int, base: Path | None
     if src is not None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+        if tokenizer is not None:  # before any weight loads
+            check_same_tokenizer(src, tokenizer)
         try:  # a T5 loads with its decoder (seq2seq), every other source as a causal LM
             seq2seq = AutoConfig.from_pretrained(src).is_encoder_decoder
             auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
@@ -110,8 +112,6 @@ def build_copilot(cfg: RunConfig, *, vocab: int, d_pilot: int, base: Path | None
             raise RuntimeError(f"copilot.init_from={str(src)!r} could not be loaded (not a "
                                "local model folder, or offline); point it at a local copy or "
                                "use copilot.init_from=none") from e
-        if tokenizer is not None:
-            check_same_tokenizer(src, tokenizer)
         copied = init_copilot_from(cop, source)
         del source  # only its weights were needed
         print_rank0(f"[tcp] Copilot initialised from {src} ({len(copied)} tensors copied)")
@@ -143,8 +143,13 @@ def build_engines(cfg: RunConfig, tokenizer: Any, base: Path | None,
     copilot_model = build_copilot(cfg, vocab=vocab, d_pilot=d_pilot, base=base,
                                   pilot_encoder_decoder=is_encoder_decoder(pilot_model),
                                   tokenizer=tokenizer)
-    if cfg.kernels.fused:
-        use_fused_head(pilot_model)  # before DeepSpeed wraps it, so ZeRO-3 hooks the new head
+    if isinstance(pilot_model.get_output_embeddings(), torch.nn.Linear):
+        # Before DeepSpeed wraps it, so ZeRO-3 hooks the new head. Outside a request it is the
+        # Linear it replaces; with kernels.fused=false it still lets evaluation and decoding
+        # compute logits at the rows they need only.
+        use_fused_head(pilot_model)
+    elif cfg.kernels.fused:
+        use_fused_head(pilot_model)  # raises: says to set kernels.fused=false
     tap = PilotTap(pilot_model, impl=cfg.kernels.impl)  # hooks survive DeepSpeed wrapping
     pilot = build_engine(pilot_model, render_deepspeed(cfg, "pilot", world_size=world))
     copilot = build_engine(copilot_model, render_deepspeed(cfg, "copilot", world_size=world))

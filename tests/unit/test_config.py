@@ -136,3 +136,18 @@ def test_matched_size_pilot_has_the_pilot_plus_copilot_parameter_count():
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
     assert cfg.train.steps > 0 and cfg.eval.lambdas
+
+
+def test_epochs_derive_steps_and_the_schedule_counts_optimizer_steps():
+    from tcp.config import resolve_epochs
+
+    cfg = load_config(None, ["train.epochs=3", "train.steps=7", "train.pilot.micro_batch_size=4",
+                             "train.pilot.grad_accum_steps=2", "train.pilot.warmup_steps=2"])
+    assert resolve_epochs(cfg, num_samples=100, world_size=2).train.steps == 38  # ceil(300/8)
+    assert resolve_epochs(load_config(None), num_samples=100, world_size=2).train.steps == 500
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        load_config(None, ["train.epochs=0"])
+    ds = render_deepspeed(resolve_epochs(cfg, num_samples=100, world_size=2), "pilot",
+                          world_size=2)
+    assert ds["scheduler"]["params"]["total_num_steps"] == 19  # 38 micro steps / 2
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 50_000_000
