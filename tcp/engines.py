@@ -64,19 +64,34 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any]) -> Any:
 
 
 def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
-    """Full (unpartitioned) CPU state dict on rank 0, None elsewhere. Collective: call on all."""
+    """Full (unpartitioned) CPU state dict on rank 0, None elsewhere. Collective: call on all.
+
+    Under ZeRO-3 the parameters are gathered one at a time and copied to rank 0's host memory,
+    so no device ever holds more than its shard plus one full parameter (gathering the whole
+    model at once would put all of a 7B Pilot on every GPU).
+    """
     import deepspeed
 
-    params = list(module.parameters())
-    zero3 = any(hasattr(p, "ds_id") for p in params)
+    named = dict(module.named_parameters(remove_duplicate=False))  # tied names included
+    zero3 = any(hasattr(p, "ds_id") for p in named.values())
     rank = dist.get_rank() if dist.is_initialized() else 0
     if not zero3:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} \
             if rank == 0 else None
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        if rank == 0:
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    return None
+    full: dict[int, torch.Tensor] = {}
+    for p in module.parameters():  # the same order on every rank
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            if rank == 0:
+                full[id(p)] = p.detach().cpu().clone()
+    if rank != 0:
+        return None
+    out = {}
+    for k, v in module.state_dict().items():  # partitioned entries are empty placeholders
+        if k in named:
+            out[k] = full[id(named[k])]
+        else:  # buffers and extra state are not partitioned
+            out[k] = v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+    return out
 
 
 def _tmp_dir(path: Path) -> Path:
