@@ -162,8 +162,9 @@ class PilotTap:
     """Forward hooks on an HF causal LM that capture X~ and layer-mean pooled states.
 
     The hooks act only inside `capture(...)`, which ends with the forward: under gradient
-    checkpointing the backward's recompute of a layer (which re-runs its forward hooks where
-    transformers checkpoints `__call__` rather than `forward`) finds no capture and adds nothing.
+    checkpointing, a recompute of a layer during the backward that re-runs its forward hooks
+    (depending on whether transformers checkpoints the layer's `__call__` or its `forward`)
+    finds no capture and adds nothing.
     """
 
     def __init__(self, model: nn.Module, *, impl: str | None = "auto") -> None:
@@ -293,10 +294,12 @@ class FusedLMHead(nn.Linear):
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """HF gradient checkpointing on every decoder layer, non-reentrant: it needs no inputs that
-    require grad (frozen embeddings under LoRA), and the layers' own hooks stay outside the
-    recompute (transformers checkpoints `forward`)."""
-    kw = {"use_reentrant": False}
+    """HF gradient checkpointing on every decoder layer, reentrant (the variant DeepSpeed ZeRO-3
+    is known to work with: its partitioned parameters are re-gathered by the module hooks during
+    the recompute). Reentrant checkpointing computes parameter gradients only when the layer's
+    input requires grad, so with frozen embeddings (LoRA) the embedding output is made to
+    require it (`enable_input_require_grads`)."""
+    kw = {"use_reentrant": True}
     if hasattr(model, "activation_checkpointing_enable"):  # gradient_checkpointing_enable is
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)  # deprecated
     elif hasattr(model, "gradient_checkpointing_enable"):
@@ -304,6 +307,8 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     else:
         raise RuntimeError(f"{type(model).__name__} has no HF gradient checkpointing; set "
                            "pilot.gradient_checkpointing=false")
+    if not model.get_input_embeddings().weight.requires_grad:
+        model.enable_input_require_grads()
 
 
 @contextlib.contextmanager
