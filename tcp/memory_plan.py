@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -135,6 +136,8 @@ class MemoryPlan:
     """Config changes that shrink the device total (for the warning)."""
     note: str | None = None
     """Why there is no plan (the Pilot's config.json is not available, ...)."""
+    remarks: list[str] = field(default_factory=list)
+    """Printed under the head: where a config came from, what is not resolved yet."""
 
     @property
     def device_total(self) -> int:
@@ -178,7 +181,14 @@ def pilot_model(cfg: RunConfig) -> nn.Module:
                                                   eos_id=None, seed=0))
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    conf = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+    try:
+        conf = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+    except OSError:
+        from tcp.models.twins import PAPER_MODELS, paper_config
+
+        if m.name_or_path not in PAPER_MODELS:
+            raise
+        conf = paper_config(m.name_or_path)  # offline: tcp's record of the published config
     auto = AutoModelForSeq2SeqLM if conf.is_encoder_decoder else AutoModelForCausalLM
     return abstract_model(lambda: auto.from_config(conf, trust_remote_code=m.trust_remote_code))
 
@@ -351,7 +361,16 @@ def plan(cfg: RunConfig, world_size: int) -> MemoryPlan:
         return out
     from tcp.models.copilot import Copilot
     from tcp.models.pilot import is_encoder_decoder
+    from tcp.models.twins import PAPER_MODELS
 
+    name = cfg.model.name_or_path
+    if name in PAPER_MODELS and not Path(name).is_dir():
+        out.remarks.append(f"{name}: architecture from its published config.json (tcp's record, "
+                           "tcp/models/twins.py) when the hub copy is not available")
+    if cfg.train.epochs is not None:
+        out.remarks.append(f"train.epochs={cfg.train.epochs:g}: the step count (and the "
+                           "schedules above) is derived from the training set when the run "
+                           "starts; train.steps is a placeholder here")
     e, mixed, T = _BYTES[cfg.model.dtype], cfg.model.dtype != "float32", cfg.data.max_length
     conf: Any = pilot.config
     vocab, d_p = int(conf.vocab_size), int(conf.hidden_size)
@@ -432,7 +451,8 @@ def format_plan(p: MemoryPlan, device_gib: float | None) -> str:
     def row(name: str, device: str, host: str) -> str:
         return f"  {name:<76}{device:>12}{host:>12}".rstrip()
 
-    out = [head, row("(* = live only during that engine's step)", "device", "host")]
+    out = [head, *(f"# {r}" for r in p.remarks),
+           row("(* = live only during that engine's step)", "device", "host")]
     for en in p.engines:
         out.append(f"{en.name}: {en.model}, {_count(en.params)} parameters "
                    f"({_count(en.trainable)} trainable), micro batch {en.batch}")

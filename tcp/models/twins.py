@@ -8,7 +8,7 @@ points `model.name_or_path` / `copilot.init_from` at, so the code path a user's 
 (from_pretrained, LoRA, GQA Copilot initialisation, T5) is the one the tests run.
 
 `PAPER_MODELS` records the real models' architecture (from their published config.json); the
-memory plan can use it when the hub config is not available offline.
+memory plan (`--dry-run`) uses it when the hub config is not available offline.
 """
 
 from __future__ import annotations
@@ -49,6 +49,15 @@ PAPER_MODELS: dict[str, dict[str, Any]] = {
         num_heads=6, feed_forward_proj="gated-gelu", vocab_size=32128,
         tie_word_embeddings=False),
 }
+
+
+def paper_config(name: str) -> Any:
+    """The HF config of the real model `name` (one of PAPER_MODELS), without the hub."""
+    from transformers import AutoConfig
+
+    real = dict(PAPER_MODELS[name])
+    real.pop("extra_vocab_rows", None)
+    return AutoConfig.for_model(real.pop("model_type"), **real)
 
 
 def twin_config(name: str, *, vocab_size: int, pad_id: int, bos_id: int | None,

@@ -294,15 +294,32 @@ def test_dry_run_warns_when_the_device_is_too_small(capsys):
     assert "pilot.gradient_checkpointing=true" in out and "more ranks" in out
 
 
-def test_offline_pretrained_pilot_prints_a_note_and_exits_0(capsys):
-    p = plan(load_config("configs/llama3.2-3b+1b.yaml"), 8)
-    if p.note is None:
-        pytest.skip("meta-llama/Llama-3.2-3B's config.json is cached here")
-    assert train_main(["--config", "configs/llama3.2-3b+1b.yaml", "--dry-run"]) == 0
+def test_offline_unknown_pretrained_pilot_prints_a_note_and_exits_0(capsys):
+    name = "some-org/a-model-nobody-has"
+    assert plan(load_config(None, [f"model.name_or_path={name}", "base.enabled=false",
+                                   "copilot.init_from=none"]), 8).note is not None
+    assert train_main(["--config", "configs/default.yaml", "--dry-run",
+                       f"model.name_or_path={name}", "base.enabled=false",
+                       "copilot.init_from=none"]) == 0
     cap = capsys.readouterr()
     (note,) = [x for x in cap.out.splitlines() if x.startswith("no memory plan")]
-    assert "meta-llama/Llama-3.2-3B" in note and "huggingface-cli download" in note
+    assert name in note and "huggingface-cli download" in note
     assert "Traceback" not in cap.err
+
+
+def test_paper_configs_plan_offline_from_the_recorded_architecture(capsys):
+    p = plan(load_config("configs/llama3.2-3b+1b.yaml"), 8)
+    assert p.note is None
+    pilot = p.engines[0]
+    # Llama-3.2-3B's published size, tied embeddings counted once, plus the r=32 adapters on
+    # all seven projections of its 28 layers.
+    assert pilot.params - pilot.trainable == 3_212_749_824
+    assert pilot.trainable == 28 * 32 * (2 * (3072 + 3072) + 2 * (3072 + 1024)
+                                         + 3 * (3072 + 8192))
+    assert train_main(["--config", "configs/llama3.2-3b+1b.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "architecture from its published config.json" in out
+    assert "train.epochs=3: the step count" in out
 
 
 def test_world_size_must_be_positive():
