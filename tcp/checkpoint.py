@@ -137,6 +137,11 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def has_frozen(engine: Any) -> bool:
+    """Whether the engine's module has parameters that do not train (a LoRA Pilot's base)."""
+    return any(not p.requires_grad for p in engine.module.parameters())
+
+
 class CheckpointManager:
     """Saves, finds and loads composite checkpoints. `save`, `load` and `prepare` are
     collective: every rank calls them."""
@@ -213,7 +218,10 @@ class CheckpointManager:
             path.mkdir(parents=True)
         _barrier()
         for engine_name, engine in zip(ENGINES, (pilot, copilot), strict=True):
-            engine.save_checkpoint(str(path / engine_name), tag=name)
+            # A LoRA Pilot's frozen base never changes and is rebuilt from its source on resume:
+            # only the adapters (and their optimizer state) are written, not ~2 bytes/param.
+            engine.save_checkpoint(str(path / engine_name), tag=name,
+                                   exclude_frozen_parameters=has_frozen(engine))
         _atomic_torch_save(trainer_state, path / trainer_file(self.rank))
         self._fsync_mine(path)
         fault_point("checkpoint", step=step, rank=self.rank)
@@ -234,7 +242,8 @@ class CheckpointManager:
         for engine_name, engine in zip(ENGINES, (pilot, copilot), strict=True):
             loaded, _ = engine.load_checkpoint(
                 str(info.path / engine_name), tag=info.manifest["tag"],
-                load_optimizer_states=True, load_lr_scheduler_states=True)
+                load_optimizer_states=True, load_lr_scheduler_states=True,
+                load_module_strict=not has_frozen(engine))
             if loaded is None:
                 raise CheckpointError(f"{info.path / engine_name}: DeepSpeed could not load the "
                                       f"{engine_name} engine's checkpoint")

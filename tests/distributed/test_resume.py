@@ -163,3 +163,30 @@ def test_resume_with_another_world_size_fails_before_loading(tmp_path, continuou
     assert "written by 2 ranks, this launch has 1" in p.stdout + p.stderr
     assert "Pilot" not in p.stdout  # failed before any model was built
     assert time.time() - t0 < 120
+
+
+def test_lora_run_resumes_exactly_from_adapter_only_checkpoints(tmp_path):
+    """A LoRA Pilot: checkpoints hold the adapters, not the frozen base (rebuilt from its source
+    on resume), and a run killed mid-way ends where the uninterrupted one ends."""
+    lora = (*TINY, "pilot.lora.enabled=true", "pilot.lora.r=4", NO_MLFLOW)
+    full, run = tmp_path / "full", tmp_path / "run"
+    launch(full, *lora)
+    p = launch(run, *lora, env={"TCP_FAULT_INJECT": "kill@step=6"}, check=False)
+    assert p.returncode != 0 and not (run / "results.json").exists()
+    p = launch(run, *lora, "resume=auto")
+    assert "step_00000004 at step 4" in p.stdout
+    ha, hb = (json.loads((r / "results.json").read_text())["history"] for r in (full, run))
+    for x, y in zip(ha, hb, strict=True):
+        for key in ("pilot_loss", "copilot_rmse"):
+            assert abs(x[key] - y[key]) <= 1e-6, (x["step"], key)
+    for rel in ("final/pilot/model.safetensors", "final/pilot_adapter/adapter_model.safetensors"):
+        wa, wb = load_file(full / rel), load_file(run / rel)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
+    states = sorted((run / "checkpoints/step_00000008/pilot/step_00000008").glob(
+        "*model_states.pt"))
+    assert states
+    for f in states:
+        st = torch.load(f, map_location="cpu", weights_only=False)
+        assert st.get("frozen_param_fragments") is None  # the base was not written
