@@ -88,3 +88,13 @@ def test_joint_run_on_cuda_replays_the_log_and_resumes_exactly(tmp_path: Path):
     for x, y in zip(a, b, strict=True):
         for key in ("pilot_loss", "copilot_rmse"):
             assert abs(x[key] - y[key]) <= 1e-5 * max(1.0, abs(x[key])), (x["step"], key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["configs/llama3.2-3b+1b.yaml", "configs/qwen2.5-7b+0.5b.yaml"])
+def test_paper_config_twin_with_lora_in_bf16_on_cuda(tmp_path: Path, config: str):
+    """The paper's setting on a GPU: LoRA adapters beside a bf16 base under ZeRO-3, the GQA
+    Copilot from its source, Triton kernels, merged save and tcp-eval (on shape twins)."""
+    from tests.distributed.test_paper_twins import run_twin
+
+    run_twin(tmp_path, config, "model.dtype=bfloat16", "kernels.impl=auto", ranks=1)
