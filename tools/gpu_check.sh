@@ -73,8 +73,9 @@ while [ "$#" -gt 0 ]; do
 done
 
 # The requirements besides the project and torch: pyproject.toml's dependencies and test extra,
-# less what the check never imports (MLflow: tracking is off; peft: no LoRA; datasets: the
-# arithmetic source; accelerate: no pretrained ZeRO-3 loading) and torch/triton (the machine's).
+# less what the check never imports (MLflow: tracking is off; datasets: the arithmetic source)
+# and torch/triton (the machine's). peft (and accelerate, which peft and pretrained ZeRO-3
+# loading need) stay: the gpu tests train LoRA Pilots from saved twins.
 print_requirements() {
   "$PY" - "$ROOT/pyproject.toml" <<'EOF'
 import re, sys
@@ -84,7 +85,7 @@ except ImportError:  # Python < 3.11
     from pip._vendor import tomli as tomllib
 with open(sys.argv[1], "rb") as f:
     project = tomllib.load(f)["project"]
-skip = {"torch", "triton", "mlflow", "peft", "datasets", "accelerate", "pyarrow"}
+skip = {"torch", "triton", "mlflow", "datasets", "pyarrow"}
 for req in project["dependencies"] + project["optional-dependencies"]["test"]:
     name = re.match(r"[A-Za-z0-9_.\-]+", req).group(0).lower().replace("_", "-")
     if name not in skip:
