@@ -236,7 +236,7 @@ def pilot_activations(cfg: RunConfig, model: nn.Module) -> Activations:
                        checkpointing=cfg.pilot.gradient_checkpointing)
 
 
-def copilot_entries(cfg: RunConfig) -> int:
+def copilot_batch_size(cfg: RunConfig) -> int:
     """Entries per Copilot step: the current step's (include_current) plus the replayed ones."""
     ml = cfg.mistake_log
     return (cfg.train.pilot.micro_batch_size if ml.include_current else 0) + ml.replay_size
@@ -245,7 +245,7 @@ def copilot_entries(cfg: RunConfig) -> int:
 def copilot_activations(cfg: RunConfig, model: nn.Module, d_pilot: int) -> Activations:
     """The Copilot's activations, queries and memory at T rows per entry."""
     cc, e, s = cfg.copilot, _BYTES[cfg.model.dtype], _BYTES[cfg.mistake_log.storage_dtype]
-    E, T, k = copilot_entries(cfg), cfg.data.max_length, cfg.mistake_log.topk
+    E, T, k = copilot_batch_size(cfg), cfg.data.max_length, cfg.mistake_log.topk
     N, d, hd = E * T, cc.hidden_size, cc.head_dim or cc.hidden_size // cc.num_heads
     blocks: Any = model.layers  # grouped k/v are widened to num_heads * hd before SDPA
     atts = [2 if blk.kind == "both" else 1 for blk in blocks]
@@ -407,7 +407,7 @@ def plan(cfg: RunConfig, world_size: int) -> MemoryPlan:
                            device=B * T * ((s + 4) * d_p + 12 * k + 12))]
             batch = f"{B} x {T} tokens"
         else:
-            E, d_c = copilot_entries(cfg), cfg.copilot.hidden_size
+            E, d_c = copilot_batch_size(cfg), cfg.copilot.hidden_size
             lines += [head_line(cfg, rows=E * T, d=d_c, vocab=vocab, bias=True, min_rows=T),
                       Line("error input: ids/values (E, T, k+1) + bag sums (E, T, d_C)",
                            transient=True,

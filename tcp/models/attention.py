@@ -20,9 +20,93 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tcp.models.copilot_init import adopt_saved_biases
-
 KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class Rotary(nn.Module):
+    """cos, sin of shape (B, 1, T, head_dim) for positions (B, T) (HF LLaMA convention).
+
+    The inverse frequencies default to `theta ** (-2i / head_dim)` and can be replaced by a
+    pretrained decoder's (`set_frequencies`), with its post-scaling of cos/sin (YaRN).
+
+    They travel in the state dict as *extra state* (one float64 tensor: [scaling, *inv_freq]),
+    not as a buffer: DeepSpeed's bf16/fp16 engines cast every floating buffer, and bf16
+    frequencies put tokens a few hundred positions apart at visibly wrong angles. A state dict
+    saved before this state existed loads with the `theta` default, which is what such a
+    Copilot used.
+    """
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self._state = self._pack(self.default_frequencies(), 1.0)
+        self._on: tuple[torch.device, torch.Tensor] | None = None
+
+    def default_frequencies(self) -> torch.Tensor:
+        """(head_dim/2,) the plain-RoPE inverse frequencies, computed in fp32 as HF does."""
+        i = torch.arange(0, self.head_dim, 2).float()
+        return 1.0 / (self.theta ** (i / self.head_dim))
+
+    def _pack(self, inv_freq: torch.Tensor, scaling: float) -> torch.Tensor:
+        if inv_freq.shape != (self.head_dim // 2,):
+            raise ValueError(f"rotary frequencies of shape {tuple(inv_freq.shape)}; the Copilot "
+                             f"rotates whole heads of {self.head_dim} (needs "
+                             f"({self.head_dim // 2},): partial rotary embeddings are not "
+                             "supported)")
+        return torch.cat([torch.tensor([scaling], dtype=torch.float64),
+                          inv_freq.detach().cpu().double()])
+
+    def set_frequencies(self, inv_freq: torch.Tensor, scaling: float = 1.0) -> None:
+        """Use a pretrained decoder's inverse frequencies (head_dim/2,) and cos/sin scaling."""
+        self._state, self._on = self._pack(inv_freq, scaling), None
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """(head_dim/2,) float64 on the CPU."""
+        return self._state[1:]
+
+    @property
+    def scaling(self) -> float:
+        return float(self._state[0])
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._on is None or self._on[0] != pos.device:  # one small copy per device
+            self._on = (pos.device, self.inv_freq.float().to(pos.device))
+        freqs = pos.float()[..., None] * self._on[1]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        cos, sin = emb.cos(), emb.sin()
+        if self.scaling != 1.0:
+            cos, sin = cos * self.scaling, sin * self.scaling
+        return cos, sin
+
+    def get_extra_state(self) -> torch.Tensor:
+        return self._state.clone()
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        state = state.detach().cpu().double()
+        self.set_frequencies(state[1:], float(state[0]))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              *args: Any, **kwargs: Any) -> None:
+        # Copilots saved before the frequencies were state used plain RoPE with rope_theta.
+        state_dict.setdefault(prefix + "_extra_state",
+                              self._pack(self.default_frequencies(), 1.0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def enable_bias(linear: nn.Linear) -> None:
+    """Give a bias-free Linear a zero bias (sources such as Qwen2 have q/k/v biases)."""
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device,
+                                               dtype=linear.weight.dtype))
+
+
+def adopt_saved_biases(module: nn.Module, state_dict: dict[str, Any], prefix: str) -> None:
+    """Before `module` loads `state_dict`: every child Linear whose saved bias is present gets
+    one, so a Copilot built from its config loads a Copilot initialised from a biased source."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear) and f"{prefix}{name}.bias" in state_dict:
+            enable_bias(child)
 
 
 def rotate(x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

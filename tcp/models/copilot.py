@@ -32,8 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from tcp.config import CopilotConfig
 from tcp.kernels.copilot_loss import copilot_rmse_loss, fused_copilot_rmse_loss
 from tcp.mistake_log.record import MistakeBatch
-from tcp.models.attention import KV, Attention
-from tcp.models.copilot_init import Rotary, adopt_saved_biases
+from tcp.models.attention import KV, Attention, Rotary, adopt_saved_biases
 from tcp.models.copilot_init import init_copilot_from as init_copilot_from
 from tcp.models.copilot_init import init_from_llama as init_from_llama  # the former home
 

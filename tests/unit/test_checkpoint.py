@@ -29,12 +29,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class FakeEngine:
-    """The two DeepSpeed engine methods the manager calls, writing files the same way."""
+    """The two DeepSpeed engine methods the manager calls, writing files the same way, and the
+    wrapped module (one trainable parameter)."""
 
     def __init__(self, value: float = 0.0) -> None:
         self.value = value
+        self.module = torch.nn.Linear(1, 1)
 
-    def save_checkpoint(self, save_dir: str, tag: str) -> None:
+    def save_checkpoint(self, save_dir: str, tag: str, **_: bool) -> None:
         d = Path(save_dir) / tag
         d.mkdir(parents=True, exist_ok=True)
         torch.save({"value": self.value}, d / "zero_pp_rank_0_mp_rank_00_model_states.pt")

@@ -29,7 +29,7 @@ from tcp.memory_plan import (
     EnginePlan,
     GiB,
     MemoryPlan,
-    copilot_entries,
+    copilot_batch_size,
     format_plan,
     plan,
     zero_lines,
@@ -122,7 +122,7 @@ def real_copilot(cfg: RunConfig) -> Copilot:
 
 def copilot_step(cfg: RunConfig, model: Copilot) -> torch.Tensor:
     """The trainer's Copilot forward on full-length entries (1 prompt row, T - 1 targets)."""
-    E, T, k, d = copilot_entries(cfg), cfg.data.max_length, cfg.mistake_log.topk, \
+    E, T, k, d = copilot_batch_size(cfg), cfg.data.max_length, cfg.mistake_log.topk, \
         cfg.model.arch.hidden_size
     n = T - 1
     mb = MistakeBatch(
