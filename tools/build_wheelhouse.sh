@@ -60,26 +60,42 @@ for p in "${PLATFORMS[@]}"; do TARGET+=(--platform "$p"); done
 mapfile -t REQS < <(PYTHON="$PY" bash "$HERE/gpu_check.sh" --print-requirements)
 DS_SPEC=""
 OTHERS=()
+ON_TORCH=()   # pure-Python packages that require torch: fetched without their dependencies
 for r in "${REQS[@]}"; do
-  case "$r" in deepspeed*) DS_SPEC=$r ;; *) OTHERS+=("$r") ;; esac
+  case "$r" in
+    deepspeed*) DS_SPEC=$r ;;
+    peft*|accelerate*) ON_TORCH+=("$r") ;;
+    *) OTHERS+=("$r") ;;
+  esac
 done
 [ -n "$DS_SPEC" ] || die "no deepspeed in the requirements (tools/gpu_check.sh --print-requirements)"
 
 echo "[build_wheelhouse] DeepSpeed ($DS_SPEC) as a pure-Python wheel (DS_BUILD_OPS=0)"
 rm -f "$DIR"/deepspeed-*.whl
 DS_BUILD_OPS=0 "${PIP[@]}" wheel -q --no-deps --no-binary deepspeed -w "$DIR" "$DS_SPEC"
-DS_WHEEL=$(compgen -G "$DIR/deepspeed-*.whl" | head -n1)
-# Its own requirements, less torch (read from the wheel's metadata, so they follow its version).
-mapfile -t DS_DEPS < <("$PY" - "$DS_WHEEL" <<'EOF'
+if [ "${#ON_TORCH[@]}" -gt 0 ]; then
+  echo "[build_wheelhouse] ${ON_TORCH[*]} without their dependencies (they require torch)"
+  "${PIP[@]}" download -q --no-deps "${TARGET[@]}" -d "$DIR" "${ON_TORCH[@]}"
+fi
+# Their own requirements, less torch (read from the wheels' metadata, so they follow their
+# versions).
+TORCH_WHEELS=("$DIR"/deepspeed-*.whl)
+for r in "${ON_TORCH[@]}"; do
+  name=$(echo "$r" | sed -E 's/[^A-Za-z0-9_.-].*//')
+  TORCH_WHEELS+=("$(compgen -G "$DIR/${name}-*.whl" | head -n1)")
+done
+mapfile -t DS_DEPS < <("$PY" - "${TORCH_WHEELS[@]}" <<'EOF'
 import re, sys, zipfile
 from email.parser import Parser
-with zipfile.ZipFile(sys.argv[1]) as z:
-    meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-    msg = Parser().parsestr(z.read(meta).decode())
-for req in msg.get_all("Requires-Dist") or []:
-    name = re.match(r"[A-Za-z0-9_.\-]+", req).group(0).lower()
-    if name not in ("torch", "triton") and "extra ==" not in req:
-        print(req)
+for wheel in sys.argv[1:]:
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        msg = Parser().parsestr(z.read(meta).decode())
+    for req in msg.get_all("Requires-Dist") or []:
+        name = re.match(r"[A-Za-z0-9_.\-]+", req).group(0).lower()
+        # torch is the GPU machine's; peft/accelerate are fetched above, without torch
+        if name not in ("torch", "triton", "peft", "accelerate") and "extra ==" not in req:
+            print(req)
 EOF
 )
 
