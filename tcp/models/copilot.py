@@ -35,6 +35,8 @@ from tcp.mistake_log.record import MistakeBatch
 from tcp.models.attention import KV, Attention, Rotary, adopt_saved_biases
 from tcp.models.copilot_init import init_copilot_from as init_copilot_from
 from tcp.models.copilot_init import init_from_llama as init_from_llama  # the former home
+from tcp.models.copilot_inputs import CopilotInputs as CopilotInputs
+from tcp.models.copilot_inputs import build_inputs as build_inputs
 
 
 class RMSNorm(nn.Module):
@@ -159,66 +161,6 @@ class MemoryProjection(nn.Module):
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(m.to(self.proj.weight.dtype)))
-
-
-@dataclass
-class CopilotInputs:
-    """Padded, teacher-forced Copilot inputs built from a `MistakeBatch`."""
-
-    mem: torch.Tensor
-    """(B, M, d_P) [X~ ; h] per entry, right-padded."""
-    mem_valid: torch.Tensor
-    """(B, M) bool real rows."""
-    mem_pos: torch.Tensor
-    """(B, M) rotary positions of memory rows."""
-    mem_first_query: torch.Tensor
-    """(B, M) first query index allowed to see the row (X~: 0, h_j: j)."""
-    err_ids: torch.Tensor
-    """(B, n, k+1) ids of ell_{i-1} (label first, then top-k); row 0 unused."""
-    err_vals: torch.Tensor
-    """(B, n, k+1) values of ell_{i-1} (+1 at the label, -p at the top-k); row 0 zeros."""
-    q_pos: torch.Tensor
-    """(B, n) rotary positions of queries."""
-    q_valid: torch.Tensor
-    """(B, n) bool real target positions."""
-
-
-def build_inputs(batch: MistakeBatch, device: torch.device | str) -> CopilotInputs:
-    """Pad a ragged `MistakeBatch` into `CopilotInputs` (shifted-right sparse errors)."""
-    B = batch.num_entries
-    P, n = batch.prompt_lens.cpu(), batch.target_lens.cpu()
-    M, T = int((P + n).max()), int(n.max())
-    d = batch.h.shape[1]
-    k1 = batch.topk_ids.shape[1] + 1
-    mem = torch.zeros(B, M, d, dtype=batch.h.dtype)
-    mem_valid = torch.zeros(B, M, dtype=torch.bool)
-    mem_pos = torch.zeros(B, M, dtype=torch.long)
-    first_q = torch.zeros(B, M, dtype=torch.long)
-    ids = torch.zeros(B, T, k1, dtype=torch.long)
-    vals = torch.zeros(B, T, k1, dtype=torch.float32)
-    q_pos = torch.zeros(B, T, dtype=torch.long)
-    q_valid = torch.zeros(B, T, dtype=torch.bool)
-    xo, yo = batch.x_offsets.cpu(), batch.y_offsets.cpu()
-    x_tilde, h = batch.x_tilde.cpu(), batch.h.cpu()
-    sp_ids = torch.cat([batch.labels.cpu()[:, None], batch.topk_ids.cpu()], dim=1)
-    sp_vals = torch.cat([torch.ones(batch.num_tokens, 1), -batch.topk_probs.cpu().float()], dim=1)
-    for b in range(B):
-        p, m = int(P[b]), int(n[b])
-        mem[b, :p] = x_tilde[xo[b]:xo[b + 1]]
-        mem[b, p:p + m] = h[yo[b]:yo[b + 1]].to(mem.dtype)
-        mem_valid[b, :p + m] = True
-        mem_pos[b, :p] = torch.arange(p)
-        mem_pos[b, p:p + m] = torch.arange(m) + p - 1
-        first_q[b, p:p + m] = torch.arange(m)
-        ids[b, 1:m] = sp_ids[yo[b]:yo[b + 1] - 1]
-        vals[b, 1:m] = sp_vals[yo[b]:yo[b + 1] - 1]
-        q_pos[b, :m] = torch.arange(m) + p - 1
-        q_valid[b, :m] = True
-    return CopilotInputs(
-        mem=mem.to(device), mem_valid=mem_valid.to(device), mem_pos=mem_pos.to(device),
-        mem_first_query=first_q.to(device), err_ids=ids.to(device), err_vals=vals.to(device),
-        q_pos=q_pos.to(device), q_valid=q_valid.to(device),
-    )
 
 
 @dataclass
