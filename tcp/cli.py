@@ -29,8 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Overrides are dotted keys, e.g. train.steps=200 train.pilot.lr=3e-4 "
         "eval.lambdas='[0.5,1.0]'. Every key is documented in tcp/config.py and configs/*.yaml. "
         "Continue an interrupted run with resume=auto (or resume=<checkpoint folder>). Exit "
-        "codes: 0 done, 2 bad config or resume, 143/130 stopped by SIGTERM/SIGINT after a "
-        "clean checkpoint.",
+        "codes: 0 done, 2 bad config or resume, or (eval.strict=true) more generations cut at "
+        "eval.max_new_tokens than eval.truncation_warn_frac (results are still written), "
+        "143/130 stopped by SIGTERM/SIGINT after a clean checkpoint.",
     )
     p.add_argument("--config", type=str, default=None,
                    help="YAML run config (default: built-in defaults = configs/default.yaml)")
@@ -86,6 +87,7 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(dry_run(cfg, world_size=args.world_size, device_gib=args.device_memory_gib))
         return 0
+    from tcp.budget import TruncationError
     from tcp.checkpoint import CheckpointError
     from tcp.preemption import StopSignal
     from tcp.run import run
@@ -94,6 +96,9 @@ def train_main(argv: list[str] | None = None) -> int:
         results = run(cfg)
     except CheckpointError as e:
         print(f"resume error: {e}", file=sys.stderr)
+        return 2
+    except TruncationError as e:
+        print(f"evaluation error: {e}", file=sys.stderr)
         return 2
     if results.get("stopped_by"):
         return StopSignal.exit_code(results["stopped_by"])

@@ -477,8 +477,16 @@ class EvalConfig:
     """lambda grid tried on validation; the best is used once on test."""
     fusion: Literal["probs", "logits"] = "probs"
     """'probs': p~ = p_hat + lambda f; 'logits': z + lambda f."""
-    max_new_tokens: int = 8
-    """Decoding budget per answer."""
+    max_new_tokens: int | Literal["auto"] = "auto"
+    """Decoding budget per answer. 'auto' sizes it from the tokenized training and validation
+    answers (the longest, plus the longest stop string's tokens and 1 for EOS), capped by the
+    Pilot's context minus the longest prompt; the choice is printed. A number wins."""
+    truncation_warn_frac: float = 0.05
+    """Warn (or, with strict, fail) when more than this share of a split's generations end on
+    the budget without EOS or a stop string."""
+    strict: bool = False
+    """Truncation over truncation_warn_frac fails the run (exit 2, after results are written)
+    instead of warning."""
     batch_size: int = 64
     """Prompts per rank per decoding batch."""
     enabled: bool = True
@@ -506,7 +514,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check(len(self.lambdas) > 0, "lambdas", "must list at least one value, e.g. [0.5, 1.0]")
         _check(all(x > 0 for x in self.lambdas), "lambdas", "values must be > 0")
-        _check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
+        _check(self.max_new_tokens == "auto" or self.max_new_tokens > 0, "max_new_tokens",
+               f"must be > 0 or 'auto' (got {self.max_new_tokens!r})")
+        _check(0 <= self.truncation_warn_frac <= 1, "truncation_warn_frac",
+               f"must be in [0, 1] (got {self.truncation_warn_frac}), e.g. 0.05")
         _check(self.batch_size > 0, "batch_size", "must be > 0")
         _check(self.num_beams >= 1, "num_beams", "must be >= 1")
         _check(self.temperature > 0, "temperature", "must be > 0 (use strategy=greedy for 0)")

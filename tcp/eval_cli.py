@@ -7,7 +7,12 @@
 
 One process, no DeepSpeed: the Pilot is loaded from `<run>/final/pilot` (or `--pilot`), the
 Copilot from `<run>/final/copilot.pt` with the run's resolved `config.yaml`; `key=value`
-overrides apply to that config (data.*, eval.*). Writes `<run>/eval/<name>.json` and its plots.
+overrides apply to that config (data.*, eval.*). Writes `<run>/eval/<name>.json`, its plots and
+`<run>/eval/<name>.predictions.jsonl` (tcp.predictions).
+
+`eval.max_new_tokens: auto` is sized from the validation answers and the training split's
+(loaded and tokenized as the run did, so the budget matches the main job's); when the training
+split cannot be loaded (a missing file, an HF dataset offline) from validation only, as printed.
 """
 
 from __future__ import annotations
@@ -124,8 +129,10 @@ def load_run(run: Path, cfg: RunConfig, *, pilot_from: Path | None,
 
 
 def evaluate_run(loaded: LoadedRun, *, lam: float | None, limit: int | None,
-                 device: torch.device) -> dict[str, Any]:
-    """The λ sweep on validation (or `lam`), test once, diagnostics and a rectification trace."""
+                 device: torch.device, predictions_path: Path | None = None) -> dict[str, Any]:
+    """The λ sweep on validation (or `lam`), test once, diagnostics and a rectification trace;
+    predictions.jsonl at `predictions_path` when given."""
+    from tcp.budget import pilot_context, resolve_budget
     from tcp.data.collate import tokenize_records
     from tcp.data.loaders import load_split
     from tcp.models.pilot import PilotTap, use_fused_head
@@ -134,8 +141,22 @@ def evaluate_run(loaded: LoadedRun, *, lam: float | None, limit: int | None,
     cfg = loaded.cfg
     val = load_split(cfg.data, "validation", seed=cfg.seed)[:limit]
     test = load_split(cfg.data, "test", seed=cfg.seed)[:limit]
-    val_samples, _ = tokenize_records(val, loaded.tokenizer, max_length=cfg.data.max_length,
-                                      overlength=cfg.data.overlength)
+    def tokenized(records: list[dict[str, str]]) -> list[Any]:
+        return tokenize_records(records, loaded.tokenizer, max_length=cfg.data.max_length,
+                                overlength=cfg.data.overlength)[0]
+
+    val_samples = tokenized(val)
+    sized = {"validation": val_samples}
+    if cfg.eval.max_new_tokens == "auto":
+        try:  # the run's training answers too, so the budget is the main job's
+            sized = {"train": tokenized(load_split(cfg.data, "train", seed=cfg.seed)), **sized}
+        except (OSError, ValueError, RuntimeError) as e:
+            print(f"[tcp-eval] the training split could not be loaded ({e}); "
+                  "eval.max_new_tokens=auto is sized from validation answers only")
+    ctx, encdec = pilot_context(loaded.pilot, max_length=cfg.data.max_length)
+    budget = resolve_budget(cfg.eval, sized, loaded.tokenizer, context=ctx,
+                            encoder_decoder=encdec)
+    print(f"[tcp-eval] {budget.describe()}")
     if isinstance(loaded.pilot.get_output_embeddings(), torch.nn.Linear):
         # Teacher-forced diagnostics then compute logits at target rows only (no (B, T, V)).
         use_fused_head(loaded.pilot)
@@ -144,7 +165,8 @@ def evaluate_run(loaded: LoadedRun, *, lam: float | None, limit: int | None,
         return evaluate_and_report(cfg, pilot=loaded.pilot, copilot=loaded.copilot, tap=tap,
                                    tokenizer=loaded.tokenizer, val_records=val,
                                    test_records=test, val_samples=val_samples, rank=0, world=1,
-                                   device=device, lam=lam)
+                                   device=device, lam=lam, budget=budget,
+                                   predictions_path=predictions_path)
     finally:
         tap.remove()
 
@@ -158,13 +180,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="key=value overrides apply to the run's config.yaml, e.g. "
         "data.source=jsonl data.val_path=val.jsonl data.test_path=test.jsonl "
         "eval.answer_format=yesno eval.strategy=beam eval.num_beams=4. Exit codes: 0 done, "
-        "2 bad config, missing run or incompatible transfer.")
+        "2 bad config, missing run, incompatible transfer, or (eval.strict=true) more "
+        "generations cut at eval.max_new_tokens than eval.truncation_warn_frac (results are "
+        "still written).")
     p.add_argument("run", type=Path, help="run directory (its output_dir) whose Copilot is used")
     p.add_argument("--pilot", type=Path, default=None,
                    help="use the Pilot of this run directory (or HF model folder) instead of "
                    "the run's own: Copilot transfer")
     p.add_argument("--lambda", dest="lam", type=float, default=None,
-                   help="score at this λ (no sweep); default: sweep eval.lambdas on validation")
+                   help="score at this λ (no sweep; 0: the Pilot alone); default: sweep "
+                   "eval.lambdas on validation, λ=0 (Copilot off) included")
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N records of each split (quick checks)")
     p.add_argument("--name", default=None,
@@ -178,10 +203,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def eval_main(argv: list[str] | None = None) -> int:
     """Entry point of `tcp-eval`. Returns the exit code."""
+    from tcp.budget import TruncationError, check_truncation
+    from tcp.eval_report import format_table
     from tcp.plots import save_plots
-    from tcp.train import format_table, write_json
+    from tcp.train import write_json
 
     args = parse_args(argv)
+    if args.lam is not None and args.lam < 0:
+        print(f"error: --lambda must be >= 0 (got {args.lam}); 0 scores the Pilot alone",
+              file=sys.stderr)
+        return 2
     try:
         cfg = run_config(args.run, args.overrides)
     except ConfigError as e:
@@ -194,12 +225,13 @@ def eval_main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.manual_seed(cfg.seed)
-    results = evaluate_run(loaded, lam=args.lam, limit=args.limit, device=device)
     name = args.name or ("eval" if args.pilot is None else f"transfer-{args.pilot.name}")
-    results.update(copilot_run=str(args.run), pilot=results["pilot"] | {
-        "source": loaded.pilot_source}, config_overrides=args.overrides)
     out = args.run / "eval"
     out.mkdir(exist_ok=True)
+    results = evaluate_run(loaded, lam=args.lam, limit=args.limit, device=device,
+                           predictions_path=out / f"{name}.predictions.jsonl")
+    results.update(copilot_run=str(args.run), pilot=results["pilot"] | {
+        "source": loaded.pilot_source}, config_overrides=args.overrides)
     write_json(out / f"{name}.json", results)
     plots = save_plots(results, out / name)
     print(format_table(results))
@@ -207,19 +239,23 @@ def eval_main(argv: list[str] | None = None) -> int:
           f"results {out / f'{name}.json'}; plots {', '.join(str(p) for p in plots)}")
     if args.mlflow:
         _log_mlflow(cfg, name, results, [out / f"{name}.json", *plots])
+    try:
+        check_truncation(results)
+    except TruncationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
 def _log_mlflow(cfg: RunConfig, name: str, results: dict[str, Any], files: list[Path]) -> None:
+    from tcp.eval_report import summary_metrics
     from tcp.tracking import Tracker
 
     data = to_dict(cfg)
     data["tracking"] = dict(data["tracking"], enabled=True,
                             run_name=f"{Path(cfg.output_dir).name}:{name}")
     tracker = Tracker(from_dict(RunConfig, data), rank=0)
-    tracker.metrics({"test_accuracy_pilot": results["pilot"]["accuracy"],
-                     "test_accuracy_pilot_copilot": results["pilot+copilot"]["accuracy"],
-                     "chosen_lambda": results["pilot+copilot"]["lambda"]}, step=0)
+    tracker.metrics(summary_metrics(results), step=0)
     for f in files:
         tracker.artifact(f, "plots" if f.suffix == ".png" else None)
     tracker.close("FINISHED")

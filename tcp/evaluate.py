@@ -6,7 +6,8 @@ padded to the same number of batches, and counts are summed across ranks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -15,6 +16,7 @@ from tcp.data.collate import encode_prompt
 from tcp.eval_shards import shard_batches, sum_across_ranks
 from tcp.generate import DecodeOptions, cut_at_stop, fused_generate
 from tcp.models.pilot import PilotTap
+from tcp.predictions import prediction_row
 from tcp.tasks import AnswerScorer
 
 
@@ -35,21 +37,28 @@ class GenResult:
     n: int
     answer_format: str = "exact"
     """The format answers were scored in (tcp.tasks)."""
+    truncated: list[int] = field(default_factory=list)
+    """Generations that ended on the budget without EOS or a stop string, per lambda."""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    """This rank's predictions.jsonl rows (tcp.predictions), when asked for."""
 
 
 @torch.no_grad()
 def generation_eval(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module | None,
                     records: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, *,
                     lambdas: list[float], opts: DecodeOptions, batch_size: int, rank: int,
-                    world: int, device: torch.device, answer_format: str = "auto") -> GenResult:
+                    world: int, device: torch.device, answer_format: str = "auto",
+                    predictions_split: str | None = None) -> GenResult:
     """Decode every record once per lambda (0.0 = Pilot alone) and score the answers.
 
-    `answer_format` 'auto' is resolved on this split's golds (the same on every rank).
+    `answer_format` 'auto' is resolved on this split's golds (the same on every rank). With
+    `predictions_split`, `rows` holds one prediction row per (record of this rank, lambda).
     """
     scorer = AnswerScorer.for_golds(answer_format, [r["answer"] for r in records])
     L = len(lambdas)
     correct = [0.0] * L
-    flips, frows, frows_ok = [0.0] * L, [0.0] * L, [0.0] * L
+    flips, frows, frows_ok, cut = [0.0] * L, [0.0] * L, [0.0] * L, [0.0] * L
+    rows: list[dict[str, Any]] = []
     n_total = 0.0
     fmax, margins = [], []
     indexed = list(enumerate(records))
@@ -61,12 +70,20 @@ def generation_eval(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Mod
                                   device=device, decode=decode)
         B = len(items)
         flips_rows = st.flips.view(L, B).cpu()
-        texts = [[cut_at_stop(decode(toks[li][b]), opts.stop) for b in range(B)]
-                 for li in range(L)]
+        assert st.hit_budget is not None
+        hit = st.hit_budget.view(L, B).cpu()
         for li in range(L):
             for b in range(n_real):
-                ok = scorer.correct(texts[li][b], items[b][1]["answer"])
+                raw = str(decode(toks[li][b]))
+                text = cut_at_stop(raw, opts.stop)
+                ok = scorer.correct(text, items[b][1]["answer"])
                 correct[li] += ok
+                cut[li] += bool(hit[li, b])
+                if predictions_split is not None:
+                    rows.append(prediction_row(
+                        split=predictions_split, index=items[b][0], record=items[b][1],
+                        lam=float(lambdas[li]), generation=raw, answer_text=text, scorer=scorer,
+                        correct=ok, hit_budget=bool(hit[li, b])))
                 flips[li] += int(flips_rows[li, b])
                 if flips_rows[li, b] > 0:
                     frows[li] += 1
@@ -75,27 +92,40 @@ def generation_eval(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Mod
         if n_real:
             fmax += st.max_abs_f
             margins += st.margin
-    tot = sum_across_ranks([n_total, *correct, *flips, *frows, *frows_ok], device)
+    tot = sum_across_ranks([n_total, *correct, *flips, *frows, *frows_ok, *cut], device)
     n = tot[0]
     acc = [c / max(n, 1) for c in tot[1:1 + L]]
     fl = [int(x) for x in tot[1 + L:1 + 2 * L]]
     fr = [int(x) for x in tot[1 + 2 * L:1 + 3 * L]]
     fro = [int(x) for x in tot[1 + 3 * L:1 + 4 * L]]
+    tr = [int(x) for x in tot[1 + 4 * L:1 + 5 * L]]
     return GenResult(lambdas=list(lambdas), accuracy=acc, flips=fl, flipped_rows=fr,
                      flipped_rows_correct=fro,
                      max_abs_f_median=_median(fmax), pilot_margin_median=_median(margins),
-                     n=int(n), answer_format=scorer.format)
+                     n=int(n), answer_format=scorer.format, truncated=tr, rows=rows)
 
 
 def _median(xs: list[float]) -> float:
     return float(torch.tensor(xs).median()) if xs else float("nan")
 
 
-def choose_lambda(val: GenResult) -> tuple[float, float]:
-    """Best lambda on validation (index 0 is the Pilot alone and is not a candidate).
-
-    Ties go to the smaller lambda: the smaller correction that does as well.
-    Returns (lambda, its validation accuracy).
-    """
+def best_positive_lambda(val: GenResult) -> tuple[float, float] | None:
+    """The most accurate lambda > 0 on validation (ties: the smaller), with its accuracy; None
+    when only the Pilot (index 0) was decoded."""
+    if len(val.lambdas) < 2:
+        return None
     best = max(range(1, len(val.lambdas)), key=lambda i: (val.accuracy[i], -val.lambdas[i]))
     return val.lambdas[best], val.accuracy[best]
+
+
+def choose_lambda(val: GenResult) -> tuple[float, float]:
+    """The lambda to test with, chosen on validation; index 0 is the Pilot alone (lambda 0).
+
+    lambda 0 ("Copilot off") is a candidate: it is chosen unless some lambda > 0 is strictly
+    more accurate than the Pilot. Among lambdas > 0 ties go to the smaller: the smaller
+    correction that does as well. Returns (lambda, its validation accuracy).
+    """
+    best = best_positive_lambda(val)
+    if best is None or best[1] <= val.accuracy[0]:
+        return 0.0, val.accuracy[0]
+    return best

@@ -71,6 +71,9 @@ class DecodeStats:
     """Pilot top-1 minus top-2 probability, per (row, step) of unfinished rows."""
     steps: int = 0
     """Decoding steps run (forwards of each model after the prompt)."""
+    hit_budget: torch.Tensor | None = None
+    """(R,) bool: the output ended on the budget (max_new_tokens) without EOS or a stop string:
+    its answer may be cut."""
     _pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
         default_factory=list, repr=False)
 
@@ -362,8 +365,13 @@ def fused_generate(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Modu
         opts = DecodeOptions(**{**vars(opts), "fusion": fusion or opts.fusion,
                                 "max_new_tokens": max_new_tokens or opts.max_new_tokens})
     if opts.strategy == "beam":
-        return _beam_search(pilot, tap, copilot, prompts, lambdas=lambdas, eos_id=eos_id,
-                            pad_id=pad_id, device=device, opts=opts)
+        toks, st = _beam_search(pilot, tap, copilot, prompts, lambdas=lambdas, eos_id=eos_id,
+                                pad_id=pad_id, device=device, opts=opts)
+        if opts.stop and decode is not None:  # a beam holding a stop string ended there
+            held = torch.tensor([_hits_stop(t, opts.stop, decode) for ts in toks for t in ts],
+                                dtype=torch.bool, device=device)  # rows are lambda-major
+            st.hit_budget = ~held & st.hit_budget  # type: ignore[operator]
+        return toks, st
     B = len(prompts)
     rows = [p for _ in lambdas for p in prompts]
     R = len(rows)
@@ -401,6 +409,7 @@ def fused_generate(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Modu
         if all_ranks_done(bool(finished.all()), device) or i == opts.max_new_tokens - 1:
             break
         z, f = state.advance(nxt)
+    stats.hit_budget = ~finished  # rows end early only on EOS or a stop string
     return _by_lambda(out.tolist(), B, eos_id, pad_id), stats.finish()
 
 
@@ -429,7 +438,8 @@ def _beam_search(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module
     hist = torch.zeros(G * K, 0, dtype=torch.long, device=device)
     flip_hist = torch.zeros(G * K, 0, dtype=torch.bool, device=device)
     done = [False] * G
-    hyps: list[list[tuple[float, list[int], int]]] = [[] for _ in range(G)]  # score, ids, flips
+    hyps: list[list[tuple[float, list[int], int, bool]]] = [[] for _ in range(G)]  # score,
+    # ids, flips, ended on the budget (no EOS)
     stats = DecodeStats(flips=torch.zeros(G, dtype=torch.long, device=device))
     base = torch.arange(G, device=device)[:, None] * K
 
@@ -437,8 +447,9 @@ def _beam_search(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module
         lp = opts.length_penalty
         return best_running / (T ** lp if lp > 0 else length ** lp)
 
-    def add(g: int, score: float, ids: list[int], flips: int, length: int) -> None:
-        hyps[g].append((score / length ** opts.length_penalty, ids, flips))
+    def add(g: int, score: float, ids: list[int], flips: int, length: int,
+            cut: bool = False) -> None:
+        hyps[g].append((score / length ** opts.length_penalty, ids, flips, cut))
         hyps[g].sort(key=lambda h: -h[0])
         del hyps[g][K:]
 
@@ -479,7 +490,8 @@ def _beam_search(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module
             for k in range(K):
                 row = g * K + k
                 add(g, float(scores[g, k]), hist[row].tolist(), int(flip_hist[row].sum()),
-                    hist.shape[1])
+                    hist.shape[1], cut=True)
     for g in range(G):
         stats.flips[g] = hyps[g][0][2]
+    stats.hit_budget = torch.tensor([hyps[g][0][3] for g in range(G)], device=device)
     return _by_lambda([hyps[g][0][1] for g in range(G)], B, eos_id, pad_id), stats.finish()

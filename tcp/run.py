@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from tcp.base_model import ensure_base_model
+from tcp.budget import check_truncation, pilot_context, resolve_budget
 from tcp.checkpoint import CheckpointInfo, CheckpointManager, step_name
 from tcp.cli import elapsed, print_rank0
 from tcp.config import RunConfig, render_deepspeed, resolve_epochs, to_dict
@@ -18,6 +19,7 @@ from tcp.data.collate import tokenize_records
 from tcp.data.loaders import load_split
 from tcp.data.tokenizer import build_char_tokenizer
 from tcp.engines import build_engine, init_distributed, save_hf, save_module
+from tcp.eval_report import format_table, summary_metrics
 from tcp.mistake_log.base import MistakeLog
 from tcp.mistake_log.disk import ZarrMistakeLog
 from tcp.mistake_log.memory import MemoryMistakeLog
@@ -33,7 +35,7 @@ from tcp.models.pilot import (
 from tcp.plots import save_plots
 from tcp.preemption import StopSignal
 from tcp.tracking import Tracker, flatten
-from tcp.train import Trainer, evaluate_and_report, format_table, save_config, write_json
+from tcp.train import Trainer, evaluate_and_report, save_config, write_json
 
 
 def load_tokenizer(cfg: RunConfig) -> Any:
@@ -230,6 +232,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     n_p, n_c = param_count(pilot_model), param_count(copilot_model)
     print_rank0(f"[tcp] world={world} device={device.type}; Pilot {n_p / 1e6:.2f}M params, "
                 f"Copilot {n_c / 1e6:.2f}M params; {len(train_samples)} train samples")
+    # eval.max_new_tokens 'auto' is sized here, once, from the tokenized answers.
+    ctx, encdec = pilot_context(pilot_model, max_length=cfg.data.max_length)
+    budget = resolve_budget(cfg.eval, {"train": train_samples, "validation": val_samples},
+                            tokenizer, context=ctx, encoder_decoder=encdec)
+    if cfg.eval.enabled:
+        print_rank0(f"[tcp] {budget.describe()}")
 
     tracker = Tracker(cfg, rank=rank,
                       run_id=resumed.manifest.get("mlflow_run_id") if resumed else None)
@@ -266,7 +274,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             results.update(evaluate_and_report(
                 cfg, pilot=pilot, copilot=copilot, tap=tap, tokenizer=tokenizer,
                 val_records=splits["validation"], test_records=splits["test"],
-                val_samples=val_samples, rank=rank, world=world, device=device))
+                val_samples=val_samples, rank=rank, world=world, device=device,
+                budget=budget, predictions_path=out / "predictions.jsonl"))
         t_eval = time.time()
         if cfg.pilot.lora.enabled:  # merged into a plain HF model, and the adapter beside it
             from tcp.engines import save_hf_lora
@@ -295,6 +304,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             report(results, out, tracker, step=trainer.step)
             print(f"[tcp] results: {out / 'results.json'} (total {elapsed(t_start)})",
                   flush=True)
+        check_truncation(results)  # eval.strict: fails every rank alike, results written
         status = "FINISHED"
         return results
     finally:
@@ -334,10 +344,7 @@ def report(results: dict[str, Any], out: Path, tracker: Tracker, *, step: int) -
     """Rank 0: the final metrics, results.json and plots to MLflow, and the printed table."""
     if "pilot" in results:
         v = results["validation"]
-        final = {"test_accuracy_pilot": results["pilot"]["accuracy"],
-                 "test_accuracy_pilot_copilot": results["pilot+copilot"]["accuracy"],
-                 "val_accuracy_pilot": v["pilot_accuracy"],
-                 "chosen_lambda": results["pilot+copilot"]["lambda"]}
+        final = summary_metrics(results)  # accuracies, λ, budget, truncated shares
         # METHOD.md §6 diagnostics; fixes/breaks per λ become e.g. val/fixes.lambda_0.5
         final.update({f"val/{k.replace('.', '.lambda_', 1) if '.' in k else k}": float(x)
                       for k, x in flatten(v["teacher_forced"]).items()

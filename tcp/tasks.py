@@ -96,6 +96,10 @@ PARSERS: dict[str, Callable[[str], object]] = {
     "numeric": parse_numeric, "choice": parse_choice, "yesno": parse_yesno, "exact": parse_exact,
 }
 
+NO_ANSWER = {"numeric": "no number found", "choice": "no choice found",
+             "yesno": "no yes/no/true/false found", "exact": "empty answer"}
+"""Why a text holds no answer in each format (`AnswerScorer.parse_with_reason`)."""
+
 
 def infer_format(golds: Sequence[str]) -> str:
     """The most specific format every gold answer parses in (numeric > yesno > choice > exact).
@@ -138,6 +142,16 @@ class AnswerScorer:
     def parse(self, text: str) -> object:
         """The canonical answer of `text` (None: none found)."""
         return self._parse(text)
+
+    def parse_with_reason(self, text: str) -> tuple[object, str | None]:
+        """(canonical answer, None), or (None, why none parsed): what predictions.jsonl shows
+        for an answer that scored wrong. Scoring (`correct`) is unchanged by it."""
+        parsed = self._parse(text)
+        if parsed is not None:
+            return parsed, None
+        if not text.strip():
+            return None, "empty answer"
+        return None, NO_ANSWER[self.format]
 
     def correct(self, pred: str, gold: str) -> bool:
         """True when `pred` holds the same answer as `gold` (never when either holds none)."""

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tcp.budget import DecodeBudget, pilot_context, resolve_budget, truncation_summary
 from tcp.checkpoint import CheckpointManager, rng_state, set_rng_state
 from tcp.config import MistakeLogConfig, RunConfig, dump_yaml, render_deepspeed, to_dict
 from tcp.data.collate import TokenizedSample, batch_indices, collate
 from tcp.diagnostics import teacher_forced_diagnostics
-from tcp.evaluate import choose_lambda, generation_eval
+from tcp.evaluate import best_positive_lambda, choose_lambda, generation_eval
 from tcp.faults import fault_point
 from tcp.generate import DecodeOptions
 from tcp.mistake_log.base import MistakeLog
@@ -27,6 +28,7 @@ from tcp.mistake_log.collect import collect
 from tcp.mistake_log.record import MistakeBatch
 from tcp.models.copilot import ErrorTarget, build_inputs
 from tcp.models.pilot import HeadOptions, PilotTap, pilot_forward, torch_dtype
+from tcp.predictions import gather_rows, write_predictions
 from tcp.preemption import StopSignal
 from tcp.progress import Progress
 from tcp.rectify import pick_example, trace_rectification
@@ -229,13 +231,24 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
                         tokenizer: Any, val_records: list[dict[str, str]],
                         test_records: list[dict[str, str]], val_samples: list[TokenizedSample],
                         rank: int, world: int, device: torch.device,
-                        lam: float | None = None) -> dict[str, Any]:
-    """Teacher-forced diagnostics and the lambda sweep on validation; test once at the chosen
-    lambda (or at `lam` when given: no sweep); one traced rectification example. Collective.
+                        lam: float | None = None, budget: DecodeBudget | None = None,
+                        predictions_path: Path | None = None) -> dict[str, Any]:
+    """Teacher-forced diagnostics and the lambda sweep on validation, lambda 0 ("Copilot off")
+    included; test decoded once, with the Pilot alone and at the chosen lambda (or at `lam`
+    when given: no sweep; 0 switches the Copilot off); truncation at the budget per split; one
+    traced rectification example. Collective.
 
-    `pilot`/`copilot` are DeepSpeed engines or plain modules.
+    `pilot`/`copilot` are DeepSpeed engines or plain modules. `budget`: the resolved
+    `eval.max_new_tokens` (None: resolved here from `val_samples`). `predictions_path`: where
+    rank 0 writes predictions.jsonl for the test split (every rank's shard; tcp.predictions).
     """
     ev = cfg.eval
+    if lam is not None and lam < 0:
+        raise ValueError(f"lambda must be >= 0 (got {lam}); 0 scores the Pilot alone")
+    if budget is None:
+        ctx, encdec = pilot_context(pilot, max_length=cfg.data.max_length)
+        budget = resolve_budget(ev, {"validation": val_samples}, tokenizer, context=ctx,
+                                encoder_decoder=encdec)
     pilot.eval()
     copilot.eval()
     diag = teacher_forced_diagnostics(pilot, tap, copilot, val_samples,
@@ -246,88 +259,79 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
     # 'auto' is resolved once, on both splits' golds, so validation and test score alike.
     fmt = AnswerScorer.for_golds(ev.answer_format,
                                  [r["answer"] for r in val_records + test_records]).format
-    common = dict(opts=decode_options(cfg), batch_size=ev.batch_size, rank=rank, world=world,
-                  device=device, answer_format=fmt)
-    sweep_lams = ev.lambdas if lam is None else [lam]
+    common = dict(opts=decode_options(cfg, max_new_tokens=budget.tokens),
+                  batch_size=ev.batch_size, rank=rank, world=world, device=device,
+                  answer_format=fmt)
+    sweep_lams = ev.lambdas if lam is None else [lam] if lam > 0 else []
     val = generation_eval(pilot, tap, copilot, val_records, tokenizer,
                           lambdas=[0.0, *sweep_lams], **common)
+    helped = None
     if lam is None:
         lam, _ = choose_lambda(val)
-    test = generation_eval(pilot, tap, copilot, test_records, tokenizer, lambdas=[0.0, lam],
-                           **common)
-    trace_kw = dict(lam=lam, fusion=ev.fusion, max_new_tokens=ev.max_new_tokens, device=device)
+        helped = lam > 0
+    test = generation_eval(pilot, tap, copilot, test_records, tokenizer,
+                           lambdas=[0.0, lam] if lam > 0 else [0.0],
+                           predictions_split="test" if predictions_path else None, **common)
+    c = len(test.lambdas) - 1  # Pilot+Copilot's row: the Pilot's when the Copilot is off
+    if predictions_path is not None:
+        rows = gather_rows(test.rows, world)
+        if rank == 0:
+            write_predictions(predictions_path, rows)
+    # With the Copilot off, trace what the best lambda > 0 would have changed.
+    trace_lam = lam or (best_positive_lambda(val) or (ev.lambdas[0], 0.0))[0]
+    trace_kw = dict(lam=trace_lam, fusion=ev.fusion, max_new_tokens=budget.tokens,
+                    device=device)
     ex = pick_example(pilot, tap, copilot, val_records, tokenizer, answer_format=fmt,
                       **trace_kw)
     rect = trace_rectification(pilot, tap, copilot, val_records[ex]["prompt"], tokenizer,
                                gold=val_records[ex]["answer"], **trace_kw)
     tf_fixes, tf_breaks = diag["fixes"], diag["breaks"]
     return {
-        "pilot": {"accuracy": test.accuracy[0]},
-        "pilot+copilot": {"accuracy": test.accuracy[1], "lambda": lam,
-                          "flips": test.flips[1], "flipped_answers": test.flipped_rows[1],
-                          "flipped_answers_correct": test.flipped_rows_correct[1]},
+        "pilot": {"accuracy": test.accuracy[0], "truncated": test.truncated[0]},
+        "pilot+copilot": {"accuracy": test.accuracy[c], "lambda": lam, "copilot_off": lam == 0,
+                          "flips": test.flips[c], "flipped_answers": test.flipped_rows[c],
+                          "flipped_answers_correct": test.flipped_rows_correct[c],
+                          "truncated": test.truncated[c]},
         "test_size": test.n,
         "validation": {
             "size": val.n,
             "pilot_accuracy": val.accuracy[0],
+            "pilot_truncated": val.truncated[0],
+            "copilot_helped": helped,
             "sweep": [{"lambda": lv, "accuracy": a, "flips": fl, "flipped_answers": fr,
-                       "flipped_answers_correct": fo,
+                       "flipped_answers_correct": fo, "truncated": tr,
                        "tf_fixes": tf_fixes.get(str(lv)), "tf_breaks": tf_breaks.get(str(lv))}
-                      for lv, a, fl, fr, fo in zip(val.lambdas[1:], val.accuracy[1:],
-                                                   val.flips[1:], val.flipped_rows[1:],
-                                                   val.flipped_rows_correct[1:], strict=True)],
+                      for lv, a, fl, fr, fo, tr in zip(
+                          val.lambdas[1:], val.accuracy[1:], val.flips[1:],
+                          val.flipped_rows[1:], val.flipped_rows_correct[1:], val.truncated[1:],
+                          strict=True)],
             "teacher_forced": diag,
             "generation": {"max_abs_f_median": val.max_abs_f_median,
                            "pilot_margin_median": val.pilot_margin_median},
         },
         "fusion": ev.fusion,
         "decoding": {"strategy": ev.strategy, "answer_format": test.answer_format,
-                     "max_new_tokens": ev.max_new_tokens},
+                     "max_new_tokens": budget.tokens, "budget": budget.to_dict()},
+        "truncation": truncation_summary({"validation": val, "test": test}, ev,
+                                         budget=budget.tokens, lam=lam),
+        "predictions": str(predictions_path) if predictions_path else None,
         "rectification": rect.to_dict() | {"validation_index": ex},
     }
 
 
-def decode_options(cfg: RunConfig) -> DecodeOptions:
-    """The run's decoding options (eval.*), sampling seeded by the run's seed."""
+def decode_options(cfg: RunConfig, *, max_new_tokens: int | None = None) -> DecodeOptions:
+    """The run's decoding options (eval.*), sampling seeded by the run's seed; the budget is
+    `max_new_tokens` (the resolved `eval.max_new_tokens`, tcp.budget) when given."""
     ev = cfg.eval
-    return DecodeOptions(max_new_tokens=ev.max_new_tokens, strategy=ev.strategy,
+    if max_new_tokens is None:
+        if ev.max_new_tokens == "auto":
+            raise ValueError("eval.max_new_tokens is 'auto': resolve it first "
+                             "(tcp.budget.resolve_budget) and pass max_new_tokens")
+        max_new_tokens = ev.max_new_tokens
+    return DecodeOptions(max_new_tokens=max_new_tokens, strategy=ev.strategy,
                          fusion=ev.fusion, num_beams=ev.num_beams,
                          length_penalty=ev.length_penalty, temperature=ev.temperature,
                          top_k=ev.top_k, top_p=ev.top_p, stop=list(ev.stop), seed=cfg.seed)
-
-
-def format_table(results: dict[str, Any]) -> str:
-    """The human summary printed at the end of the main job (and by `tcp-eval`)."""
-    v = results["validation"]
-    tf = v["teacher_forced"]
-    pc = results["pilot+copilot"]
-    lines = [
-        "",
-        f"{'':24}{'test accuracy':>15}",
-        f"{'Pilot':24}{results['pilot']['accuracy']:>15.4f}",
-        f"{'Pilot+Copilot (λ=' + format(pc['lambda'], 'g') + ')':24}{pc['accuracy']:>15.4f}",
-        f"test n={results['test_size']}; λ chosen on validation (n={v['size']}, "
-        f"Pilot {v['pilot_accuracy']:.4f}); {pc['flips']} test decoding steps flipped, "
-        f"{pc['flipped_answers_correct']}/{pc['flipped_answers']} flipped answers correct",
-        "",
-        "validation λ sweep (accuracy of generated answers; teacher-forced token fixes/breaks):",
-        f"{'λ':>6} {'accuracy':>9} {'Δ Pilot':>8} {'flips':>6} {'fixes':>6} {'breaks':>7}",
-    ]
-    for s in v["sweep"]:
-        fx = "" if s.get("tf_fixes") is None else s["tf_fixes"]
-        br = "" if s.get("tf_breaks") is None else s["tf_breaks"]
-        mark = "  <- chosen" if s["lambda"] == pc["lambda"] else ""
-        lines.append(f"{s['lambda']:>6g} {s['accuracy']:>9.4f} "
-                     f"{s['accuracy'] - v['pilot_accuracy']:>+8.4f} {s['flips']:>6} {fx:>6} "
-                     f"{br:>7}{mark}")
-    lines += [
-        "",
-        f"Copilot RMSE {tf['copilot_rmse']:.4f} vs zero baseline {tf['zero_rmse']:.4f} "
-        f"(ratio {tf['rmse_ratio']:.3f}); cos(f, ℓ) {tf['cosine']:.3f}",
-        f"median max|f| {v['generation']['max_abs_f_median']:.4f}, "
-        f"median Pilot top-1/top-2 margin {v['generation']['pilot_margin_median']:.4f}",
-    ]
-    return "\n".join(lines)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -35,11 +35,27 @@ def test_two_rank_zero3_joint_run(tmp_path):
         assert all(abs(r[key]) < 1e3 for r in hist), key
     assert hist[-1]["pilot_loss"] < hist[0]["pilot_loss"]
     assert hist[-1]["copilot_rmse"] < hist[0]["copilot_rmse"]
-    assert 0 <= res["pilot"]["accuracy"] <= 1 and res["pilot+copilot"]["lambda"] in (0.5, 1.0)
+    assert 0 <= res["pilot"]["accuracy"] <= 1
+    assert res["pilot+copilot"]["lambda"] in (0.0, 0.5, 1.0)  # 0: the Copilot did not help
     tf = res["validation"]["teacher_forced"]
     assert tf["tokens"] > 0 and tf["zero_rmse"] > 0
-    # the table is printed, and the run directory holds what the README promises
+    # the table is printed with the budget used and the truncated share, and the run directory
+    # holds what the README promises
     assert "Pilot+Copilot" in proc.stdout
+    budget = res["decoding"]["max_new_tokens"]
+    b = res["decoding"]["budget"]
+    assert b["requested"] == "auto" and b["splits"] == ["train", "validation"]
+    assert budget == b["longest_answer"] + 1 >= 2  # the longest numeric answer + EOS
+    assert f"eval.max_new_tokens=auto -> {budget}" in proc.stdout
+    assert "generations cut at the budget" in proc.stdout
+    assert 0 <= res["truncation"]["test"]["share"] <= 1
+    # predictions.jsonl: every rank's shard, each test example once per λ decoded
+    preds = [json.loads(x) for x in (tmp_path / "run/predictions.jsonl").read_text().splitlines()]
+    lams = {0.0, res["pilot+copilot"]["lambda"]}
+    assert sorted((r["index"], r["lambda"]) for r in preds) == sorted(
+        (i, lv) for i in range(32) for lv in lams)
+    assert sum(r["correct"] for r in preds if r["lambda"] == 0) == round(
+        res["pilot"]["accuracy"] * 32)
     run = tmp_path / "run"
     for rel in ("config.yaml", "deepspeed.json", "tokenizer/tokenizer.json",
                 "final/pilot/config.json", "final/copilot.pt", "plots/training.png",
@@ -62,7 +78,9 @@ def test_two_rank_zero3_joint_run(tmp_path):
     assert ev["test_size"] == res["test_size"] == 32
     for key in ("pilot", "pilot+copilot"):
         assert abs(ev[key]["accuracy"] - res[key]["accuracy"]) <= 1 / 32, key
-    assert ev["rectification"]["prompt"] == res["rectification"]["prompt"]
+    assert ev["decoding"]["max_new_tokens"] == budget  # sized from the same train/validation
+    if lam > 0:  # at λ = 0 the job traced its best λ > 0, which --lambda 0 does not know
+        assert ev["rectification"]["prompt"] == res["rectification"]["prompt"]
 
 
 def check_mistake_log(run: Path, res: dict, *, steps: int, micro_batch_size: int) -> None:

@@ -85,7 +85,8 @@ def test_one_run_with_params_metrics_artifacts_and_resume_appends(tmp_path):
                     "mistake_log/queue_depth", "mistake_log/blocked_s",
                     "test_accuracy_pilot", "test_accuracy_pilot_copilot", "val/rmse_ratio",
                     "val/cosine", "val/fixes.lambda_1.0", "val/breaks.lambda_1.0",
-                    "val_accuracy_pilot"):
+                    "val_accuracy_pilot", "eval_max_new_tokens", "val_truncated_share",
+                    "test_truncated_share", "chosen_lambda"):
             assert key in r.data.metrics, key
         arts = {a.path for a in client.list_artifacts(rid)}
         assert {"results.json", "config.yaml", "deepspeed.json", "plots"} <= arts

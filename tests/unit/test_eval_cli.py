@@ -34,7 +34,12 @@ def test_eval_own_run_writes_results_and_plots(tmp_path, capsys):
     run = make_run(tmp_path / "a")
     assert eval_main([str(run), "--limit", "4"]) == 0
     res = json.loads((run / "eval" / "eval.json").read_text())
-    assert res["test_size"] == 4 and res["pilot+copilot"]["lambda"] in (1.0, 4.0)
+    pc, v = res["pilot+copilot"], res["validation"]
+    assert res["test_size"] == 4 and pc["lambda"] in (0.0, 1.0, 4.0)
+    # λ = 0 (Copilot off) unless some λ > 0 beats the Pilot on validation
+    assert (pc["lambda"] == 0) == (max(s["accuracy"] for s in v["sweep"]) <= v["pilot_accuracy"])
+    lines = (run / "eval" / "eval.predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 4 * (1 if pc["lambda"] == 0 else 2)
     assert res["decoding"]["answer_format"] == "numeric"
     assert len(res["rectification"]["steps"]) >= 1
     assert (run / "eval" / "eval" / "rectification.png").stat().st_size > 0
@@ -105,5 +110,7 @@ def test_eval_logs_an_mlflow_run(tmp_path):
     exp = client.get_experiment_by_name("evals")
     (r,) = client.search_runs([exp.experiment_id])
     assert r.info.run_name == "a:eval" and "test_accuracy_pilot_copilot" in r.data.metrics
+    assert {"eval_max_new_tokens", "val_truncated_share", "test_truncated_share",
+            "copilot_off"} <= set(r.data.metrics)
     assert {a.path for a in client.list_artifacts(r.info.run_id, "plots")} >= \
         {"plots/rectification.png"}
