@@ -123,6 +123,13 @@ def resolve_budget(ev: EvalConfig, samples: dict[str, list[TokenizedSample]], to
                         longest_answer=longest, margin=margin, cap=cap)
 
 
+def budget_for_pilot(ev: EvalConfig, samples: dict[str, list[TokenizedSample]], tokenizer: Any,
+                     *, pilot: torch.nn.Module, max_length: int) -> DecodeBudget:
+    """`resolve_budget` capped by `pilot`'s own context (`pilot_context`)."""
+    context, encdec = pilot_context(pilot, max_length=max_length)
+    return resolve_budget(ev, samples, tokenizer, context=context, encoder_decoder=encdec)
+
+
 def truncation_summary(splits: dict[str, GenResult], ev: EvalConfig, *, budget: int,
                        lam: float) -> dict[str, Any]:
     """Per split: the generations behind the reported numbers (the Pilot's, lambda 0, and

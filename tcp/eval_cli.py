@@ -88,8 +88,9 @@ def check_transfer(*, copilot_vocab: int, copilot_d_pilot: int, pilot_config: An
         problems.append(f"Pilot hidden size {d} != the {copilot_d_pilot} the Copilot's "
                         "cross-attention memory was trained on")
     if pilot_tokenizer is not None:
-        a, b = copilot_tokenizer.get_vocab(), pilot_tokenizer.get_vocab()
-        diff = sum(1 for t, i in a.items() if b.get(t) != i) + sum(1 for t in b if t not in a)
+        from tcp.data.tokenizer import token_id_differences
+
+        diff = token_id_differences(copilot_tokenizer, pilot_tokenizer)
         if diff:
             problems.append(f"the tokenizers differ in {diff} token ids (the same token must "
                             "have the same id for the Copilot's per-token errors to mean anything)")
@@ -132,7 +133,7 @@ def evaluate_run(loaded: LoadedRun, *, lam: float | None, limit: int | None,
                  device: torch.device, predictions_path: Path | None = None) -> dict[str, Any]:
     """The λ sweep on validation (or `lam`), test once, diagnostics and a rectification trace;
     predictions.jsonl at `predictions_path` when given."""
-    from tcp.budget import pilot_context, resolve_budget
+    from tcp.budget import budget_for_pilot
     from tcp.data.collate import tokenize_records
     from tcp.data.loaders import load_split
     from tcp.models.pilot import PilotTap, use_fused_head
@@ -153,13 +154,11 @@ def evaluate_run(loaded: LoadedRun, *, lam: float | None, limit: int | None,
         except (OSError, ValueError, RuntimeError) as e:
             print(f"[tcp-eval] the training split could not be loaded ({e}); "
                   "eval.max_new_tokens=auto is sized from validation answers only")
-    ctx, encdec = pilot_context(loaded.pilot, max_length=cfg.data.max_length)
-    budget = resolve_budget(cfg.eval, sized, loaded.tokenizer, context=ctx,
-                            encoder_decoder=encdec)
+    budget = budget_for_pilot(cfg.eval, sized, loaded.tokenizer, pilot=loaded.pilot,
+                              max_length=cfg.data.max_length)
     print(f"[tcp-eval] {budget.describe()}")
-    if isinstance(loaded.pilot.get_output_embeddings(), torch.nn.Linear):
-        # Teacher-forced diagnostics then compute logits at target rows only (no (B, T, V)).
-        use_fused_head(loaded.pilot)
+    # Teacher-forced diagnostics then compute logits at target rows only (no (B, T, V)).
+    use_fused_head(loaded.pilot, required=False)
     tap = PilotTap(loaded.pilot, impl=cfg.kernels.impl)
     try:
         return evaluate_and_report(cfg, pilot=loaded.pilot, copilot=loaded.copilot, tap=tap,

@@ -11,13 +11,13 @@ import torch
 import torch.distributed as dist
 
 from tcp.base_model import ensure_base_model
-from tcp.budget import check_truncation, pilot_context, resolve_budget
+from tcp.budget import budget_for_pilot, check_truncation
 from tcp.checkpoint import CheckpointInfo, CheckpointManager, step_name
 from tcp.cli import elapsed, print_rank0
 from tcp.config import RunConfig, render_deepspeed, resolve_epochs, to_dict
 from tcp.data.collate import tokenize_records
 from tcp.data.loaders import load_split
-from tcp.data.tokenizer import build_char_tokenizer
+from tcp.data.tokenizer import build_char_tokenizer, token_id_differences
 from tcp.engines import build_engine, init_distributed, save_hf, save_module
 from tcp.eval_report import format_table, summary_metrics
 from tcp.mistake_log.base import MistakeLog
@@ -130,9 +130,11 @@ def check_same_tokenizer(src: str | Path, tokenizer: Any) -> None:
         theirs = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError):
         return
-    if theirs.get_vocab() != tokenizer.get_vocab():
+    diff = token_id_differences(theirs, tokenizer)
+    if diff:
         raise RuntimeError(f"copilot.init_from={str(src)!r}: its tokenizer differs from the "
-                           f"Pilot's ({len(theirs)} vs {len(tokenizer)} tokens, or other ids); "
+                           f"Pilot's in {diff} token ids ({len(theirs)} vs {len(tokenizer)} "
+                           "tokens); "
                            "the Copilot must start from a same-family model (same tokenizer), "
                            "or use copilot.init_from=none")
 
@@ -145,13 +147,10 @@ def build_engines(cfg: RunConfig, tokenizer: Any, base: Path | None,
     copilot_model = build_copilot(cfg, vocab=vocab, d_pilot=d_pilot, base=base,
                                   pilot_encoder_decoder=is_encoder_decoder(pilot_model),
                                   tokenizer=tokenizer)
-    if isinstance(pilot_model.get_output_embeddings(), torch.nn.Linear):
-        # Before DeepSpeed wraps it, so ZeRO-3 hooks the new head. Outside a request it is the
-        # Linear it replaces; with kernels.fused=false it still lets evaluation and decoding
-        # compute logits at the rows they need only.
-        use_fused_head(pilot_model)
-    elif cfg.kernels.fused:
-        use_fused_head(pilot_model)  # raises: says to set kernels.fused=false
+    # Before DeepSpeed wraps it, so ZeRO-3 hooks the new head. Outside a request it is the
+    # Linear it replaces; with kernels.fused=false it still lets evaluation and decoding compute
+    # logits at the rows they need only. The fused loss cannot do without it.
+    use_fused_head(pilot_model, required=cfg.kernels.fused)
     tap = PilotTap(pilot_model, impl=cfg.kernels.impl)  # hooks survive DeepSpeed wrapping
     pilot = build_engine(pilot_model, render_deepspeed(cfg, "pilot", world_size=world))
     copilot = build_engine(copilot_model, render_deepspeed(cfg, "copilot", world_size=world))
@@ -233,9 +232,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     print_rank0(f"[tcp] world={world} device={device.type}; Pilot {n_p / 1e6:.2f}M params, "
                 f"Copilot {n_c / 1e6:.2f}M params; {len(train_samples)} train samples")
     # eval.max_new_tokens 'auto' is sized here, once, from the tokenized answers.
-    ctx, encdec = pilot_context(pilot_model, max_length=cfg.data.max_length)
-    budget = resolve_budget(cfg.eval, {"train": train_samples, "validation": val_samples},
-                            tokenizer, context=ctx, encoder_decoder=encdec)
+    budget = budget_for_pilot(cfg.eval, {"train": train_samples, "validation": val_samples},
+                              tokenizer, pilot=pilot_model, max_length=cfg.data.max_length)
     if cfg.eval.enabled:
         print_rank0(f"[tcp] {budget.describe()}")
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tcp.budget import DecodeBudget, pilot_context, resolve_budget, truncation_summary
+from tcp.budget import DecodeBudget, budget_for_pilot, truncation_summary
 from tcp.checkpoint import CheckpointManager, rng_state, set_rng_state
 from tcp.config import MistakeLogConfig, RunConfig, dump_yaml, render_deepspeed, to_dict
 from tcp.data.collate import TokenizedSample, batch_indices, collate
@@ -246,9 +246,8 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
     if lam is not None and lam < 0:
         raise ValueError(f"lambda must be >= 0 (got {lam}); 0 scores the Pilot alone")
     if budget is None:
-        ctx, encdec = pilot_context(pilot, max_length=cfg.data.max_length)
-        budget = resolve_budget(ev, {"validation": val_samples}, tokenizer, context=ctx,
-                                encoder_decoder=encdec)
+        budget = budget_for_pilot(ev, {"validation": val_samples}, tokenizer, pilot=pilot,
+                                  max_length=cfg.data.max_length)
     pilot.eval()
     copilot.eval()
     diag = teacher_forced_diagnostics(pilot, tap, copilot, val_samples,

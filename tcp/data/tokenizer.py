@@ -8,12 +8,20 @@ and loadable with `AutoTokenizer.from_pretrained(run_dir / "tokenizer")`.
 from __future__ import annotations
 
 import string
+from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 ALPHABET = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+
+
+def token_id_differences(a: Any, b: Any) -> int:
+    """How many tokens two tokenizers map to different ids (or only one of them has): 0 when a
+    model trained with one can read ids produced by the other."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    return sum(1 for t, i in va.items() if vb.get(t) != i) + sum(1 for t in vb if t not in va)
 
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:

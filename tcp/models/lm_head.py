@@ -94,12 +94,18 @@ def logits_at(model: nn.Module, rows: tuple[torch.Tensor, torch.Tensor]) -> Iter
         yield True
 
 
-def use_fused_head(model: nn.Module) -> FusedLMHead:
-    """Swap an HF causal LM's output layer for a `FusedLMHead` (before DeepSpeed wraps it)."""
+def use_fused_head(model: nn.Module, *, required: bool = True) -> FusedLMHead | None:
+    """Swap an HF causal LM's output layer for a `FusedLMHead` (before DeepSpeed wraps it).
+
+    An output layer that is not a Linear cannot be swapped: with `required` (the fused loss
+    needs it) that is an error, otherwise the model keeps its head (None; `logits_at` then
+    falls back to the model's own logits)."""
     head = model.get_output_embeddings()
     if isinstance(head, FusedLMHead):
         return head
     if not isinstance(head, nn.Linear):
+        if not required:
+            return None
         raise RuntimeError(f"{type(model).__name__}'s output layer is a {type(head).__name__}, "
                            "not a Linear; set kernels.fused=false to use its logits")
     fused = FusedLMHead.replacing(head)
