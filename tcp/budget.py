@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from tcp.config import EvalConfig
 from tcp.data.collate import TokenizedSample
+from tcp.errors import RunError
 
 if TYPE_CHECKING:
     import torch
@@ -29,8 +30,10 @@ if TYPE_CHECKING:
     from tcp.evaluate import GenResult
 
 
-class TruncationError(RuntimeError):
+class TruncationError(RunError):
     """eval.strict: too many generations ended on the decoding budget (exit code 2)."""
+
+    kind = "evaluation"
 
 
 @dataclass

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from tcp.config import CheckpointConfig
+from tcp.errors import RunError
 from tcp.faults import fault_point
 from tcp.mistake_log.store import atomic_write_json, fsync_path
 
@@ -44,8 +45,10 @@ ENGINES = ("pilot", "copilot")
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
     """A checkpoint is missing, incomplete or does not fit this launch; the message says why."""
+
+    kind = "resume"
 
 
 def step_name(step: int) -> str:

@@ -87,18 +87,14 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(dry_run(cfg, world_size=args.world_size, device_gib=args.device_memory_gib))
         return 0
-    from tcp.budget import TruncationError
-    from tcp.checkpoint import CheckpointError
+    from tcp.errors import RunError
     from tcp.preemption import StopSignal
     from tcp.run import run
 
     try:
         results = run(cfg)
-    except CheckpointError as e:
-        print(f"resume error: {e}", file=sys.stderr)
-        return 2
-    except TruncationError as e:
-        print(f"evaluation error: {e}", file=sys.stderr)
+    except RunError as e:  # a resume that does not fit, a folder in use, a full disk, ...
+        print(f"{e.kind} error: {e}", file=sys.stderr)
         return 2
     if results.get("stopped_by"):
         return StopSignal.exit_code(results["stopped_by"])
