@@ -8,6 +8,11 @@
   unreachable tracking server costs the training loop nothing. A failure prints one warning per
   outage; later updates are tried again (the server may come back). `close()` waits at most
   `tracking.close_timeout_s` for the queue to drain.
+- On re-attach, each metric's steps already logged are not logged again: a resumed run replays
+  the steps after its checkpoint, and exact resume makes their values the same. The first
+  value of a (metric, step) stands.
+- A run ends FINISHED, FAILED (the error as the tag `tcp.error`) or KILLED (stopped by a signal
+  or by its launcher's exit, after a clean checkpoint): `close(status)`.
 - Environment (MLflow's own conventions) wins over the config: MLFLOW_TRACKING_URI,
   MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID, and MLFLOW_TAGS (a JSON object, or `k=v,k=v`).
 """
@@ -85,6 +90,8 @@ class Tracker:
         self.active = False
         self.run_id: str | None = None
         self.dropped = 0
+        self.logged_through: dict[str, int] = {}
+        """On re-attach: per metric, the last step the run already holds."""
         self._failing = False
         self._q: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=10_000)
         self._thread: threading.Thread | None = None
@@ -123,6 +130,9 @@ class Tracker:
             tags["tcp.resumes"] = str(int(run.data.tags.get("tcp.resumes", "0")) + 1)
             if run.info.status != "RUNNING":
                 client.update_run(run_id, status="RUNNING")
+            for key in run.data.metrics:
+                steps = [m.step for m in client.get_metric_history(run_id, key)]
+                self.logged_through[key] = max(steps, default=-1)
             params = new
         else:
             exp_name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.tracking.experiment
@@ -178,13 +188,17 @@ class Tracker:
 
     # -------------------------------------------------------------- API
     def metrics(self, values: dict[str, float], *, step: int) -> None:
-        """Log metrics at `step` (asynchronously)."""
+        """Log metrics at `step` (asynchronously); on a re-attached run, not at a step the run
+        already holds for that metric."""
         if not self.active:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, step) for k, v in values.items()]
+        ms = [Metric(k, float(v), now, step) for k, v in values.items()
+              if step > self.logged_through.get(k, -1)]
+        if not ms:
+            return
         run_id = self.run_id
         self._submit(lambda: self._client.log_batch(run_id, metrics=ms))
 
@@ -203,10 +217,13 @@ class Tracker:
         run_id = self.run_id
         self._submit(lambda: self._client.log_artifact(run_id, str(path), artifact_path))
 
-    def close(self, status: str = "FINISHED") -> None:
-        """Mark the run `status` and wait (bounded) for queued updates. Idempotent."""
+    def close(self, status: str = "FINISHED", *, error: BaseException | None = None) -> None:
+        """Mark the run `status` (FINISHED, FAILED, KILLED), with `error` as the tag
+        `tcp.error`, and wait (bounded) for queued updates. Idempotent."""
         if not self.active:
             return
+        if error is not None:
+            self.tags({"tcp.error": f"{type(error).__name__}: {error}"[:1000]})
         run_id = self.run_id
         self._submit(lambda: self._client.set_terminated(run_id, status=status))
         self._q.put(None)

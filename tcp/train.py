@@ -193,13 +193,20 @@ class Trainer:
                 "data": self._data_position(), "rng": rng_state(),
                 "log": self.log.state_dict(), "history": self.history.rows}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from `state_dict` (after the engines are loaded): truncates the Mistake Log
-        to the saved cursor and restores every RNG."""
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Raise (ValueError, or the Mistake Log's error) if `load_state_dict(state)` would not
+        fit this run: the data position, the log's sampler configuration and cursor. Changes
+        nothing."""
         if state["data"] != self._data_position():
             raise ValueError(f"the checkpoint's data position {state['data']} does not match "
                              f"this run's {self._data_position()}: the training data, seed or "
                              "batch size changed; resume with the original ones")
+        self.log.check_state_dict(state["log"])
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from `state_dict` (after the engines are loaded): truncates the Mistake Log
+        to the saved cursor and restores every RNG. Checks first (`check_state_dict`)."""
+        self.check_state_dict(state)
         self.step = state["step"]
         self.saved_step = self.step
         self.log.load_state_dict(state["log"])

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tcp.build import build_engines, load_tokenizer
 from tcp.config import ZarrStoreConfig, load_config
 from tcp.data.collate import tokenize_records
 from tcp.data.loaders import load_split
@@ -43,7 +44,6 @@ from tcp.mistake_log.record import MistakeBatch
 from tcp.mistake_log.sampler import StreamingSampler
 from tcp.mistake_log.store import RankStoreReader, RankStoreWriter, Schema
 from tcp.mistake_log.writer import AsyncWriter
-from tcp.run import build_engines, load_tokenizer
 from tcp.tracking import Tracker
 from tcp.train import Trainer
 

@@ -170,9 +170,10 @@ def phase_timed(trainer_cls: type) -> type:
 
 def joint_steps(cfg: Any, p: Preset, device: Any) -> dict[str, Any]:
     """Median step times of the three arms, the Copilot's share, peak memory per phase."""
+    from tcp.build import build_engines, build_mistake_log, load_tokenizer
     from tcp.data.collate import tokenize_records
     from tcp.data.loaders import load_split
-    from tcp.run import build_engines, build_mistake_log, load_tokenizer, param_count
+    from tcp.run import param_count
     from tcp.tracking import Tracker
     from tcp.train import Trainer
 
@@ -272,9 +273,9 @@ def decode_times(cfg: Any, p: Preset, device: Any) -> dict[str, Any]:
     import torch
     from bench_decode import copilot_flops_per_token, flops_per_token
 
+    from tcp.build import build_copilot, build_pilot, load_tokenizer
     from tcp.generate import DecodeOptions, fused_generate
     from tcp.models.pilot import PilotTap, torch_dtype
-    from tcp.run import build_copilot, build_pilot, load_tokenizer
 
     tok = load_tokenizer(cfg)
     dt = torch_dtype(cfg.model.dtype)

@@ -42,6 +42,10 @@ class MistakeLog(abc.ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from `state_dict`."""
 
+    def check_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional
+        """Raise (ValueError, or the log's own error) if `load_state_dict(state)` would fail,
+        without changing anything: a resume checks everything before it changes anything."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, most backends need it
         """Flush and release resources. Idempotent."""
 

@@ -57,11 +57,19 @@ class ZarrMistakeLog(MistakeLog):
         return {"backend": "zarr", "root": str(self.root), "sampler": self.sampler.state_dict(),
                 "committed": man.to_json()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: truncate the shard to the saved commit cursor, then restore the sampler."""
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Everything `load_state_dict` checks (backend, sampler configuration, the cursor
+        against this shard), with no write."""
         if state.get("backend") != "zarr":
             raise ValueError("trainer state holds a non-zarr Mistake Log; resume with the "
                              "run's original mistake_log.backend")
+        self.sampler.check_state(state["sampler"])
+        self.writer.store.check_cursor(state["committed"])
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: truncate the shard to the saved commit cursor, then restore the sampler.
+        Checks first (`check_state_dict`), so a state that does not fit changes nothing."""
+        self.check_state_dict(state)
         self.truncated_entries = self.writer.rollback(state["committed"])
         self.reader.reset()
         self.sampler.load_state_dict(state["sampler"])

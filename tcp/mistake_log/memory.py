@@ -62,7 +62,13 @@ class MemoryMistakeLog(MistakeLog):
             "steps": {s: b.state_dict() for s, b in self._steps.items()},
         }
 
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        if "steps" not in state:
+            raise ValueError("trainer state holds a zarr Mistake Log; resume with the run's "
+                             "original mistake_log.backend")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state_dict(state)
         self.window_steps = state["window_steps"]
         self.seed = state["seed"]
         self.rank = state["rank"]

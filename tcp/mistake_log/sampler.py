@@ -134,12 +134,16 @@ class StreamingSampler:
                 "window_steps": self.window_steps, "lag_steps": self.lag,
                 "recency_half_life": self.half_life, "last_step": self.last_step}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise ValueError if `state` was saved by a sampler configured otherwise."""
         mine = self.state_dict()
         for k in ("seed", "rank", "num", "window_steps", "lag_steps", "recency_half_life"):
             if state[k] != mine[k]:
                 raise ValueError(f"sampler state has {k}={state[k]!r}, this sampler "
                                  f"{mine[k]!r}; resume with the run's original config")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
         self.last_step = state["last_step"]
         for f in self._futures.values():
             f.cancel()

@@ -379,6 +379,20 @@ class RankStoreWriter:
         commits. Returns the number of entries forgotten. Nothing may be pending."""
         if self._pending_steps:
             raise RuntimeError("rollback() with uncommitted appends")
+        snap = self.check_cursor(cursor)
+        m = self.manifest
+        dropped = m.entries - snap.entries
+        snap.codec, snap.stored_bytes = m.codec, self.store.total
+        self.manifest = snap
+        self._publish()
+        self._load_tails()
+        self.last_step = snap.last_step
+        return dropped
+
+    def check_cursor(self, cursor: dict[str, Any]) -> Manifest:
+        """The cursor as a Manifest, after checking it fits this shard (its rank, no more rows
+        than committed, its last entry where it says); raises MistakeLogCorrupt otherwise.
+        Reads only."""
         snap = Manifest(**copy.deepcopy({k: v for k, v in cursor.items()
                                           if k not in ("format", "version")}))
         m = self.manifest
@@ -392,13 +406,7 @@ class RankStoreWriter:
         if snap.entries and int(self.arrays["step"][snap.entries - 1]) != snap.last_step:
             raise MistakeLogCorrupt(f"{self.dir}: entry {snap.entries - 1} does not hold step "
                                     f"{snap.last_step} as the checkpoint recorded")
-        dropped = m.entries - snap.entries
-        snap.codec, snap.stored_bytes = m.codec, self.store.total
-        self.manifest = snap
-        self._publish()
-        self._load_tails()
-        self.last_step = snap.last_step
-        return dropped
+        return snap
 
     # -------------------------------------------------------------- appending
     def append(self, batch: MistakeBatch) -> int:

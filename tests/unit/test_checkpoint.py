@@ -22,7 +22,6 @@ from tcp.checkpoint import (
 )
 from tcp.config import CheckpointConfig
 from tcp.faults import _plan
-from tcp.preemption import StopSignal
 from tcp.tracking import parse_tags
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,30 +127,6 @@ def test_rng_state_round_trip():
     set_rng_state(s)
     b = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
-
-
-def test_stop_signal_records_then_forces():
-    stop = StopSignal().install()
-    try:
-        assert stop.should_stop(torch.device("cpu")) is None
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.should_stop(torch.device("cpu")) == signal.SIGTERM
-        assert StopSignal.exit_code(signal.SIGTERM) == 143
-    finally:
-        stop.restore()
-    # A second SIGTERM is a forced stop: the default action (process killed by the signal).
-    code = textwrap.dedent("""
-        import os, signal
-        from tcp.preemption import StopSignal
-        s = StopSignal().install()
-        os.kill(os.getpid(), signal.SIGTERM)
-        print("survived the first", flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)
-        print("survived the second", flush=True)
-    """)
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert "survived the first" in p.stdout and "second" not in p.stdout
-    assert p.returncode == -signal.SIGTERM
 
 
 def test_fault_plan_parsing():

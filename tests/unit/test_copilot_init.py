@@ -396,8 +396,8 @@ def test_gradient_checkpointing_is_off_without_grad_and_in_decoding():
 @pytest.mark.parametrize("kind", ["qwen2", "t5"])
 def test_build_copilot_initialises_from_a_local_folder(tmp_path, kind):
     """`copilot.init_from=<folder>`: a T5 loads as seq2seq, a decoder as a causal LM."""
+    from tcp.build import build_copilot
     from tcp.config import load_config
-    from tcp.run import build_copilot
 
     src = tiny_t5_source() if kind == "t5" else gqa_source("qwen2", tie=True)
     src.save_pretrained(tmp_path / "src")
@@ -414,9 +414,9 @@ def test_build_copilot_initialises_from_a_local_folder(tmp_path, kind):
 def test_build_copilot_refuses_a_source_with_another_tokenizer(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
+    from tcp.build import build_copilot
     from tcp.config import load_config
     from tcp.data.tokenizer import build_char_tokenizer
-    from tcp.run import build_copilot
 
     tok = build_char_tokenizer()
     src = gqa_source("qwen2", tie=True)

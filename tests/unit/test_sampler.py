@@ -157,8 +157,8 @@ def test_cached_tail_chunk_serves_only_rows_it_holds(tmp_path):
 
 
 def test_run_replaces_a_previous_log_and_refuses_other_directories(tmp_path):
+    from tcp.build import build_mistake_log
     from tcp.config import load_config
-    from tcp.run import build_mistake_log
 
     cfg = load_config(None, [f"output_dir={tmp_path}", "mistake_log.topk=3"])
     log = build_mistake_log(cfg, tmp_path, rank=0, d_model=16, vocab=100)

@@ -1,0 +1,104 @@
+"""The run's folders, claimed before anything in them changes (collective).
+
+`claim_folders` runs first in every job: rank 0 locks `output_dir` and the Mistake Log's folder
+(tcp.run_lock), every rank then checks that it sees rank 0's lock file (a folder that is not on
+a filesystem shared by every node would split checkpoints and logs between machines). Any
+failure is raised on every rank alike (`agree`), as one `RunError`: exit 2, nothing touched.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.distributed as dist
+
+from tcp.config import RunConfig
+from tcp.errors import RunError
+from tcp.run_lock import LockError, RunLock, read_owner
+
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def agree(error: BaseException | None) -> None:
+    """Collective: when any rank reports an error, every rank raises a `RunError` with the
+    first failing rank's message and kind; a non-`RunError` is named by its type. Call it on
+    every rank, with None when this rank is fine."""
+    mine = None
+    if error is not None:
+        kind = error.kind if isinstance(error, RunError) else "run"
+        text = str(error) if isinstance(error, RunError) else \
+            f"{type(error).__name__}: {error}"
+        mine = (kind, " ".join(text.split()))
+    every = [mine]
+    if _distributed():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    for rank, got in enumerate(every):
+        if got is not None:
+            kind, text = got
+            e = RunError(text if rank == 0 or len(every) == 1 else f"rank {rank}: {text}")
+            e.kind = kind
+            raise e
+
+
+def log_root(cfg: RunConfig) -> Path | None:
+    """The Zarr Mistake Log's folder (None for the in-memory backend)."""
+    ml = cfg.mistake_log
+    if ml.backend != "zarr":
+        return None
+    return Path(ml.store.path) if ml.store.path else Path(cfg.output_dir) / "mistake_log"
+
+
+@dataclass
+class RunFolders:
+    """The locks this job holds (rank 0 holds them; the other ranks hold none)."""
+
+    locks: list[RunLock] = field(default_factory=list)
+
+    def release(self) -> None:
+        """Give the folders back (rank 0). Idempotent; call it however the job ends."""
+        for lock in reversed(self.locks):
+            lock.release()
+        self.locks.clear()
+
+
+def claim_folders(cfg: RunConfig, *, rank: int) -> RunFolders:
+    """Lock `output_dir` and the Mistake Log folder, and check that every rank sees them.
+    Collective. Raises RunError (LockError when a live job holds either) on every rank."""
+    held = RunFolders()
+    out = Path(cfg.output_dir)
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            for folder in filter(None, (out, log_root(cfg))):
+                lock = RunLock(folder).acquire()
+                held.locks.append(lock)
+                if lock.took_over is not None:
+                    print(f"[tcp] took over the stale lock on {folder} "
+                          f"({lock.took_over.describe()}: that process is gone)", flush=True)
+        except LockError as e:
+            held.release()
+            error = e
+    agree(error)
+    # Every rank must see the lock rank 0 just wrote: checkpoints and the log need one folder
+    # that all nodes share.
+    want = [held.locks[0].owner.started if held.locks and held.locks[0].owner else None]
+    if _distributed():
+        dist.broadcast_object_list(want, src=0)
+    seen = read_owner(out / ".tcp.lock")
+    error = None
+    if seen is None or seen.started != want[0]:
+        error = RunError(
+            f"output_dir {out} on host {socket.gethostname()} does not show the files rank 0 "
+            "writes there: output_dir (and checkpoint.dir, mistake_log.store.path) must be on "
+            "a filesystem every node mounts at the same path")
+    try:
+        agree(error)
+    except RunError:
+        held.release()
+        raise
+    return held
