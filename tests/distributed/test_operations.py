@@ -1,0 +1,121 @@
+"""Operating a run as a cluster operator does (2 CPU ranks under the real `deepspeed` runner):
+a second run on a live folder is refused, SIGTERM to the runner ends in a checkpoint with no
+rank left alive, a resume that fails changes nothing, and MLflow says how each run ended."""
+
+import hashlib
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tcp.checkpoint import read_complete
+from tcp.mistake_log.maintenance import verify
+from tests.distributed.test_resume import NO_MLFLOW, TINY, one_mlflow_run
+from tests.helpers import launch
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+LONG = (*TINY, "train.steps=40")  # long enough to act on while it runs
+
+
+def wait_for(cond, *, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"exited ({proc.returncode}) before {what}: "
+                                 f"{proc.stdout.read()[-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def snapshot(run: Path) -> dict[str, str]:
+    """Every file under `run` with its SHA-256."""
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_a_second_run_on_a_live_folder_is_refused_and_the_first_finishes(tmp_path):
+    run = tmp_path / "run"
+    first = launch(run, *TINY, "train.steps=120", NO_MLFLOW, popen=True)  # ~50 s of steps
+    try:
+        wait_for(lambda: (run / "checkpoints/step_00000004/manifest.json").exists(),
+                 timeout=300, what="the first run's first checkpoint", proc=first)
+        second = launch(run, *LONG, NO_MLFLOW, check=False, port=29400)
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        err = second.stderr.strip().splitlines()[-1]
+        assert err.startswith("lock error: ") and "in use by a running tcp run" in err
+        assert f"pid {first.pid}" not in err  # rank 0 holds it, not the runner
+        assert "Pilot" not in second.stdout  # refused before any model was built
+        out, _ = first.communicate(timeout=400)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, out[-3000:]
+    assert (run / "results.json").exists() and not (run / ".tcp.lock").exists()
+    assert verify(run / "mistake_log").ok
+    assert "replacing" not in out and "removing a previous run" not in out
+
+
+def test_sigterm_to_the_runner_checkpoints_and_leaves_no_rank_alive(tmp_path):
+    run = tmp_path / "run"
+    runner = launch(run, *LONG, popen=True)
+    wait_for(lambda: (run / "checkpoints/step_00000004/manifest.json").exists(), timeout=300,
+             what="the first checkpoint", proc=runner)
+    below = psutil.Process(runner.pid).children(recursive=True)  # launch.py and the ranks
+    assert sum("--local_rank" in " ".join(c.cmdline()) for c in below) == 2
+    runner.send_signal(signal.SIGTERM)  # DeepSpeed's runner does not forward it
+    out, _ = runner.communicate(timeout=120)  # the ranks hold the pipe open until they exit
+    assert runner.returncode == -signal.SIGTERM  # the shell reports 143
+    _, alive = psutil.wait_procs(below, timeout=60)
+    assert not alive, [p.cmdline() for p in alive]
+    assert "stopped (the deepspeed runner" in out, out[-3000:]
+    latest = (run / "checkpoints/latest").read_text().strip()
+    info = read_complete(run / "checkpoints" / latest)
+    assert info is not None and info.step > 4
+    rep = verify(run / "mistake_log")
+    assert rep.ok and all(r.uncommitted_entries == 0 for r in rep.ranks)
+    assert not (run / ".tcp.lock").exists()
+    _, r = one_mlflow_run(run)
+    assert r.info.status == "KILLED"
+    # The run continues from where it stopped.
+    p = launch(run, *LONG, "resume=auto", "train.steps=" + str(info.step + 2))
+    assert f"{latest} at step {info.step}" in p.stdout
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("finished") / "run"
+    launch(run, *TINY)  # checkpoints at steps 4 and 8
+    return run
+
+
+@pytest.mark.parametrize("change,why", [
+    ("mistake_log.replay_size=4", "sampler state has num=8"),
+    ("data.train_size=300", "data position"),
+])
+def test_a_failed_resume_changes_nothing(finished, change, why):
+    before = snapshot(finished)
+    assert {"checkpoints/step_00000004/manifest.json",
+            "checkpoints/step_00000008/manifest.json"} <= before.keys()
+    p = launch(finished, *TINY, f"resume={finished / 'checkpoints/step_00000004'}", change,
+               check=False)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    err = p.stderr.strip().splitlines()[-1]
+    assert err.startswith("resume error: cannot resume from") and why in err
+    assert "nothing was changed" in err
+    assert snapshot(finished) == before  # every checkpoint and log byte, config.yaml too
+    _, r = one_mlflow_run(finished)  # re-attached, then ended FAILED with the reason
+    assert r.info.status == "FAILED" and why in r.data.tags["tcp.error"]
+
+
+def test_output_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path):
+    f = tmp_path / "run"
+    f.write_text("not a folder")
+    p = launch(f, *TINY, NO_MLFLOW, check=False, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].startswith("lock error: ")
+    assert "is not a directory" in p.stderr and "Traceback" not in p.stderr
