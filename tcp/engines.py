@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from tcp.errors import RunError
 
 
 def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
@@ -28,6 +31,8 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(int(os.environ.get("TCP_THREADS_PER_RANK", "1")))
     if not dist.is_initialized():
+        for k, v in slurm_env(os.environ).items():  # `srun` one task per rank
+            os.environ.setdefault(k, v)
         launched = "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
         if not launched:  # plain `python launcher/train.py`: one process, no MPI probing
             for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
@@ -42,6 +47,22 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
+    """torch's rendezvous variables from SLURM's, for ranks started by `srun` directly (one
+    task per rank, no DeepSpeed launcher): RANK, WORLD_SIZE, LOCAL_RANK from SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID. MASTER_ADDR must come from the job script (the first host of
+    the allocation); MASTER_PORT defaults to 29500. Empty when not under srun, when a launcher
+    already set RANK, or for a single task (a `deepspeed` runner started by srun)."""
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+        return {}
+    if "MASTER_ADDR" not in env:
+        raise RunError("srun started several tasks, but MASTER_ADDR is not set; export it in "
+                       "the job script, e.g. MASTER_ADDR=$(scontrol show hostnames "
+                       "\"$SLURM_JOB_NODELIST\" | head -n 1)")
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_PORT": "29500"}
 
 
 def _free_port() -> int:

@@ -3,8 +3,10 @@ a second run on a live folder is refused, SIGTERM to the runner ends in a checkp
 rank left alive, a resume that fails changes nothing, and MLflow says how each run ended."""
 
 import hashlib
+import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 from tcp.checkpoint import read_complete
 from tcp.mistake_log.maintenance import verify
 from tests.distributed.test_resume import NO_MLFLOW, TINY, one_mlflow_run
-from tests.helpers import launch
+from tests.helpers import ROOT, launch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -119,3 +121,35 @@ def test_output_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("lock error: ")
     assert "is not a directory" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_srun_one_task_per_rank_and_sigterm_to_every_rank(tmp_path):
+    """SLURM: `srun` starts each rank itself (SLURM_PROCID/NTASKS/LOCALID, no DeepSpeed
+    launcher) and `scancel` or a preemption signals every one of them."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "launcher/train.py"), "--config",
+           str(ROOT / "configs/default.yaml"), f"output_dir={run}",
+           f"tracking.uri=sqlite:///{run}.db", *LONG]
+    base = {**os.environ, "HF_HUB_OFFLINE": "1", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29391"}
+    ranks = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=base | {"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
+             for r in (0, 1)]
+    try:
+        wait_for(lambda: (run / "checkpoints/step_00000004/manifest.json").exists(),
+                 timeout=300, what="the first checkpoint", proc=ranks[0])
+        for p in ranks:
+            p.send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=120)[0] for p in ranks]
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in ranks] == [143, 143], outs[0][-3000:]
+    assert "world=2" in outs[0] and "stopped (signal 15)" in outs[0]
+    latest = (run / "checkpoints/latest").read_text().strip()
+    assert read_complete(run / "checkpoints" / latest).step > 4
+    assert verify(run / "mistake_log").ok
+    _, r = one_mlflow_run(run)
+    assert r.info.status == "KILLED"
