@@ -97,13 +97,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def launch(run_dir: Path, *overrides: str, env: dict[str, str] | None = None,
            check: bool = True, timeout: int = 400, ranks: int = 2,
            popen: bool = False, config: str = "configs/default.yaml",
-           port: int | None = None) -> subprocess.CompletedProcess | subprocess.Popen:
+           port: int | None = None, prefix: tuple[str, ...] = (),
+           ) -> subprocess.CompletedProcess | subprocess.Popen:
     """`deepspeed --num_gpus <ranks> launcher/train.py` on `config` (default: the default
     config) into `run_dir`, tracking to `<run_dir>.db` unless overridden. `check` asserts exit
-    code 0; `port`: the master port (default: derived from `run_dir`)."""
+    code 0; `port`: the master port (default: derived from `run_dir`); `prefix`: a command the
+    runner is started under (e.g. tcp-launch)."""
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     port = str(port or 29500 + (os.getpid() + hash(str(run_dir))) % 1000)
-    cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", port,
+    cmd = [*prefix, deepspeed, "--num_gpus", str(ranks), "--master_port", port,
            str(ROOT / "launcher/train.py"), "--config", str(ROOT / config),
            f"output_dir={run_dir}", f"tracking.uri=sqlite:///{run_dir}.db", *overrides]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}

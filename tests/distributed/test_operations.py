@@ -153,3 +153,22 @@ def test_srun_one_task_per_rank_and_sigterm_to_every_rank(tmp_path):
     assert verify(run / "mistake_log").ok
     _, r = one_mlflow_run(run)
     assert r.info.status == "KILLED"
+
+
+def test_sigterm_to_tcp_launch_waits_for_the_checkpoint_and_exits_143(tmp_path):
+    """Kubernetes signals the container's first process: `tcp-launch deepspeed ...` forwards
+    it, waits for every process below it, and exits 143 once the checkpoint is written."""
+    run = tmp_path / "run"
+    top = launch(run, *LONG, NO_MLFLOW, popen=True, prefix=(sys.executable, "-m",
+                                                             "tcp.supervise"))
+    wait_for(lambda: (run / "checkpoints/step_00000004/manifest.json").exists(), timeout=300,
+             what="the first checkpoint", proc=top)
+    below = psutil.Process(top.pid).children(recursive=True)
+    top.send_signal(signal.SIGTERM)
+    out, _ = top.communicate(timeout=120)
+    assert top.returncode == 143, out[-3000:]
+    assert not [p for p in below if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert "stopped (the deepspeed runner" in out
+    latest = (run / "checkpoints/latest").read_text().strip()
+    assert read_complete(run / "checkpoints" / latest).step > 4
+    assert verify(run / "mistake_log").ok

@@ -20,5 +20,5 @@ def test_a_launcher_or_a_single_task_keeps_its_own_variables():
 
 
 def test_several_tasks_without_master_addr_say_what_to_export():
-    with pytest.raises(RunError, match="MASTER_ADDR is not set.*scontrol show hostnames"):
+    with pytest.raises(RunError, match=r"MASTER_ADDR is not set.*scontrol show hostnames"):
         slurm_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
