@@ -43,7 +43,8 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]
                                    timeout=timedelta(seconds=timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        # Modulo: under `srun --gpus-per-task=1` each task sees only its own GPU, as device 0.
+        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
