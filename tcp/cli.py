@@ -29,9 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Overrides are dotted keys, e.g. train.steps=200 train.pilot.lr=3e-4 "
         "eval.lambdas='[0.5,1.0]'. Every key is documented in tcp/config.py and configs/*.yaml. "
         "Continue an interrupted run with resume=auto (or resume=<checkpoint folder>). Exit "
-        "codes: 0 done, 2 bad config or resume, or (eval.strict=true) more generations cut at "
-        "eval.max_new_tokens than eval.truncation_warn_frac (results are still written), "
-        "143/130 stopped by SIGTERM/SIGINT after a clean checkpoint.",
+        "codes: 0 done; 2 bad config, a resume that does not fit (nothing changed), output_dir "
+        "in use by a live run or not usable, a full disk while checkpointing, or "
+        "(eval.strict=true) more generations cut at eval.max_new_tokens than "
+        "eval.truncation_warn_frac (results are still written); 143/130 stopped by "
+        "SIGTERM/SIGINT or by the launcher's exit, after a clean checkpoint. Clusters, "
+        "schedulers and signals: docs/cluster.md.",
     )
     p.add_argument("--config", type=str, default=None,
                    help="YAML run config (default: built-in defaults = configs/default.yaml)")
