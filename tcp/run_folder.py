@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from tcp.config import RunConfig
 from tcp.errors import RunError
-from tcp.run_lock import LockError, RunLock, read_owner
+from tcp.run_lock import LOCK_NAME, LockError, RunLock, read_owner
 
 
 def _distributed() -> bool:
@@ -70,11 +70,11 @@ def claim_folders(cfg: RunConfig, *, rank: int) -> RunFolders:
     """Lock `output_dir` and the Mistake Log folder, and check that every rank sees them.
     Collective. Raises RunError (LockError when a live job holds either) on every rank."""
     held = RunFolders()
-    out = Path(cfg.output_dir)
+    folders = [Path(cfg.output_dir), *filter(None, [log_root(cfg)])]
     error: BaseException | None = None
     if rank == 0:
         try:
-            for folder in filter(None, (out, log_root(cfg))):
+            for folder in folders:
                 lock = RunLock(folder).acquire()
                 held.locks.append(lock)
                 if lock.took_over is not None:
@@ -84,18 +84,20 @@ def claim_folders(cfg: RunConfig, *, rank: int) -> RunFolders:
             held.release()
             error = e
     agree(error)
-    # Every rank must see the lock rank 0 just wrote: checkpoints and the log need one folder
+    # Every rank must see the locks rank 0 just wrote: checkpoints and the log need folders
     # that all nodes share.
-    want = [held.locks[0].owner.started if held.locks and held.locks[0].owner else None]
+    want = [[lock.owner.started if lock.owner else None for lock in held.locks]]
     if _distributed():
         dist.broadcast_object_list(want, src=0)
-    seen = read_owner(out / ".tcp.lock")
     error = None
-    if seen is None or seen.started != want[0]:
-        error = RunError(
-            f"output_dir {out} on host {socket.gethostname()} does not show the files rank 0 "
-            "writes there: output_dir (and checkpoint.dir, mistake_log.store.path) must be on "
-            "a filesystem every node mounts at the same path")
+    for folder, started in zip(folders, want[0], strict=True):
+        seen = read_owner(folder / LOCK_NAME)
+        if seen is None or seen.started != started:
+            error = RunError(
+                f"{folder} on host {socket.gethostname()} does not show the files rank 0 "
+                "writes there: output_dir, checkpoint.dir and mistake_log.store.path must be "
+                "on a filesystem every node mounts at the same path")
+            break
     try:
         agree(error)
     except RunError:
