@@ -15,6 +15,14 @@ wrote -> barrier -> rank 0 writes manifest.json (temp, fsync, rename) -> moves `
 deletes checkpoints beyond `keep_last` and any incomplete ones -> barrier. A process killed at
 any point leaves the previous complete checkpoint untouched; a folder without a manifest is
 never resumed from and is removed by the next save.
+
+A write that fails (disk full, quota, file size limit, I/O error) does not end the rank on the
+spot: it is recorded, the rank still takes part in every collective of the save (DeepSpeed's
+own barriers included), and the barriers above are flag all_reduces through which the ranks
+agree. Then rank 0 removes the incomplete folder and every rank raises the same
+`CheckpointWriteError` (exit 2, one line, naming the rank, the cause and the free space); the
+previous checkpoint stays the latest. `check_shared` (once, at start) and the manifest step
+refuse a checkpoint directory that some rank does not see (`CheckpointStorageError`).
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ import os
 import random
 import re
 import shutil
+import socket
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +43,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tcp.checkpoint_writes import (
+    GiB,
+    WriteFailure,
+    WriteGuard,
+    agree_on,
+    distributed,
+    writes_guarded,
+)
 from tcp.config import CheckpointConfig
 from tcp.errors import RunError
 from tcp.faults import fault_point
 from tcp.mistake_log.store import atomic_write_json, fsync_path
+from tcp.shared_storage import VISIBILITY_WAIT_S, check_shared, wait_visible
 
 FORMAT = "tcp-checkpoint"
 FORMAT_VERSION = 1
@@ -49,6 +68,21 @@ class CheckpointError(RunError):
     """A checkpoint is missing, incomplete or does not fit this launch; the message says why."""
 
     kind = "resume"
+
+
+class CheckpointStorageError(CheckpointError):
+    """The checkpoint directory cannot hold checkpoints: some rank does not see what the others
+    write there, or it cannot be created. Raised on every rank alike."""
+
+    kind = "checkpoint"
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed on some rank (disk full, quota, file size limit, I/O error).
+    Raised on every rank alike, after the incomplete folder is removed; the previous complete
+    checkpoint stays the latest."""
+
+    kind = "checkpoint"
 
 
 def step_name(step: int) -> str:
@@ -131,6 +165,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -146,12 +181,49 @@ def has_frozen(engine: Any) -> bool:
 
 
 class CheckpointManager:
-    """Saves, finds and loads composite checkpoints. `save`, `load` and `prepare` are
-    collective: every rank calls them."""
+    """Saves, finds and loads composite checkpoints. `check_shared`, `save`, `load` and
+    `prepare` are collective: every rank calls them."""
 
     def __init__(self, cfg: CheckpointConfig, output_dir: Path, *, rank: int, world: int) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.root = Path(cfg.dir) if cfg.dir else Path(output_dir) / "checkpoints"
+        self.hosts: list[str] | None = None
+        """Host name of each rank, once `check_shared` gathered them (for messages)."""
+
+    # -------------------------------------------------------------- storage
+    def check_shared(self, wait_s: float | None = None) -> None:
+        """Check that every rank sees the same checkpoint directory, so that the parts every
+        rank writes end up in one checkpoint.
+
+        Call contract: collective, every rank calls it once per job, after the process group
+        exists and before `resolve` (a rank that sees another folder would resume from another
+        checkpoint, or from none). Rank 0 creates the directory and writes a probe file holding
+        a random nonce there; every rank looks for it (up to `wait_s` seconds, default
+        VISIBILITY_WAIT_S, for slow NFS listings); the ranks agree; rank 0 removes the probe.
+        Raises CheckpointStorageError on every rank, naming the ranks and hosts that could not
+        see it, or saying why rank 0 could not create the directory."""
+        self.hosts = check_shared(self.root, rank=self.rank, where=self._where(),
+                                  wait_s=VISIBILITY_WAIT_S if wait_s is None else wait_s,
+                                  raises=CheckpointStorageError)
+
+    def latest_name(self) -> str | None:
+        """The folder `latest` names (the newest complete checkpoint); None when there is none."""
+        try:
+            return (self.root / "latest").read_text().strip() or None
+        except OSError:
+            return None
+
+    def _where(self) -> str:
+        """The setting that places the checkpoint directory, for messages."""
+        if self.cfg.dir:
+            return f"checkpoint.dir ({self.root})"
+        return f"output_dir (checkpoints go to {self.root}, or set checkpoint.dir)"
+
+    def _host(self, rank: int) -> str:
+        """` on <host>` of `rank` when known (this rank's always), else nothing."""
+        if rank == self.rank:
+            return f" on {socket.gethostname()}"
+        return f" on {self.hosts[rank]}" if self.hosts and rank < len(self.hosts) else ""
 
     # -------------------------------------------------------------- finding
     def resolve(self, resume: str | None) -> CheckpointInfo | None:
@@ -213,31 +285,130 @@ class CheckpointManager:
     def save(self, step: int, *, pilot: Any, copilot: Any, trainer_state: dict[str, Any],
              meta: dict[str, Any]) -> Path:
         """Write the composite checkpoint of `step`. Returns its folder once it is complete on
-        every rank. `meta` (JSON) goes into the manifest."""
+        every rank. `meta` (JSON) goes into the manifest.
+
+        A write that fails on any rank (disk full, quota, file size limit, I/O error) raises
+        CheckpointWriteError on every rank, with the failed rank's cause, once rank 0 has
+        removed the incomplete folder; a folder where rank 0 does not see every rank's part
+        raises CheckpointStorageError. Either way the previous checkpoint stays the latest."""
         name = step_name(step)
         path = self.root / name
+        previous = self.latest_name()
+        guard = WriteGuard()
         if self.rank == 0:
             shutil.rmtree(path, ignore_errors=True)  # an incomplete attempt at this step
-            path.mkdir(parents=True)
-        _barrier()
+            guard.run(path, path.mkdir, parents=True)
+        self._raise_if_failed(guard, path, previous)  # the folder exists
         for engine_name, engine in zip(ENGINES, (pilot, copilot), strict=True):
-            # A LoRA Pilot's frozen base never changes and is rebuilt from its source on resume:
-            # only the adapters (and their optimizer state) are written, not ~2 bytes/param.
-            engine.save_checkpoint(str(path / engine_name), tag=name,
-                                   exclude_frozen_parameters=has_frozen(engine))
-        _atomic_torch_save(trainer_state, path / trainer_file(self.rank))
-        self._fsync_mine(path)
+            self._save_engine(engine, path / engine_name, name, guard, previous)
+        mine = path / trainer_file(self.rank)
+        guard.run(mine, _atomic_torch_save, trainer_state, mine)
+        guard.run(path, self._fsync_mine, path)
         fault_point("checkpoint", step=step, rank=self.rank)
-        _barrier()  # every rank's part is durable
-        if self.rank == 0:
-            manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "tag": name,
-                        "world_size": self.world, "engines": list(ENGINES),
-                        "created": time.time(), **meta}
-            atomic_write_json(path / MANIFEST, manifest, fsync=True)
-            self._point_latest(name)
-            self._rotate(keep=path)
-        _barrier()
+        self._raise_if_failed(guard, path, previous)  # every rank's part is durable
+        problem = self._commit(path, step, meta, previous) if self.rank == 0 else None
+        error = agree_on(problem)  # the manifest is written (or the folder is gone)
+        if error is not None:
+            raise error
         return path
+
+    def _save_engine(self, engine: Any, save_dir: Path, tag: str, guard: WriteGuard,
+                     previous: str | None) -> None:
+        """One DeepSpeed engine's checkpoint, its writes through `guard` (collective, also
+        after a failed write: DeepSpeed's save has barriers). `latest` is written here, by rank
+        0, instead of by DeepSpeed, so that its failure is guarded too."""
+        with writes_guarded(engine, guard):
+            try:
+                # A LoRA Pilot's frozen base never changes and is rebuilt from its source on
+                # resume: only the adapters (and their optimizer state) are written.
+                engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False,
+                                       exclude_frozen_parameters=has_frozen(engine))
+            except OSError as e:
+                # A write DeepSpeed made outside the guard: this rank left the save half way,
+                # past collectives the others are in, so there is no agreeing. It reports
+                # alone; the launcher (or the collective timeout) ends the other ranks.
+                failure = WriteFailure.capture(save_dir, e)
+                if distributed():
+                    raise self._write_error(save_dir.parent, failure, previous) from e
+                guard.failure = guard.failure or failure
+        if self.rank == 0:
+            guard.run(save_dir / "latest", (save_dir / "latest").write_text, tag)
+
+    def _raise_if_failed(self, guard: WriteGuard, path: Path, previous: str | None) -> None:
+        """Collective, in place of a barrier: when a write failed on any rank, rank 0 removes
+        the incomplete `path` (never another checkpoint, never `latest`) and every rank raises
+        the failed rank's CheckpointWriteError once it is gone."""
+        mine = None if guard.failure is None else self._write_error(path, guard.failure,
+                                                                    previous)
+        error = agree_on(mine)
+        if error is None:
+            return
+        if self.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        _barrier()  # no rank exits (and has the launcher end rank 0) before the folder is gone
+        raise error
+
+    def _commit(self, path: Path, step: int, meta: dict[str, Any],
+                previous: str | None) -> CheckpointError | None:
+        """Rank 0, once every rank's part is durable: check that every rank's trainer file is
+        visible here, write the manifest, move `latest`, rotate. Returns the error every rank
+        then raises (the folder already removed); None when the checkpoint is complete."""
+        kept = self._kept(previous)
+        parts = [path / trainer_file(r) for r in range(self.world)]
+        missing = wait_visible(parts, VISIBILITY_WAIT_S)
+        if missing:
+            shutil.rmtree(path, ignore_errors=True)
+            ranks = [parts.index(f) for f in missing]
+            who = ", ".join(f"{f.name} (rank {r}{self._host(r)})"
+                            for f, r in zip(missing, ranks, strict=True))
+            return CheckpointStorageError(
+                f"checkpoint {path}: rank 0{self._host(0)} does not see {who} within "
+                f"{VISIBILITY_WAIT_S:g}s after those ranks wrote it; {self._where()} must be on "
+                f"a filesystem every node mounts at the same path. {kept[0].upper()}{kept[1:]}")
+        manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": step,
+                    "tag": path.name, "world_size": self.world, "engines": list(ENGINES),
+                    "created": time.time(), **meta}
+        target = path / MANIFEST
+        try:
+            atomic_write_json(target, manifest, fsync=True)
+            target = self.root / "latest"
+            self._point_latest(path.name)
+        except OSError as e:
+            failure = WriteFailure.capture(target, e)
+            shutil.rmtree(path, ignore_errors=True)
+            self._restore_latest(path.name, previous)
+            return self._write_error(path, failure, previous)
+        self._rotate(keep=path)
+        return None
+
+    def _restore_latest(self, name: str, previous: str | None) -> None:
+        """Best effort, after a failed commit of `name`: `latest` names `previous` again."""
+        if self.latest_name() != name:
+            return
+        with suppress(OSError):
+            if previous:
+                self._point_latest(previous)
+            else:
+                (self.root / "latest").unlink()
+
+    def _kept(self, previous: str | None) -> str:
+        if previous:
+            return f"the previous checkpoint {previous} stays the latest"
+        return "there is no earlier checkpoint (resume=auto starts afresh)"
+
+    def _write_error(self, path: Path, failure: WriteFailure,
+                     previous: str | None) -> CheckpointWriteError:
+        """The one-line error of this rank's failed write of checkpoint `path`."""
+        cause, fix = failure.cause()
+        f = failure.file
+        where = f", writing {f.relative_to(path)}" if f != path and f.is_relative_to(path) \
+            else ""
+        free = "free space unknown" if failure.free_bytes is None else \
+            f"{failure.free_bytes / GiB:.1f} GiB free on {self.root}"
+        return CheckpointWriteError(
+            f"writing checkpoint {path} failed on rank {self.rank}{self._host(self.rank)} "
+            f"({cause}{where}; {free}): {self._kept(previous)}; {fix} and continue with "
+            "resume=auto")
 
     def load(self, info: CheckpointInfo, *, pilot: Any, copilot: Any) -> dict[str, Any]:
         """Load both engines (weights, optimizer, LR schedule) and return this rank's trainer

@@ -45,6 +45,7 @@ def _run(cfg: RunConfig, *, t_start: float, rank: int, world: int,
          device: torch.device) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     ckpts = CheckpointManager(cfg.checkpoint, out, rank=rank, world=world)
+    ckpts.check_shared()  # every rank writes its parts there
     resumed = ckpts.resolve(cfg.resume)  # a bad resume fails here, before any model loads
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)

@@ -136,7 +136,7 @@ def test_sigterm_saves_a_clean_checkpoint_and_exits_143(tmp_path, continuous):
     p = launch(run, *TINY, NO_MLFLOW, env={"TCP_FAULT_INJECT": "term@step=5:rank=1"},
                check=False)
     assert p.returncode == 143, p.stdout[-3000:]
-    assert "stopped by signal 15 after step 6" in p.stdout
+    assert "stopped (signal 15) after step 6" in p.stdout
     assert (run / "checkpoints/latest").read_text().strip() == "step_00000006"
     assert (run / "checkpoints/step_00000006/manifest.json").exists()
     from tcp.mistake_log.maintenance import verify

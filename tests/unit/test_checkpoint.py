@@ -15,11 +15,13 @@ import torch
 from tcp.checkpoint import (
     CheckpointError,
     CheckpointManager,
+    CheckpointWriteError,
     list_checkpoints,
     read_complete,
     rng_state,
     set_rng_state,
 )
+from tcp.checkpoint_writes import WriteFailure, one_line
 from tcp.config import CheckpointConfig
 from tcp.faults import _plan
 from tcp.tracking import parse_tags
@@ -176,3 +178,86 @@ def test_collective_timeout_fails_instead_of_hanging(tmp_path):
     assert procs[0].returncode == 7, out0[-2000:]
     secs = float(out0.split("failed after ")[1].split("s:")[0])
     assert 2.5 <= secs < 15
+
+
+class FailingWrites:
+    """A DeepSpeed checkpoint engine (the `save` and `makedirs` DeepSpeed writes through)
+    whose `save` fails with `error`."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def save(self, state_dict, path: str) -> None:
+        raise self.error
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
+
+
+class GuardedEngine(FakeEngine):
+    """Writes its model states through its checkpoint engine, as DeepSpeed does."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.checkpoint_engine = FailingWrites(error)
+
+    def save_checkpoint(self, save_dir: str, tag: str, **_: bool) -> None:
+        d = Path(save_dir) / tag
+        self.checkpoint_engine.makedirs(str(d), exist_ok=True)
+        self.checkpoint_engine.save({"value": 1}, str(d / "zero_pp_rank_0_model_states.pt"))
+        self.reached_the_end = True  # the write failure did not leave the save half way
+
+
+def test_a_failed_write_raises_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    m = CheckpointManager(CheckpointConfig(), tmp_path, rank=0, world=1)
+    save(m, 4)
+    cause = RuntimeError("[enforce fail at inline_container.cc:672] .\n unexpected pos 576")
+    pilot = GuardedEngine(OSError(28, "No space left on device"))
+    with pytest.raises(CheckpointWriteError) as got:
+        m.save(8, pilot=pilot, copilot=GuardedEngine(cause), trainer_state={"rank": 0},
+               meta={})
+    msg = str(got.value)
+    assert got.value.kind == "checkpoint" and "\n" not in msg
+    assert msg.startswith(f"writing checkpoint {m.root / 'step_00000008'} failed on rank 0 on ")
+    assert ("(disk full, No space left on device [ENOSPC], writing pilot/step_00000008/"
+            "zero_pp_rank_0_model_states.pt; ") in msg and " GiB free on " in msg
+    assert msg.endswith("the previous checkpoint step_00000004 stays the latest; free space "
+                        "(or raise the quota) and continue with resume=auto")
+    assert pilot.reached_the_end and "save" not in vars(pilot.checkpoint_engine)  # unpatched
+    assert not (m.root / "step_00000008").exists()
+    assert (m.root / "latest").read_text().strip() == "step_00000004"
+    assert m.resolve("auto").step == 4
+    save(m, 12)  # once there is room again, saving goes on
+    assert m.resolve("auto").step == 12
+
+
+def test_a_failed_trainer_file_write_is_caught_too(tmp_path, monkeypatch):
+    m = CheckpointManager(CheckpointConfig(), tmp_path, rank=0, world=1)
+
+    def full(*_a, **_k):
+        raise OSError(122, "Disk quota exceeded")
+
+    monkeypatch.setattr("tcp.checkpoint._atomic_torch_save", full)
+    with pytest.raises(CheckpointWriteError, match=r"\(disk full, Disk quota exceeded \[EDQUOT\], "
+                       r"writing trainer_rank0.pt; .*there is no earlier checkpoint"):
+        save(m, 2)
+    assert not (m.root / "step_00000002").exists() and not (m.root / "latest").exists()
+
+
+def test_write_failure_causes_in_words(tmp_path, monkeypatch):
+    f = tmp_path / "x.pt"
+    f.write_bytes(b"0" * 4096)
+    plenty = 100 * 2**30
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5")
+    cause, fix = WriteFailure(f, torch_error, plenty).cause()
+    assert cause == "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 5"
+    assert "fix the storage" in fix
+    cause, fix = WriteFailure(f, torch_error, 2**20).cause()  # no errno, but no room either
+    assert (cause, fix) == ("disk full", "free space (or raise the quota)")
+    monkeypatch.setattr("tcp.checkpoint_writes.file_size_limit", lambda: 4096)
+    cause, fix = WriteFailure(f, torch_error, plenty).cause()
+    assert cause == "file size limit reached, ulimit -f allows 0.0 MiB per file"
+    assert "ulimit -f" in fix
+    cause, _ = WriteFailure(f, OSError(27, "File too large"), plenty).cause()
+    assert cause.endswith("per file, File too large [EFBIG]")
+    assert len(one_line(RuntimeError("a\n" * 500))) == 200
