@@ -16,7 +16,8 @@ first run's checkpoints and Mistake Log under its feet. The lock stops it at onc
 - `release()` removes the file only if it is still ours. A job killed with SIGKILL leaves it
   behind; the next start on the same host takes it over.
 
-The lock is advisory: the log tools (`tools/mistake_log.py`) and the trainer honour it.
+The lock is advisory. The trainer takes it on `output_dir` and on the Mistake Log's folder; a
+tool that changes a log must take `RunLock(log_folder, what="log tool")` first.
 """
 
 from __future__ import annotations
