@@ -9,10 +9,10 @@ What the DeepSpeed runner (0.19) does with --no_ssh, which the commands here rel
   `127.0.0.1`; with --no_ssh the names only order the ranks (node_rank 0 gets global rank 0);
 - --master_addr is required: without it the runner asks the first host over ssh
   (`ssh localhost hostname -I`) even under --no_ssh;
-- the runner forwards no signal to its children on this path: SIGTERM or SIGKILL sent to the
-  runner's pid alone leaves `deepspeed.launcher.launch` and the rank running, and a launch
-  process killed by a signal makes the runner exit 0. So each node is started in its own
-  session and killed as a process group.
+- the runner forwards no signal to its children on this path (the ranks notice its exit and
+  stop with a checkpoint: tcp.preemption.LauncherWatch, tested in test_operations.py), and a
+  launch process killed by a signal makes the runner exit 0. A node is killed here by fault
+  injection in its rank; each node runs in its own session so that nothing of it survives.
 """
 
 import json
