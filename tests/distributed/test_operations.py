@@ -172,3 +172,26 @@ def test_sigterm_to_tcp_launch_waits_for_the_checkpoint_and_exits_143(tmp_path):
     latest = (run / "checkpoints/latest").read_text().strip()
     assert read_complete(run / "checkpoints" / latest).step > 4
     assert verify(run / "mistake_log").ok
+
+
+def test_sigterm_to_launch_py_checkpoints_within_deepspeeds_grace(tmp_path):
+    """DeepSpeed's launch.py, when signalled, SIGTERMs each rank and gives it 30 s before
+    SIGKILL: the ranks stop with a checkpoint in that time. launch.py itself then exits 1 (its
+    own code, not ours), which the runner passes on."""
+    run = tmp_path / "run"
+    runner = launch(run, *LONG, NO_MLFLOW, popen=True)
+    wait_for(lambda: (run / "checkpoints/step_00000004/manifest.json").exists(), timeout=300,
+             what="the first checkpoint", proc=runner)
+    below = psutil.Process(runner.pid).children(recursive=True)
+    launch_py = [p for p in below if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
+    assert len(launch_py) == 1
+    launch_py[0].send_signal(signal.SIGTERM)
+    out, _ = runner.communicate(timeout=120)
+    assert runner.returncode == 1, out[-3000:]
+    _, alive = psutil.wait_procs(below, timeout=60)
+    assert not alive
+    assert "stopped (signal 15)" in out
+    latest = (run / "checkpoints/latest").read_text().strip()
+    assert read_complete(run / "checkpoints" / latest).step > 4
+    rep = verify(run / "mistake_log")
+    assert rep.ok and all(r.uncommitted_entries == 0 for r in rep.ranks)
