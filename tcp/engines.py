@@ -42,12 +42,28 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]
                                    auto_mpi_discovery=launched,
                                    timeout=timedelta(seconds=timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
+    if not cuda and world > 1:
+        release_shm_name(rank)
     if cuda:
         # Modulo: under `srun --gpus-per-task=1` each task sees only its own GPU, as device 0.
         local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+def release_shm_name(rank: int) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer name. Collective (a barrier first).
+
+    DeepSpeed's CPU backend maps one shared-memory buffer per rank on a node
+    (/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, ~64 MiB) and
+    never unlinks it, so every CPU run would leave its buffers in RAM until the machine
+    reboots. By the barrier every rank has mapped every peer's buffer, so the names can go; the
+    memory itself is freed when the last rank exits, however it exits (SIGKILL included)."""
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def slurm_env(env: Mapping[str, str]) -> dict[str, str]:

@@ -42,7 +42,8 @@ def snapshot(run: Path) -> dict[str, str]:
 
 def test_a_second_run_on_a_live_folder_is_refused_and_the_first_finishes(tmp_path):
     run = tmp_path / "run"
-    first = launch(run, *TINY, "train.steps=120", NO_MLFLOW, popen=True)  # ~50 s of steps
+    first = launch(run, *TINY, "train.steps=120", NO_MLFLOW, popen=True,  # ~50 s of steps
+                   port=29410)
     try:
         wait_for(lambda: (run / "checkpoints/step_00000004/manifest.json").exists(),
                  timeout=300, what="the first run's first checkpoint", proc=first)
@@ -60,6 +61,10 @@ def test_a_second_run_on_a_live_folder_is_refused_and_the_first_finishes(tmp_pat
     assert (run / "results.json").exists() and not (run / ".tcp.lock").exists()
     assert verify(run / "mistake_log").ok
     assert "replacing" not in out and "removing a previous run" not in out
+    # DeepSpeed never unlinks its CPU all-reduce buffers (/dev/shm, ~64 MiB a rank); tcp does,
+    # so neither the finished run nor the refused one leaves any.
+    assert not [p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")
+                if p.name.split("_")[-2] in ("29400", "29410")]
 
 
 def test_sigterm_to_the_runner_checkpoints_and_leaves_no_rank_alive(tmp_path):
