@@ -75,11 +75,11 @@ def claim_folders(cfg: RunConfig, *, rank: int) -> RunFolders:
     if rank == 0:
         try:
             for folder in folders:
-                lock = RunLock(folder).acquire()
+                lock = RunLock(folder).acquire().start_heartbeat()
                 held.locks.append(lock)
                 if lock.took_over is not None:
                     print(f"[tcp] took over the stale lock on {folder} "
-                          f"({lock.took_over.describe()}: that process is gone)", flush=True)
+                          f"({lock.took_over.describe()}): that job is gone", flush=True)
         except LockError as e:
             held.release()
             error = e

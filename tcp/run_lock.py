@@ -8,9 +8,12 @@ first run's checkpoints and Mistake Log under its feet. The lock stops it at onc
   holding who owns it: host, pid, the process's start time, the boot id, start time, command.
 - A lock whose owner is gone is stale and is taken over with a message: same host and boot, and
   the pid is dead or now belongs to another process (start time differs); same host name but
-  another boot (the machine rebooted, or a pod came back elsewhere under its name). A lock held
-  on another host cannot be probed from here: it is refused, naming the host, and the message
-  says which file to delete once that job is known to be gone.
+  another boot (the machine rebooted, or a pod came back elsewhere under its name).
+- A lock held on another host cannot be probed from here. Its holder touches it every
+  `HEARTBEAT_S` (`start_heartbeat`); one untouched for `STALE_AFTER_S` (a node lost, a job
+  requeued elsewhere) is stale. Ages are measured against the file server's clock (a probe
+  file's mtime), so clock skew between nodes does not matter. A fresher one is refused, naming
+  the host, and the message says which file to delete once that job is known to be gone.
 - Taking over is a rename of the stale file followed by an exclusive create, so two jobs that
   find the same stale lock cannot both win.
 - `release()` removes the file only if it is still ours. A job killed with SIGKILL leaves it
@@ -27,6 +30,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +38,11 @@ from pathlib import Path
 from tcp.errors import RunError
 
 LOCK_NAME = ".tcp.lock"
+HEARTBEAT_S = 30.0
+"""How often a holder touches its lock."""
+STALE_AFTER_S = 900.0
+"""A lock held on another host and not touched for this long is stale (30 missed heartbeats:
+a live job paused longer than this, e.g. by SLURM suspend, would lose its folder)."""
 
 
 class LockError(RunError):
@@ -62,9 +71,13 @@ class Owner:
                    proc_start=_proc_start(os.getpid()), boot_id=_boot_id(),
                    started=time.time(), command=" ".join(sys.argv)[:300], what=what)
 
+    stale_why = ""
+    """Why `acquire` judged it stale, when it did (not stored in the file)."""
+
     def describe(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
-        return f"host {self.host}, pid {self.pid}, started {when}"
+        why = f"; {self.stale_why}" if self.stale_why else ""
+        return f"host {self.host}, pid {self.pid}, started {when}{why}"
 
     def alive(self) -> bool | None:
         """True/False when this host can tell, None when the owner runs on another host."""
@@ -116,6 +129,7 @@ class RunLock:
         self.owner: Owner | None = None
         self.took_over: Owner | None = None
         """The stale owner replaced by `acquire`, for the caller to announce."""
+        self._beating = threading.Event()
 
     def acquire(self) -> RunLock:
         """Take the lock or raise LockError naming the live owner. Creates the folder."""
@@ -139,10 +153,14 @@ class RunLock:
                                     "uses this folder, delete that file and start again")
             alive = held.alive()
             if alive is None:
-                raise LockError(
-                    f"{self.folder} is in use by a tcp {held.what} on another host "
-                    f"({held.describe()}); use another output_dir, or if that job is gone "
-                    f"(node lost), delete {self.path} and start again")
+                age = self.heartbeat_age()
+                if age is None or age < STALE_AFTER_S:
+                    beat = "" if age is None else f", last heartbeat {age:.0f}s ago"
+                    raise LockError(
+                        f"{self.folder} is in use by a tcp {held.what} on another host "
+                        f"({held.describe()}{beat}); use another output_dir, or if that job is "
+                        f"gone (node lost), delete {self.path} and start again")
+                held.stale_why = f"no heartbeat for {age:.0f}s"
             if alive:
                 raise LockError(
                     f"{self.folder} is in use by a running tcp {held.what} ({held.describe()}); "
@@ -151,8 +169,37 @@ class RunLock:
                 self.took_over = held
         raise LockError(f"could not lock {self.folder}: another job keeps taking it")
 
+    def heartbeat_age(self) -> float | None:
+        """Seconds since the lock file was last touched, on the file server's clock (a probe
+        file's mtime); None when it cannot be measured."""
+        probe = self.folder / f".tcp.lock.clock.{socket.gethostname()}.{os.getpid()}"
+        try:
+            probe.write_text("")
+            now = probe.stat().st_mtime
+            return now - self.path.stat().st_mtime
+        except OSError:
+            return None
+        finally:
+            probe.unlink(missing_ok=True)
+
+    def start_heartbeat(self, interval_s: float = HEARTBEAT_S) -> RunLock:
+        """Touch the lock every `interval_s` while it is ours (a daemon thread), so another
+        host can tell a live holder from a lost one. Stopped by `release`."""
+        self._beating.clear()
+
+        def beat() -> None:
+            while not self._beating.wait(interval_s):
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    pass  # a hiccup of the file server: the next beat tries again
+
+        threading.Thread(target=beat, name="tcp-lock-heartbeat", daemon=True).start()
+        return self
+
     def release(self) -> None:
         """Remove the lock if it is still ours. Idempotent."""
+        self._beating.set()
         if self.owner is None:
             return
         held = read_owner(self.path)

@@ -7,9 +7,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
+from tcp import run_lock
 from tcp.run_lock import LOCK_NAME, LockError, RunLock, read_owner
 
 
@@ -58,10 +60,31 @@ def test_a_reused_pid_or_a_reboot_makes_the_lock_stale(tmp_path):
 
 def test_a_lock_held_on_another_host_is_refused_with_the_file_to_delete(tmp_path):
     write_lock(tmp_path, host="node-17", pid=4242)
-    with pytest.raises(LockError, match="on another host .*node-17.*pid 4242.*delete .*"
-                       + LOCK_NAME):
+    with pytest.raises(LockError, match="on another host .*node-17.*pid 4242.*last heartbeat "
+                       r"\d+s ago.*delete .*" + LOCK_NAME):
         RunLock(tmp_path).acquire()
     assert read_owner(tmp_path / LOCK_NAME).host == "node-17"  # untouched
+
+
+def test_a_lock_on_another_host_without_heartbeat_is_taken_over(tmp_path):
+    """A node lost (or a job requeued elsewhere): its lock stops being touched."""
+    write_lock(tmp_path, host="node-17", pid=4242)
+    old = time.time() - run_lock.STALE_AFTER_S - 60
+    os.utime(tmp_path / LOCK_NAME, (old, old))
+    lock = RunLock(tmp_path).acquire()
+    assert lock.took_over.host == "node-17"
+    assert "no heartbeat for" in lock.took_over.describe()
+    lock.release()
+
+
+def test_the_holder_keeps_its_lock_fresh(tmp_path):
+    lock = RunLock(tmp_path).acquire().start_heartbeat(interval_s=0.05)
+    old = time.time() - 3600
+    os.utime(lock.path, (old, old))
+    time.sleep(0.3)
+    assert lock.heartbeat_age() < 5
+    lock.release()
+    assert not lock.path.exists()
 
 
 def test_release_leaves_a_lock_that_is_no_longer_ours(tmp_path):
