@@ -233,17 +233,28 @@ class DataConfig:
     """arithmetic: validation problems (lambda is chosen here)."""
     test_size: int = 800
     """arithmetic: test problems (scored once)."""
-    max_length: int = 96
-    """Longest prompt+answer in tokens."""
+    max_length: int | Literal["auto"] = "auto"
+    """Longest [BOS]+prompt+answer+EOS in tokens. 'auto': the 99.5th percentile of the training
+    split's lengths rounded up to a multiple of 8, capped by the Pilot's context; resolved once
+    when the run starts, printed, and saved as a number in config.yaml (tcp.data.prepare)."""
     overlength: Literal["skip", "truncate"] = "skip"
     """Samples over max_length: 'skip' drops them, 'truncate' cuts the prompt from the left.
     Either way they are counted and reported."""
+    max_drop_frac: float = 0.01
+    """Stop (data error, exit 2) when more than this share of the training or validation split
+    is over max_length (skipped or truncated)."""
+    max_unk_frac: float = 0.001
+    """Stop (data error, exit 2) when more than this share of a split's tokens is the
+    tokenizer's unknown token (text it cannot represent); counted only where one exists."""
     tokenizer: str | None = None
     """Tokenizer name/path; None uses the Pilot's, or builds the character tokenizer for the
     embedded default."""
 
     def __post_init__(self) -> None:
-        _check(self.max_length >= 4, "max_length", f"must be >= 4 (got {self.max_length})")
+        _check(self.max_length == "auto" or self.max_length >= 4, "max_length",
+               f"must be >= 4 or auto (got {self.max_length})")
+        for k in ("max_drop_frac", "max_unk_frac"):
+            _check(0 <= getattr(self, k) <= 1, k, f"must be in [0, 1] (got {getattr(self, k)})")
         for k in ("train_size", "val_size", "test_size"):
             _check(getattr(self, k) > 0, k, f"must be > 0 (got {getattr(self, k)})")
         if self.source in ("jsonl", "parquet"):

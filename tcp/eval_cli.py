@@ -129,31 +129,40 @@ def load_run(run: Path, cfg: RunConfig, *, pilot_from: Path | None,
                      copilot=copilot.to(device).eval(), pilot_source=str(src))
 
 
-def evaluate_run(loaded: LoadedRun, *, lam: float | None, limit: int | None,
-                 device: torch.device, predictions_path: Path | None = None) -> dict[str, Any]:
+def load_eval_data(run: Path, cfg: RunConfig, *, pilot_from: Path | None,
+                   limit: int | None) -> Any:
+    """The evaluation's data (`tcp.data.prepare.prepare_eval_data`), before any model loads: a
+    bad file is a DataError (exit 2); data.max_length=auto is capped by the Pilot's context."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tcp.data.prepare import context_of, prepare_eval_data
+
+    if not (run / "tokenizer").is_dir():
+        raise FileNotFoundError(f"{run / 'tokenizer'} missing: not a tcp run directory")
+    tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
+    context: tuple[int | None, str] = (None, "no context limit known")
+    if cfg.data.max_length == "auto":
+        src = _pilot_dir(pilot_from or run)
+        context = context_of(AutoConfig.from_pretrained(src), tokenizer, name=str(src))
+    return prepare_eval_data(cfg, tokenizer, limit=limit, context=context)
+
+
+def evaluate_run(loaded: LoadedRun, data: Any, *, lam: float | None, device: torch.device,
+                 predictions_path: Path | None = None) -> dict[str, Any]:
     """The λ sweep on validation (or `lam`), test once, diagnostics and a rectification trace;
-    predictions.jsonl at `predictions_path` when given."""
+    predictions.jsonl at `predictions_path` when given. `data`: `load_eval_data`'s."""
     from tcp.budget import budget_for_pilot
-    from tcp.data.collate import tokenize_records
-    from tcp.data.loaders import load_split
     from tcp.models.pilot import PilotTap, use_fused_head
     from tcp.train import evaluate_and_report
 
     cfg = loaded.cfg
-    val = load_split(cfg.data, "validation", seed=cfg.seed)[:limit]
-    test = load_split(cfg.data, "test", seed=cfg.seed)[:limit]
-    def tokenized(records: list[dict[str, str]]) -> list[Any]:
-        return tokenize_records(records, loaded.tokenizer, max_length=cfg.data.max_length,
-                                overlength=cfg.data.overlength)[0]
-
-    val_samples = tokenized(val)
-    sized = {"validation": val_samples}
-    if cfg.eval.max_new_tokens == "auto":
-        try:  # the run's training answers too, so the budget is the main job's
-            sized = {"train": tokenized(load_split(cfg.data, "train", seed=cfg.seed)), **sized}
-        except (OSError, ValueError, RuntimeError) as e:
-            print(f"[tcp-eval] the training split could not be loaded ({e}); "
-                  "eval.max_new_tokens=auto is sized from validation answers only")
+    val, test = data.splits["validation"], data.splits["test"]
+    val_samples = data.samples["validation"]
+    for line in data.notes:
+        print(line)
+    sized = {k: data.samples[k] for k in ("train", "validation") if k in data.samples}
+    # The run's training answers decide eval.answer_format=auto with validation's (as the run).
+    train_golds = [r["answer"] for r in data.splits["train"]] if "train" in data.splits else None
     budget = budget_for_pilot(cfg.eval, sized, loaded.tokenizer, pilot=loaded.pilot,
                               max_length=cfg.data.max_length)
     print(f"[tcp-eval] {budget.describe()}")
@@ -165,7 +174,7 @@ def evaluate_run(loaded: LoadedRun, *, lam: float | None, limit: int | None,
                                    tokenizer=loaded.tokenizer, val_records=val,
                                    test_records=test, val_samples=val_samples, rank=0, world=1,
                                    device=device, lam=lam, budget=budget,
-                                   predictions_path=predictions_path)
+                                   predictions_path=predictions_path, train_golds=train_golds)
     finally:
         tap.remove()
 
@@ -179,7 +188,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="key=value overrides apply to the run's config.yaml, e.g. "
         "data.source=jsonl data.val_path=val.jsonl data.test_path=test.jsonl "
         "eval.answer_format=yesno eval.strategy=beam eval.num_beams=4. Exit codes: 0 done, "
-        "2 bad config, missing run, incompatible transfer, or (eval.strict=true) more "
+        "2 bad config or data, missing run, incompatible transfer, or (eval.strict=true) more "
         "generations cut at eval.max_new_tokens than eval.truncation_warn_frac (results are "
         "still written).")
     p.add_argument("run", type=Path, help="run directory (its output_dir) whose Copilot is used")
@@ -203,6 +212,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def eval_main(argv: list[str] | None = None) -> int:
     """Entry point of `tcp-eval`. Returns the exit code."""
     from tcp.budget import TruncationError, check_truncation
+    from tcp.errors import RunError
     from tcp.eval_report import format_table
     from tcp.plots import save_plots
     from tcp.train import write_json
@@ -219,7 +229,12 @@ def eval_main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        data = load_eval_data(args.run, cfg, pilot_from=args.pilot, limit=args.limit)
+        cfg = data.cfg  # data.max_length resolved
         loaded = load_run(args.run, cfg, pilot_from=args.pilot, device=device)
+    except RunError as e:  # bad data: one line, before any model loads
+        print(f"{e.kind} error: {e}", file=sys.stderr)
+        return 2
     except (TransferError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -227,7 +242,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     name = args.name or ("eval" if args.pilot is None else f"transfer-{args.pilot.name}")
     out = args.run / "eval"
     out.mkdir(exist_ok=True)
-    results = evaluate_run(loaded, lam=args.lam, limit=args.limit, device=device,
+    results = evaluate_run(loaded, data, lam=args.lam, device=device,
                            predictions_path=out / f"{name}.predictions.jsonl")
     results.update(copilot_run=str(args.run), pilot=results["pilot"] | {
         "source": loaded.pilot_source}, config_overrides=args.overrides)

@@ -363,6 +363,11 @@ def plan(cfg: RunConfig, world_size: int) -> MemoryPlan:
     from tcp.models.pilot import is_encoder_decoder
     from tcp.models.twins import PAPER_MODELS
 
+    if cfg.data.max_length == "auto":  # sized from the data when the run starts
+        from tcp.data.prepare import planned_max_length
+
+        cfg, remark = planned_max_length(cfg, pilot.config)
+        out.remarks.append(remark)
     name = cfg.model.name_or_path
     if name in PAPER_MODELS and not Path(name).is_dir():
         out.remarks.append(f"{name}: architecture from its published config.json (tcp's record, "

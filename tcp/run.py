@@ -16,8 +16,7 @@ from tcp.build import build_engines, build_mistake_log, load_tokenizer
 from tcp.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager, step_name
 from tcp.cli import elapsed, print_rank0
 from tcp.config import RunConfig, resolve_epochs, to_dict
-from tcp.data.collate import tokenize_records
-from tcp.data.loaders import load_split
+from tcp.data.prepare import model_context, prepare_data
 from tcp.engines import init_distributed, save_hf, save_module
 from tcp.eval_report import format_table, summary_metrics
 from tcp.mistake_log.base import MistakeLog
@@ -50,16 +49,12 @@ def _run(cfg: RunConfig, *, t_start: float, rank: int, world: int,
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
 
-    splits = {s: load_split(cfg.data, s, seed=cfg.seed) for s in ("train", "validation", "test")}
-    tok_kw = dict(max_length=cfg.data.max_length, overlength=cfg.data.overlength)
-    train_samples, train_rep = tokenize_records(splits["train"], tokenizer, **tok_kw)
-    val_samples, val_rep = tokenize_records(splits["validation"], tokenizer, **tok_kw)
-    for name, rep in (("train", train_rep), ("validation", val_rep)):
-        if rep.skipped_overlength or rep.truncated:
-            print_rank0(f"[tcp] {name}: {rep.skipped_overlength} over-long samples skipped, "
-                        f"{rep.truncated} truncated (data.max_length={cfg.data.max_length})")
-    if not train_samples:
-        raise RuntimeError("no training samples left after tokenisation; raise data.max_length")
+    # Data before any model: a bad file fails here (DataError, exit 2); 'auto' becomes a number.
+    data = prepare_data(cfg, tokenizer, context=model_context(cfg, tokenizer))
+    cfg, splits = data.cfg, data.splits
+    train_samples, val_samples = data.samples["train"], data.samples["validation"]
+    for line in data.notes:
+        print_rank0(line)
     if cfg.train.epochs is not None:
         cfg = resolve_epochs(cfg, num_samples=len(train_samples), world_size=world)
         print_rank0(f"[tcp] train.epochs={cfg.train.epochs:g} over {len(train_samples)} samples "
@@ -128,8 +123,7 @@ def _run(cfg: RunConfig, *, t_start: float, rank: int, world: int,
         results = finish(cfg, trainer=trainer, tokenizer=tokenizer, splits=splits,
                          val_samples=val_samples, budget=budget, out=out, device=device)
         results.update(
-            data={"train": vars(train_rep) | {"skipped_ids": train_rep.skipped_ids[:20]},
-                  "validation": vars(val_rep) | {"skipped_ids": val_rep.skipped_ids[:20]}},
+            data=data.results(),
             params={"pilot": n_p, "copilot": n_c},
             seconds={"base": t_base - t_start, "train": t_train - t_base,
                      "eval": time.time() - t_train, "checkpoint": trainer.checkpoint_s,
@@ -143,6 +137,7 @@ def _run(cfg: RunConfig, *, t_start: float, rank: int, world: int,
         )
         if rank == 0:
             write_json(out / "results.json", results)
+            tracker.metrics(data.metrics(), step=trainer.step)  # over-long and unknown counts
             report(results, out, tracker, step=trainer.step)
             print(f"[tcp] results: {out / 'results.json'} (total {elapsed(t_start)})",
                   flush=True)
@@ -183,7 +178,8 @@ def finish(cfg: RunConfig, *, trainer: Trainer, tokenizer: Any,
             cfg, pilot=pilot, copilot=copilot, tap=trainer.tap, tokenizer=tokenizer,
             val_records=splits["validation"], test_records=splits["test"],
             val_samples=val_samples, rank=trainer.rank, world=trainer.world, device=device,
-            budget=budget, predictions_path=out / "predictions.jsonl"))
+            budget=budget, predictions_path=out / "predictions.jsonl",
+            train_golds=[r["answer"] for r in splits["train"]]))
     if cfg.pilot.lora.enabled:  # merged into a plain HF model, and the adapter beside it
         from tcp.engines import save_hf_lora
 

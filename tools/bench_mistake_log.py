@@ -35,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tcp.build import build_engines, load_tokenizer
 from tcp.config import ZarrStoreConfig, load_config
-from tcp.data.collate import tokenize_records
-from tcp.data.loaders import load_split
+from tcp.data.prepare import model_context, prepare_data
 from tcp.engines import init_distributed
 from tcp.mistake_log.disk import ZarrMistakeLog
 from tcp.mistake_log.memory import MemoryMistakeLog
@@ -63,8 +62,8 @@ def single_rank_env() -> None:
 def bench_steps(cfg: Any, out: Path, steps: int, block: int) -> dict[str, Any]:
     _, world, device = init_distributed()
     tok = load_tokenizer(cfg)
-    samples, _ = tokenize_records(load_split(cfg.data, "train", seed=cfg.seed), tok,
-                                  max_length=cfg.data.max_length, overlength=cfg.data.overlength)
+    data = prepare_data(cfg, tok, context=model_context(cfg, tok))  # max_length: auto resolved
+    cfg, samples = data.cfg, data.samples["train"]
     pilot, copilot, tap = build_engines(cfg, tok, None, world)
     vocab, d = int(pilot.module.config.vocab_size), int(pilot.module.config.hidden_size)
     ml = cfg.mistake_log

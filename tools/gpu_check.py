@@ -171,15 +171,14 @@ def phase_timed(trainer_cls: type) -> type:
 def joint_steps(cfg: Any, p: Preset, device: Any) -> dict[str, Any]:
     """Median step times of the three arms, the Copilot's share, peak memory per phase."""
     from tcp.build import build_engines, build_mistake_log, load_tokenizer
-    from tcp.data.collate import tokenize_records
-    from tcp.data.loaders import load_split
+    from tcp.data.prepare import model_context, prepare_data
     from tcp.run import param_count
     from tcp.tracking import Tracker
     from tcp.train import Trainer
 
     tok = load_tokenizer(cfg)
-    samples, _ = tokenize_records(load_split(cfg.data, "train", seed=cfg.seed), tok,
-                                  max_length=cfg.data.max_length, overlength=cfg.data.overlength)
+    data = prepare_data(cfg, tok, context=model_context(cfg, tok))  # max_length: auto resolved
+    cfg, samples = data.cfg, data.samples["train"]
     t0 = time.perf_counter()
     pilot, copilot, tap = build_engines(cfg, tok, None, 1)
     build_s = time.perf_counter() - t0

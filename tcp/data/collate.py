@@ -32,6 +32,24 @@ class TokenizeReport:
     skipped_overlength: int = 0
     truncated: int = 0
     skipped_ids: list[int] = field(default_factory=list)
+    longest: int = 0
+    """Longest sample in tokens (`[BOS] prompt answer [EOS]`) before any cut."""
+    longest_id: int = -1
+    """Its sample id (record index)."""
+    tokens: int = 0
+    """Prompt and answer tokens of all samples, specials excluded: the base of the unk share."""
+    unk_tokens: int | None = None
+    """Of those, tokens mapped to the tokenizer's unknown token; None when it has none."""
+    unk_samples: int = 0
+    """Samples with at least one unknown token."""
+    unk_ids: list[int] = field(default_factory=list)
+    """The first (up to 20) of those samples' ids."""
+    unk_text: list[str] = field(default_factory=list)
+    """Up to 8 distinct pieces of text that became the unknown token (fast tokenizers only)."""
+
+
+Encoded = tuple[list[int], list[int]]
+"""A record's token ids: (`[BOS] prompt`, `answer [EOS]`)."""
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
@@ -40,34 +58,85 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+def encode_records(records: list[dict[str, str]],
+                   tokenizer: PreTrainedTokenizerBase) -> list[Encoded]:
+    """Every record's (`[BOS] prompt`, `answer [EOS]`) ids, uncut: measured once, then fitted to
+    `max_length` by `tokenize_records` (`data.max_length: auto` needs the lengths first)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token; set one so answers can end")
+    if not records:
+        return []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompts = tokenizer([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([r["answer"] for r in records], add_special_tokens=False)["input_ids"]
+    return [(bos + p, [*a, eos]) for p, a in zip(prompts, answers, strict=True)]
+
+
+def unknown_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str]:
+    """The pieces of `text` that `tokenizer` maps to its unknown token (via offsets; [] for a
+    tokenizer without offsets), so a report can say which characters are not covered."""
+    unk = tokenizer.unk_token_id
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # slow (Python) tokenizers have no offsets
+        return []
+    return [text[s:e] for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+            if i == unk]
+
+
 def tokenize_records(
     records: list[dict[str, str]],
     tokenizer: PreTrainedTokenizerBase,
     *,
     max_length: int,
     overlength: str = "skip",
+    encoded: list[Encoded] | None = None,
 ) -> tuple[list[TokenizedSample], TokenizeReport]:
-    """Tokenise (prompt, answer) records; returns kept samples and a report."""
+    """Tokenise (prompt, answer) records; returns kept samples and a report that counts the
+    over-long (skipped or truncated) samples and the tokens that became the unknown token.
+    `encoded`: the records' `encode_records` ids when already computed."""
+    if encoded is None:
+        encoded = encode_records(records, tokenizer)
     report = TokenizeReport(total=len(records))
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token; set one so answers can end")
+    nbos = int(tokenizer.bos_token_id is not None)
+    unk = tokenizer.unk_token_id
+    if unk is not None:
+        report.unk_tokens = 0
     out: list[TokenizedSample] = []
-    for i, rec in enumerate(records):
-        p = encode_prompt(tokenizer, rec["prompt"])
-        a = tokenizer(rec["answer"], add_special_tokens=False)["input_ids"] + [eos]
-        if len(p) + len(a) > max_length:
-            room = max_length - len(a) - len(bos)
+    for i, (p, a) in enumerate(encoded):
+        n = len(p) + len(a)
+        report.tokens += n - nbos - 1
+        if n > report.longest:
+            report.longest, report.longest_id = n, i
+        if unk is not None:
+            _count_unknown(report, i, p[nbos:] + a[:-1], unk)
+        if n > max_length:
+            room = max_length - len(a) - nbos
             if overlength == "skip" or room < 1:
                 report.skipped_overlength += 1
                 report.skipped_ids.append(i)
                 continue
-            p = bos + p[len(p) - room:]
+            p = p[:nbos] + p[len(p) - room:]
             report.truncated += 1
         out.append(TokenizedSample(input_ids=p + a, prompt_len=len(p), sample_id=i))
     report.kept = len(out)
+    for i in report.unk_ids:  # which text is not covered: a few examples are enough
+        for piece in unknown_text(tokenizer, records[i]["prompt"] + records[i]["answer"]):
+            if piece not in report.unk_text and len(report.unk_text) < 8:
+                report.unk_text.append(piece)
     return out, report
+
+
+def _count_unknown(report: TokenizeReport, i: int, ids: list[int], unk: int) -> None:
+    """Add sample `i`'s unknown tokens (`ids`: its text tokens) to `report`."""
+    n = ids.count(unk)
+    if n:
+        assert report.unk_tokens is not None
+        report.unk_tokens += n
+        report.unk_samples += 1
+        if len(report.unk_ids) < 20:
+            report.unk_ids.append(i)
 
 
 def collate(samples: list[TokenizedSample], pad_id: int) -> dict[str, torch.Tensor]:

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from tcp.config import DataConfig
+from tcp.config import DataConfig, dump_yaml, load_config, to_dict
 from tcp.data import arithmetic
 from tcp.data.collate import batch_indices, collate, tokenize_records
-from tcp.data.loaders import load_split
+from tcp.data.loaders import DataError, load_split
+from tcp.data.prepare import auto_max_length, model_context, planned_max_length, prepare_data
 from tcp.data.tokenizer import build_char_tokenizer
 
 
@@ -68,7 +69,7 @@ def test_empty_answer_is_a_clear_error(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"q": "hi", "a": "1"}) + "\n" + json.dumps({"q": "x", "a": " "}))
     cfg = DataConfig(source="jsonl", train_path=str(path), prompt_field="q", answer_field="a")
-    with pytest.raises(ValueError, match="record 1: empty answer"):
+    with pytest.raises(DataError, match=r"d\.jsonl:2: empty answer \(field 'a'\)"):
         load_split(cfg, "train", seed=0)
 
 
@@ -90,7 +91,7 @@ def test_jsonl_and_parquet_with_templates(tmp_path):
 def test_missing_field_names_the_fix(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"q": "hi", "a": "1"}))
-    with pytest.raises(ValueError, match="prompt_field"):
+    with pytest.raises(DataError, match="prompt_field"):
         load_split(DataConfig(source="jsonl", train_path=str(path)), "train", seed=0)
 
 
@@ -114,3 +115,71 @@ def test_batch_indices_partition_global_batches_across_ranks():
             stream += batch_indices(step=step, rank=rank, world_size=2, **kw)
     assert sorted(stream[:10]) == list(range(10))
     assert torch.tensor(stream[10:20]).unique().numel() == 10
+
+
+def test_auto_max_length_is_the_percentile_rounded_up_and_capped():
+    lengths = list(range(1, 1001))  # the 99.5th percentile (nearest rank) is 995
+    assert auto_max_length(lengths, None) == (1000, 995)  # up to a multiple of 8
+    assert auto_max_length(lengths, 512) == (512, 995)  # the Pilot's context caps it
+    assert auto_max_length([3, 5], None) == (8, 5)
+
+
+def jsonl_cfg(tmp_path, rows, *more):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return load_config(None, ["data.source=jsonl", f"data.train_path={path}",
+                              f"data.val_path={path}", f"data.test_path={path}", *more])
+
+
+def test_auto_on_a_known_dataset_and_resolved_once(tmp_path):
+    # 200 samples of length i + 3 (BOS prompt answer EOS) for prompts of i = 1..199 characters
+    # and one of 300: the 99.5th percentile is the 199th, 202 tokens -> 208; one is longer.
+    rows = [{"prompt": "x" * i, "answer": "1"} for i in [*range(1, 200), 300]]
+    tok = build_char_tokenizer()
+    cfg = jsonl_cfg(tmp_path, rows, "data.max_drop_frac=0.01")
+    data = prepare_data(cfg, tok, context=model_context(cfg, tok))
+    assert data.cfg.data.max_length == 208 and cfg.data.max_length == "auto"
+    assert data.notes[0] == (
+        "[tcp] data.max_length=auto -> 208: the 99.5th percentile of 200 training samples is "
+        "202 tokens, rounded up to a multiple of 8; 1 training samples are longer")
+    assert data.results()["max_length"]["auto"]["percentile_length"] == 202
+    assert data.reports["train"].skipped_overlength == 1
+    with pytest.raises(DataError, match=r"train: 75 of 200 samples \(37\.5%\) .* raise "
+                       r"data\.max_length \(the Pilot's context is 128 tokens\)"):
+        prepare_data(cfg, tok, context=(128, "a test context"))
+    lenient = jsonl_cfg(tmp_path, rows, "data.max_drop_frac=1")
+    capped = prepare_data(lenient, tok, context=(128, "a test context"))
+    assert capped.cfg.data.max_length == 128 and "capped at 128 (a test context)" in \
+        capped.notes[0]
+    # config.yaml holds the number: a resume (same data) resolves to the same config.
+    again = load_config(_write(tmp_path, dump_yaml(data.cfg)))
+    assert to_dict(prepare_data(again, tok, context=(256, "")).cfg) == to_dict(data.cfg)
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "config.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_default_run_resolves_and_prints_max_length():
+    cfg = load_config("configs/default.yaml")
+    assert cfg.data.max_length == "auto"
+    tok = build_char_tokenizer()
+    data = prepare_data(cfg, tok, context=model_context(cfg, tok))
+    assert data.cfg.data.max_length == 72
+    assert data.notes == ["[tcp] data.max_length=auto -> 72: the 99.5th percentile of 20000 "
+                          "training samples is 70 tokens, rounded up to a multiple of 8; 0 "
+                          "training samples are longer"]
+    assert set(data.results()) == {"train", "validation", "test", "max_length"}
+
+
+def test_dry_run_plans_auto_at_the_context():
+    from tcp.memory_plan import plan
+
+    cfg = load_config(None)
+    p = plan(cfg, 1)
+    assert any(r.startswith("data.max_length=auto: planned at the Pilot's context "
+                            "(model.arch.max_position_embeddings)") for r in p.remarks)
+    assert p.engines[0].batch.endswith(f"x {cfg.model.arch.max_position_embeddings} tokens")
+    assert planned_max_length(cfg, None)[0].data.max_length == 256

@@ -45,7 +45,8 @@ def trained():
 
 def _cfg(tmp_path, *overrides: str) -> RunConfig:
     return load_config(None, [f"output_dir={tmp_path}", "eval.answer_format=choice",
-                              "eval.lambdas=[0.5,1.0]", "eval.batch_size=2", *overrides])
+                              "eval.lambdas=[0.5,1.0]", "eval.batch_size=2",
+                              "data.max_length=96", *overrides])
 
 
 def _evaluate(cfg: RunConfig, model, tok, copilot, *, predictions=None) -> dict:
@@ -189,16 +190,18 @@ def test_parse_failure_reason_and_budget_hit_in_predictions(trained, tmp_path):
     cut = tmp_path / "cut.jsonl"
     _evaluate(_cfg(tmp_path, "eval.max_new_tokens=8"), model, tok, _zero_copilot(model),
               predictions=cut)
-    rows = _rows(cut)
-    assert [r["index"] for r in rows] == [0, 1, 2] and {r["lambda"] for r in rows} == {0.0}
-    for r in rows:
-        assert r["generation"] == r["answer_text"] == "the choi" and r["split"] == "test"
+    lines = _rows(cut)  # one per example; λ = 0 chosen, so both decodes are the Pilot's
+    assert [r["index"] for r in lines] == [0, 1, 2] and {r["lambda"] for r in lines} == {0.0}
+    assert all(r["pilot"] == r["pilot+copilot"] for r in lines)
+    for r in (ln["pilot"] for ln in lines):
+        assert r["generation"] == r["answer_text"] == "the choi" and r["lambda"] == 0.0
         assert r["parsed"] is None and r["parse_error"] == "no choice found"
         assert r["hit_budget"] is True and r["correct"] is False
     full = tmp_path / "full.jsonl"
     _evaluate(_cfg(tmp_path), model, tok, _zero_copilot(model), predictions=full)
-    for i, r in enumerate(_rows(full)):
-        assert r["gold"] == r["answer_text"] == LONG[i]["answer"]
+    for i, ln in enumerate(_rows(full)):
+        r = ln["pilot"]
+        assert ln["gold"] == r["answer_text"] == LONG[i]["answer"] and ln["split"] == "test"
         assert (r["parsed"], r["parse_error"], r["correct"], r["hit_budget"]) == \
             (i + 1, None, True, False)
 

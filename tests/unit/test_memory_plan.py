@@ -38,7 +38,8 @@ from tcp.mistake_log.record import MistakeBatch
 from tcp.models.copilot import Copilot, ErrorTarget, build_inputs
 from tcp.models.pilot import HeadOptions, PilotTap, build_model, pilot_forward, use_fused_head
 
-SMALL = ["train.pilot.micro_batch_size=8", "mistake_log.replay_size=8"]
+# data.max_length: the plan and the measured steps share one T (the default is auto).
+SMALL = ["train.pilot.micro_batch_size=8", "mistake_log.replay_size=8", "data.max_length=96"]
 T5 = ["model.arch.family=t5", "base.enabled=false", "copilot.init_from=none"]
 
 
