@@ -3,16 +3,21 @@
 Both read the results dict of `tcp.train.evaluate_and_report` (results.json), for the main job
 and `tcp-eval` alike: the decoding budget used, the share of generations cut at it per split
 (with the one warning over `eval.truncation_warn_frac`), and whether the Copilot was switched
-off because no lambda > 0 beat the Pilot on validation.
+off because no lambda > 0 beat the Pilot on validation; and the paired test of Pilot vs
+Pilot+Copilot on the same test examples (results["paired"], tcp.stats), absent from results
+written before it existed.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from tcp.stats import format_paired
+
 
 def summary_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """The headline numbers logged as MLflow metrics (accuracies, lambda, budget, truncation)."""
+    """The headline numbers logged as MLflow metrics (accuracies, lambda, budget, truncation,
+    the paired test when results have one)."""
     v, pc, t = results["validation"], results["pilot+copilot"], results["truncation"]
     return {"test_accuracy_pilot": results["pilot"]["accuracy"],
             "test_accuracy_pilot_copilot": pc["accuracy"],
@@ -21,7 +26,28 @@ def summary_metrics(results: dict[str, Any]) -> dict[str, float]:
             "copilot_off": float(pc["copilot_off"]),
             "eval_max_new_tokens": float(results["decoding"]["max_new_tokens"]),
             "val_truncated_share": t["validation"]["share"],
-            "test_truncated_share": t["test"]["share"]}
+            "test_truncated_share": t["test"]["share"]} | _paired_metrics(results)
+
+
+def _paired_metrics(results: dict[str, Any]) -> dict[str, float]:
+    p = results.get("paired")
+    if not p:
+        return {}
+    lo, hi = p["diff_ci95"]
+    return {"test_paired_diff": p["diff"], "test_paired_diff_ci95_lo": lo,
+            "test_paired_diff_ci95_hi": hi, "test_paired_mcnemar_p": p["mcnemar_p"]}
+
+
+def paired_line(results: dict[str, Any]) -> str | None:
+    """The table's line for the paired test on test (None when results have none): the
+    difference with its interval and McNemar's p, or why there is nothing to test."""
+    p = results.get("paired")
+    if not p:
+        return None
+    if p.get("copilot_off"):
+        return (f"paired test (n={p['n']}): λ=0 chosen, so Pilot+Copilot is the Pilot on every "
+                "test example: difference 0, McNemar p = 1 (nothing to test)")
+    return f"paired test, Pilot+Copilot − Pilot: {format_paired(p)}"
 
 
 def _share(part: dict[str, Any]) -> str:
@@ -36,6 +62,7 @@ def format_table(results: dict[str, Any]) -> str:
     t = results["truncation"]
     n = max(results["test_size"], 1)
     lam = format(pc["lambda"], "g")
+    paired = paired_line(results)
     if pc["copilot_off"]:
         why = ("the Copilot did not help on validation, so Pilot+Copilot is the Pilot alone"
                if v.get("copilot_helped") is False else "the Copilot is off (λ=0 given)")
@@ -52,6 +79,7 @@ def format_table(results: dict[str, Any]) -> str:
         f"{'Pilot+Copilot (λ=' + lam + ')':24}{pc['accuracy']:>15.4f}{pc['truncated'] / n:>15.1%}",
         f"test n={results['test_size']}; λ chosen on validation (n={v['size']}, "
         f"Pilot {v['pilot_accuracy']:.4f}); {choice}",
+        *([paired] if paired else []),
         f"decoding budget {results['decoding']['budget']['description']}",
         "generations cut at the budget (no EOS or stop string; Pilot and Pilot+Copilot at "
         f"the chosen λ): validation "

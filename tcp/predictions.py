@@ -1,14 +1,31 @@
-"""predictions.jsonl: why each test answer scored as it did.
+"""predictions.jsonl: the evidence behind the test numbers, one line per test example.
 
-One line per (test example, lambda decoded): the Pilot alone (lambda 0) and Pilot+Copilot at the
-chosen lambda (one line per example when the chosen lambda is 0). Fields: split, index (in the
-split), prompt, gold, lambda, generation (the raw decoded text, EOS excluded), answer_text (cut
-at the first stop string: what was scored), parsed (the canonical answer, or null), parse_error
-(why none parsed, e.g. "no number found", or null), correct, hit_budget (the generation ended on
-`eval.max_new_tokens` without EOS or a stop string). The main job writes
-`<output_dir>/predictions.jsonl`, `tcp-eval` `<run>/eval/<name>.predictions.jsonl`.
+Each line holds the example, what the Pilot alone answered and what Pilot+Copilot answered at
+the lambda chosen on validation, so one line is one diff. With the Copilot off (lambda 0 chosen)
+both outputs are the same decode. Lines are sorted by `index`; every rank's shard is gathered, so
+the file has exactly `test_size` lines and its correct flags give results.json's accuracies and
+its "paired" test (tcp.stats). Example (pretty-printed; one line in the file):
+
+    {"split": "test", "index": 0, "prompt": "Q: Dev had 19 rocks and gave away 6. ...\nA: ",
+     "gold": "13", "lambda": 0.5, "outcome": "fixed", "changed": true,
+     "pilot": {"lambda": 0.0, "generation": "10", "answer_text": "10", "parsed": 10,
+               "parse_error": null, "correct": false, "hit_budget": false},
+     "pilot+copilot": {"lambda": 0.5, "generation": "13", "answer_text": "13", "parsed": 13,
+                       "parse_error": null, "correct": true, "hit_budget": false}}
+
+Top level: split, index (in the split), prompt, gold, lambda (the chosen one: Pilot+Copilot's),
+outcome ("both_correct", "both_wrong", "fixed": only Pilot+Copilot correct, the paired test's c;
+"broken": only the Pilot correct, its b), changed (the scored answer texts differ). "pilot" and
+"pilot+copilot" each hold one decode: lambda, generation (the raw decoded text, EOS excluded),
+answer_text (cut at the first stop string: what was scored), parsed (the canonical answer, or
+null), parse_error (why none parsed, e.g. "no number found", or null), correct, hit_budget (the
+generation ended on `eval.max_new_tokens` without EOS or a stop string). The main job writes
+`<output_dir>/predictions.jsonl` beside results.json, `tcp-eval`
+`<run>/eval/<name>.predictions.jsonl` beside `<name>.json`.
+
+Files written before this format had one line per (example, lambda) with the per-decode fields
+at the top level; `read_paired_flags` reads both.
 """
-
 from __future__ import annotations
 
 import json
@@ -18,13 +35,18 @@ from typing import Any
 
 import torch.distributed as dist
 
+from tcp.stats import paired_comparison
 from tcp.tasks import AnswerScorer
+
+EXAMPLE_KEYS = ("split", "index", "prompt", "gold")
+"""The fields of a decode row that describe the example, not the decode."""
 
 
 def prediction_row(*, split: str, index: int, record: dict[str, str], lam: float,
                    generation: str, answer_text: str, scorer: AnswerScorer, correct: bool,
                    hit_budget: bool) -> dict[str, Any]:
-    """One line of predictions.jsonl (see the module docstring)."""
+    """One decode of one example (this rank's, per lambda decoded): the example's fields and
+    the decode's; `pair_rows` joins the Pilot's and Pilot+Copilot's into a file line."""
     parsed, reason = scorer.parse_with_reason(answer_text)
     if reason is None and scorer.parse(record["answer"]) is None:
         reason = f"the gold answer holds no {scorer.format} answer"
@@ -57,3 +79,55 @@ def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     tmp.replace(path)
+
+
+def pair_rows(rows: list[dict[str, Any]], lam: float) -> list[dict[str, Any]]:
+    """One line per example from the decode rows of `prediction_row` (all ranks' rows): the
+    Pilot's (lambda 0) beside Pilot+Copilot's at `lam` (the same decode when `lam` is 0)."""
+    by_index: dict[int, dict[float, dict[str, Any]]] = {}
+    for r in rows:
+        by_index.setdefault(r["index"], {})[r["lambda"]] = r
+    lines = []
+    for index in sorted(by_index):
+        decodes = by_index[index]
+        pilot, fused = decodes[0.0], decodes[lam]
+        lines.append({k: pilot[k] for k in EXAMPLE_KEYS} | {
+            "lambda": lam, "outcome": outcome(pilot["correct"], fused["correct"]),
+            "changed": pilot["answer_text"] != fused["answer_text"],
+            "pilot": _decode(pilot), "pilot+copilot": _decode(fused)})
+    return lines
+
+
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in EXAMPLE_KEYS}
+
+
+def outcome(pilot_correct: bool, copilot_correct: bool) -> str:
+    """The example's cell of the paired 2x2 table (see the module docstring)."""
+    if pilot_correct == copilot_correct:
+        return "both_correct" if pilot_correct else "both_wrong"
+    return "fixed" if copilot_correct else "broken"
+
+
+def paired_summary(lines: list[dict[str, Any]], lam: float) -> dict[str, Any]:
+    """results.json["paired"]: McNemar and the bootstrap interval (tcp.stats) over the
+    per-example lines of `pair_rows`, with the lambda compared and whether the Copilot was off
+    (then b = c = 0, p = 1 and the difference is 0 by construction)."""
+    p = paired_comparison([ln["pilot"]["correct"] for ln in lines],
+                          [ln["pilot+copilot"]["correct"] for ln in lines])
+    return p.to_dict() | {"lambda": lam, "copilot_off": lam == 0}
+
+
+def read_paired_flags(path: Path, lam: float | None = None) -> tuple[list[bool], list[bool]]:
+    """(Pilot, Pilot+Copilot) correct flags per example, ordered by index, from a
+    predictions.jsonl in either format; `lam` (the run's chosen lambda) is needed only for the
+    older one-line-per-(example, lambda) files."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    if rows and "pilot" not in rows[0]:
+        if lam is None:
+            raise ValueError(f"{path} has one line per (example, lambda): pass the chosen "
+                             "lambda to pair them")
+        rows = pair_rows(rows, lam)
+    rows.sort(key=lambda r: r["index"])
+    return ([bool(r["pilot"]["correct"]) for r in rows],
+            [bool(r["pilot+copilot"]["correct"]) for r in rows])

@@ -10,14 +10,18 @@ correct when its canonical answer equals the gold's. The same parser reads the g
   a 1-based choice index; letters map A=1, B=2, ...
 - yesno    (BoolQ): the first standalone yes/no/true/false word.
 - exact    : whitespace-normalised, case-folded text with trailing punctuation stripped.
-- auto     : numeric / yesno / choice when *every* gold of the split parses in that format,
-  else exact (`infer_format`).
+- auto     : decided from the training and validation golds, never test ones (`decide_format`):
+  of numeric / yesno / choice, the one the most golds look like (ties in that order), when at
+  least 95% of them do (`AUTO_MIN_PERCENT`: a few odd golds do not make a multiple-choice set
+  "exact"); else exact. A choice gold is an option ("answer2", "option 3", "(B)", "C") or a
+  sentence ending in one ("the correct answer is answer2").
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 
 FORMATS = ("auto", "numeric", "choice", "yesno", "exact")
@@ -101,23 +105,75 @@ NO_ANSWER = {"numeric": "no number found", "choice": "no choice found",
 """Why a text holds no answer in each format (`AnswerScorer.parse_with_reason`)."""
 
 
-def infer_format(golds: Sequence[str]) -> str:
-    """The most specific format every gold answer parses in (numeric > yesno > choice > exact).
+AUTO_MIN_PERCENT = 95
+"""'auto' picks a format only when at least this percentage of the golds look like it."""
 
-    A yes/no gold must be just the word; a choice gold must be a choice marker ("answer2",
-    "B", "(C)", "option 3"), not a sentence that happens to contain a capital letter.
+SHAPES = {"numeric": "a number", "yesno": "yes/no", "choice": "a choice (answerN, option N, (B))"}
+"""What a gold of each format looks like, in `FormatDecision.why`; also the tie order."""
+
+_ENDS_IN_OPTION = re.compile(r"\([A-J]\)$")
+
+
+@dataclass(frozen=True)
+class FormatDecision:
+    """The answer format evaluation scores in, and why (results.json `answer_format`)."""
+
+    format: str
+    why: str
+
+    def to_dict(self) -> dict[str, str]:
+        """{'format', 'why'}, as results.json records it."""
+        return {"format": self.format, "why": self.why}
+
+
+def looks_like(fmt: str, gold: str) -> bool:
+    """Whether `gold` is written as an answer of `fmt` ('numeric' | 'yesno' | 'choice'), not just
+    parseable in it: "42", "#### 42"; "Yes."; "answer2", "(B)", "the correct answer is answer2".
     """
+    g = gold.strip()
+    if fmt == "numeric":
+        return _is_bare_number(g) or _GSM8K_FINAL.search(g) is not None
+    if fmt == "yesno":
+        return g.strip(".").lower() in ("yes", "no", "true", "false")
+    g = g.rstrip(".!")
+    return (_BARE.fullmatch(g) is not None or _ENDS_IN_OPTION.search(g) is not None
+            or any(m.end() == len(g) for m in _CHOICE_WORD.finditer(g)))
+
+
+def decide_format(fmt: str, golds: Sequence[str], *,
+                  source: str = "train+validation") -> FormatDecision:
+    """`fmt`, or for 'auto' the format of `golds` (module docstring), with the reason.
+
+    `golds` must not include test answers: the format is part of the scoring rule, fixed before
+    test is read. `source` names where they come from, for the reason.
+    """
+    if fmt != "auto":
+        return FormatDecision(fmt, "set by eval.answer_format")
     golds = [g for g in golds if g.strip()]
     if not golds:
-        return "exact"
-    if all(_is_bare_number(g) or _GSM8K_FINAL.search(g) for g in golds):
-        return "numeric"
-    if all(g.strip().strip(".").lower() in ("yes", "no", "true", "false") for g in golds):
-        return "yesno"
-    if all(_CHOICE_WORD.fullmatch(g.strip()) or _BARE.fullmatch(g) for g in golds) and \
-            not all(g.strip().isdigit() for g in golds):
-        return "choice"
-    return "exact"
+        return FormatDecision("exact", f"auto: no non-empty {source} golds; exact match")
+    counts = {f: sum(looks_like(f, g) for g in golds) for f in SHAPES}
+    best = max(SHAPES, key=lambda f: counts[f])  # first of the tied: numeric > yesno > choice
+    n = len(golds)
+    if 100 * counts[best] < AUTO_MIN_PERCENT * n:
+        seen = ", ".join(f"{SHAPES[f]} {_percent(counts[f], n)}" for f in SHAPES)
+        return FormatDecision("exact", f"auto: no format fits {AUTO_MIN_PERCENT}% of the {n} "
+                                       f"{source} golds ({seen}); exact match")
+    why = f"auto: {_percent(counts[best], n)} of {n} {source} golds look like {SHAPES[best]}"
+    lost = sum(PARSERS[best](g) is None for g in golds)
+    if lost:
+        why += f"; {lost} hold no {best} answer and can never be scored correct"
+    return FormatDecision(best, why)
+
+
+def _percent(k: int, n: int) -> str:
+    """k/n as a whole percentage rounded down, so a share under the threshold never reads as it."""
+    return f"{100 * k // n}%"
+
+
+def infer_format(golds: Sequence[str]) -> str:
+    """The format 'auto' picks for `golds` (`decide_format`)."""
+    return decide_format("auto", golds).format
 
 
 def _is_bare_number(s: str) -> bool:
@@ -136,8 +192,8 @@ class AnswerScorer:
 
     @classmethod
     def for_golds(cls, fmt: str, golds: Sequence[str]) -> AnswerScorer:
-        """`fmt`, or the inferred format when fmt is 'auto'."""
-        return cls(infer_format(golds) if fmt == "auto" else fmt)
+        """`fmt`, or the format 'auto' picks for `golds` (`decide_format`)."""
+        return cls(decide_format(fmt, golds).format)
 
     def parse(self, text: str) -> object:
         """The canonical answer of `text` (None: none found)."""

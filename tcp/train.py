@@ -28,11 +28,11 @@ from tcp.mistake_log.collect import collect
 from tcp.mistake_log.record import MistakeBatch
 from tcp.models.copilot import ErrorTarget, build_inputs
 from tcp.models.pilot import HeadOptions, PilotTap, pilot_forward, torch_dtype
-from tcp.predictions import gather_rows, write_predictions
+from tcp.predictions import gather_rows, pair_rows, paired_summary, write_predictions
 from tcp.preemption import StopSignal
 from tcp.progress import Progress
 from tcp.rectify import pick_example, trace_rectification
-from tcp.tasks import AnswerScorer
+from tcp.tasks import decide_format
 from tcp.tracking import Tracker
 
 
@@ -239,7 +239,8 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
                         test_records: list[dict[str, str]], val_samples: list[TokenizedSample],
                         rank: int, world: int, device: torch.device,
                         lam: float | None = None, budget: DecodeBudget | None = None,
-                        predictions_path: Path | None = None) -> dict[str, Any]:
+                        predictions_path: Path | None = None,
+                        train_golds: list[str] | None = None) -> dict[str, Any]:
     """Teacher-forced diagnostics and the lambda sweep on validation, lambda 0 ("Copilot off")
     included; test decoded once, with the Pilot alone and at the chosen lambda (or at `lam`
     when given: no sweep; 0 switches the Copilot off); truncation at the budget per split; one
@@ -247,7 +248,10 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
 
     `pilot`/`copilot` are DeepSpeed engines or plain modules. `budget`: the resolved
     `eval.max_new_tokens` (None: resolved here from `val_samples`). `predictions_path`: where
-    rank 0 writes predictions.jsonl for the test split (every rank's shard; tcp.predictions).
+    rank 0 writes predictions.jsonl for the test split (every rank's shard; tcp.predictions);
+    with it, "paired" holds the paired test of Pilot vs Pilot+Copilot on test (else None).
+    `train_golds`: the training answers, which with validation's decide `eval.answer_format=auto`
+    (recorded, with why, in "answer_format"); test answers never do.
     """
     ev = cfg.eval
     if lam is not None and lam < 0:
@@ -262,9 +266,12 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
                                       lambdas=ev.lambdas, fusion=ev.fusion,
                                       batch_size=ev.batch_size, rank=rank, world=world,
                                       device=device, chunk_mib=cfg.kernels.chunk_mib)
-    # 'auto' is resolved once, on both splits' golds, so validation and test score alike.
-    fmt = AnswerScorer.for_golds(ev.answer_format,
-                                 [r["answer"] for r in val_records + test_records]).format
+    # 'auto' is decided once, on train (`train_golds`) and validation golds, never test's: test is
+    # read only after lambda is fixed (tests/unit/test_no_leaks.py); both splits score alike.
+    fmt_decision = decide_format(ev.answer_format,
+                                 [*(train_golds or []), *(r["answer"] for r in val_records)],
+                                 source="train+validation" if train_golds else "validation")
+    fmt = fmt_decision.format
     common = dict(opts=decode_options(cfg, max_new_tokens=budget.tokens),
                   batch_size=ev.batch_size, rank=rank, world=world, device=device,
                   answer_format=fmt)
@@ -279,8 +286,10 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
                            lambdas=[0.0, lam] if lam > 0 else [0.0],
                            predictions_split="test" if predictions_path else None, **common)
     c = len(test.lambdas) - 1  # Pilot+Copilot's row: the Pilot's when the Copilot is off
+    paired = None  # every rank's rows, so it matches the summed accuracies above
     if predictions_path is not None:
-        rows = gather_rows(test.rows, world)
+        rows = pair_rows(gather_rows(test.rows, world), lam)
+        paired = paired_summary(rows, lam)
         if rank == 0:
             write_predictions(predictions_path, rows)
     # With the Copilot off, trace what the best lambda > 0 would have changed.
@@ -318,9 +327,11 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
         "fusion": ev.fusion,
         "decoding": {"strategy": ev.strategy, "answer_format": test.answer_format,
                      "max_new_tokens": budget.tokens, "budget": budget.to_dict()},
+        "answer_format": fmt_decision.to_dict(),
         "truncation": truncation_summary({"validation": val, "test": test}, ev,
                                          budget=budget.tokens, lam=lam),
         "predictions": str(predictions_path) if predictions_path else None,
+        "paired": paired,
         "rectification": rect.to_dict() | {"validation_index": ex},
     }
 

@@ -2,17 +2,28 @@
 
 Two distributions share one generator:
 - the **task** (what the Pilot is fine-tuned and evaluated on): word problems in the `TASK`
-  templates, with train/validation/test splits drawn from disjoint seeds;
+  templates, with train/validation/test splits that share no prompt (`generate`);
 - the **base corpus** (what the base model of the default regime is pre-trained on): plain
   equations for every operation plus word problems in *other* phrasings (`BASE` templates), so
   the base model knows arithmetic and English-ish text but not the task's exact wording.
 
-Everything is a pure function of (seed, split, index): the same seed gives the same problems on
-every rank and every machine.
+Everything is a pure function of (seed, split, size): the same seed gives the same problems on
+every rank and every machine, and a split's first n problems do not depend on its size.
+
+**No leaks.** Independent draws repeat prompts: with the default sizes and seed 0, 72 of 800 test
+and 39 of 400 validation prompts also occurred verbatim in training, and ~1000 training prompts
+twice. So every task prompt has one owner split (`owner`: a keyed hash, 10% test, 10% validation,
+80% train), a split keeps only prompts it owns, and never one twice: train, validation and test
+are disjoint by prompt whatever their sizes. The difficulty mix is kept: problem i of a split has
+the operation it always had (drawn first, from the same stream), and a rejected draw is replaced
+by another draw *of that operation*; the hash ignores what a prompt says, so each operation's
+operands keep their distribution. A split larger than its share of an operation's distinct
+prompts cannot be deduplicated: `generate` raises instead of repeating (`max_distinct`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +31,12 @@ from dataclasses import dataclass
 NAMES = ["Ann", "Bob", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jo", "Kim", "Lea"]
 ITEMS = ["apple", "coin", "book", "card", "pen", "shell", "stamp", "egg", "rock", "cup"]
 SPLIT_OFFSET = {"train": 0, "validation": 1_000_003, "test": 2_000_003, "base": 3_000_017}
+OWNER_SHARE = {"test": 0.1, "validation": 0.1, "train": 0.8}
+"""The share of all task prompts each split owns (`owner`); the rest of a split's draws are
+rejected. Evaluation splits get more than their size share so they can grow (up to
+`max_distinct`)."""
+MAX_DRAWS = 10_000
+"""Draws tried for one problem before `generate` gives up (the split's share is exhausted)."""
 
 
 @dataclass(frozen=True)
@@ -81,12 +98,16 @@ SYMBOL = {"add": "{0}+{1}", "sub": "{0}-{1}", "mul": "{0}*{1}", "div": "{0}/{1}"
 OPS = list(TASK)
 
 
-def make_problem(seed: int, split: str, index: int) -> Problem:
-    """Problem `index` of `split` ('train' | 'validation' | 'test' | 'base') for `seed`."""
+def make_problem(seed: int, split: str, index: int, draw: int = 0) -> Problem:
+    """Draw `draw` of problem `index` of `split` ('train' | 'validation' | 'test' | 'base') for
+    `seed`. Every draw of an index has the same operation; draw 0 is the problem before splits
+    were deduplicated, later draws replace it when it is rejected (`generate`)."""
     if split not in SPLIT_OFFSET:
         raise ValueError(f"split must be one of {sorted(SPLIT_OFFSET)}, got {split!r}")
     rng = random.Random(f"{seed}/{SPLIT_OFFSET[split] + index}")
     op = rng.choice(OPS)
+    if draw:
+        rng = random.Random(f"{seed}/{SPLIT_OFFSET[split] + index}/{draw}")
     xs = _operands(rng, op)
     answer = str(_result(op, xs))
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
@@ -97,10 +118,67 @@ def make_problem(seed: int, split: str, index: int) -> Problem:
     return Problem(prompt=f"Q: {TASK[op](name, item, xs)}\nA: ", answer=answer, op=op)
 
 
+def owner(seed: int, prompt: str) -> str:
+    """The task split ('train' | 'validation' | 'test') that may use `prompt` under `seed`.
+
+    A keyed hash (stable across processes, unlike `hash`) of the prompt alone: which split a
+    prompt lands in says nothing about its operation or operands, so owning a share of the
+    prompts does not change a split's distribution.
+    """
+    digest = hashlib.blake2b(f"{seed}\n{prompt}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2**64
+    for split, share in OWNER_SHARE.items():
+        if u < share:
+            return split
+        u -= share
+    return "train"  # float rounding at the top end
+
+
+def distinct_prompts(op: str) -> int:
+    """How many different task prompts operation `op` can produce (names x items x operands)."""
+    operands = {"add": 98 * 98, "sub": sum(range(10, 100)), "mul": 8 * 28, "div": 8 * 11,
+                "two_step": sum(a + b for a in range(2, 61) for b in range(2, 41))}[op]
+    return operands * len(NAMES) * len(ITEMS)
+
+
+def max_distinct(split: str) -> int:
+    """About the largest `split` whose prompts can all differ: its operations are equally likely,
+    so the operation with the fewest prompts it owns (div) runs out first."""
+    return min(int(distinct_prompts(op) * OWNER_SHARE[split]) for op in OPS) * len(OPS)
+
+
 def generate(seed: int, split: str, size: int) -> list[dict[str, str]]:
-    """`size` problems of `split` as records {'prompt', 'answer', 'op'}."""
+    """`size` problems of `split` as records {'prompt', 'answer', 'op'}.
+
+    Task splits are disjoint by prompt and free of repeats (module docstring); 'base' (the base
+    model's corpus, other phrasings) is drawn as is. Raises ValueError when `split` cannot hold
+    `size` distinct prompts.
+    """
+    if split == "base":
+        return [_record(make_problem(seed, split, i)) for i in range(size)]
+    seen: set[str] = set()
     out = []
     for i in range(size):
-        p = make_problem(seed, split, i)
-        out.append({"prompt": p.prompt, "answer": p.answer, "op": p.op})
+        p = _distinct_problem(seed, split, i, seen)
+        seen.add(p.prompt)
+        out.append(_record(p))
     return out
+
+
+def _distinct_problem(seed: int, split: str, index: int, seen: set[str]) -> Problem:
+    """The first draw of problem `index` that `split` owns and has not used yet."""
+    for draw in range(MAX_DRAWS):
+        p = make_problem(seed, split, index, draw)
+        if p.prompt not in seen and owner(seed, p.prompt) == split:
+            return p
+    key = {"train": "train_size", "validation": "val_size", "test": "test_size"}[split]
+    raise ValueError(
+        f"the arithmetic task cannot give {split} problem {index} (seed {seed}) a prompt no other "
+        f"split and no earlier {split} problem has: its {p.op} problems have "
+        f"{distinct_prompts(p.op)} distinct prompts, {OWNER_SHARE[split]:.0%} of them reserved "
+        f"for {split}, so at most about {max_distinct(split)} {split} problems can differ; "
+        f"lower data.{key}")
+
+
+def _record(p: Problem) -> dict[str, str]:
+    return {"prompt": p.prompt, "answer": p.answer, "op": p.op}

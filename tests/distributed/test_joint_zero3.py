@@ -49,13 +49,16 @@ def test_two_rank_zero3_joint_run(tmp_path):
     assert f"eval.max_new_tokens=auto -> {budget}" in proc.stdout
     assert "generations cut at the budget" in proc.stdout
     assert 0 <= res["truncation"]["test"]["share"] <= 1
-    # predictions.jsonl: every rank's shard, each test example once per λ decoded
+    # predictions.jsonl: every rank's shard, one line per test example with both decodes; the
+    # paired test counts all of them, as the accuracies do
     preds = [json.loads(x) for x in (tmp_path / "run/predictions.jsonl").read_text().splitlines()]
-    lams = {0.0, res["pilot+copilot"]["lambda"]}
-    assert sorted((r["index"], r["lambda"]) for r in preds) == sorted(
-        (i, lv) for i in range(32) for lv in lams)
-    assert sum(r["correct"] for r in preds if r["lambda"] == 0) == round(
-        res["pilot"]["accuracy"] * 32)
+    assert [r["index"] for r in preds] == list(range(32))
+    assert {r["pilot+copilot"]["lambda"] for r in preds} == {res["pilot+copilot"]["lambda"]}
+    paired = res["paired"]
+    for key, name in (("pilot", "pilot_correct"), ("pilot+copilot", "copilot_correct")):
+        assert sum(r[key]["correct"] for r in preds) == paired[name] == round(
+            res[key]["accuracy"] * 32), key
+    assert paired["n"] == 32 and "paired test" in proc.stdout
     run = tmp_path / "run"
     for rel in ("config.yaml", "deepspeed.json", "tokenizer/tokenizer.json",
                 "final/pilot/config.json", "final/copilot.pt", "plots/training.png",

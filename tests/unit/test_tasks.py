@@ -4,7 +4,15 @@ from fractions import Fraction
 
 import pytest
 
-from tcp.tasks import AnswerScorer, infer_format, parse_choice, parse_numeric, parse_yesno
+from tcp.tasks import (
+    AnswerScorer,
+    decide_format,
+    infer_format,
+    looks_like,
+    parse_choice,
+    parse_numeric,
+    parse_yesno,
+)
 
 
 @pytest.mark.parametrize("text,want", [
@@ -53,13 +61,46 @@ def test_scorer_compares_canonical_answers():
         AnswerScorer("numbers")
 
 
-def test_infer_format_needs_every_gold():
-    assert infer_format(["1", "20", "-3"]) == "numeric"
+def test_infer_format_picks_the_shape_of_the_golds():
+    assert infer_format(["1", "20", "-3"]) == "numeric"  # digits read as options too: numeric
     assert infer_format(["Q #### 18", "#### 7"]) == "numeric"
     assert infer_format(["yes", "No"]) == "yesno"
     assert infer_format(["answer1", "answer3"]) == "choice"
     assert infer_format(["B", "(C)"]) == "choice"
     assert infer_format(["Paris", "Rome"]) == "exact"
     assert infer_format(["12", "twelve"]) == "exact"
+    assert infer_format([]) == infer_format(["  "]) == "exact"
     assert AnswerScorer.for_golds("auto", ["answer2"]).format == "choice"
     assert AnswerScorer.for_golds("exact", ["42"]).format == "exact"
+
+
+@pytest.mark.parametrize("gold", [
+    "answer2", "answer2.", "Answer 2", "the correct answer is answer2", "option 3", "Option 3.",
+    "(B)", "The answer is (B).", "answer: C", "C", "choice 4",
+])
+def test_paper_multiple_choice_golds_are_choices(gold):
+    """The paper's answerN (alone or in a sentence), option N and (B): once 'exact' for some."""
+    assert looks_like("choice", gold) and infer_format([gold, "answer1"]) == "choice"
+    assert AnswerScorer("choice").correct(f"option {parse_choice(gold)}", gold)
+
+
+@pytest.mark.parametrize("gold", ["A dog", "answer 2 is wrong, it is 3", "the answer is a dog",
+                                  "Paris"])
+def test_sentences_that_merely_mention_options_are_not_choices(gold):
+    assert not looks_like("choice", gold)
+
+
+def test_auto_needs_95_percent_and_says_why():
+    mc = [f"answer{i % 4 + 1}" for i in range(1164)] + ["none of the above"] * 36
+    d = decide_format("auto", mc)
+    assert d.to_dict() == {"format": "choice", "why": (
+        "auto: 97% of 1200 train+validation golds look like a choice (answerN, option N, (B)); "
+        "36 hold no choice answer and can never be scored correct")}
+    # 94.7% is below the bar, and never reads as 95%
+    d = decide_format("auto", ["42"] * 18 + ["n/a"], source="validation")
+    assert d.format == "exact" and d.why == (
+        "auto: no format fits 95% of the 19 validation golds (a number 94%, yes/no 0%, "
+        "a choice (answerN, option N, (B)) 94%); exact match")
+    assert decide_format("auto", ["42"] * 19 + ["n/a"]).format == "numeric"  # exactly 95%
+    assert decide_format("numeric", ["Paris"]).to_dict() == {
+        "format": "numeric", "why": "set by eval.answer_format"}
