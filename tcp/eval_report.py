@@ -111,6 +111,10 @@ def format_table(results: dict[str, Any]) -> str:
         f"median max|f| {v['generation']['max_abs_f_median']:.4f}, "
         f"median Pilot top-1/top-2 margin {v['generation']['pilot_margin_median']:.4f}",
     ]
+    last = (results.get("history") or [{}])[-1]
+    if "residual_mass" in last:  # training, last logging interval
+        lines.append(f"residual mass (Pilot probability outside the logged top-k, training): "
+                     f"{last['residual_mass']:.4f}")
     if results.get("predictions"):
         lines.append(f"per-example predictions: {results['predictions']}")
     return "\n".join(lines)

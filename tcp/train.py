@@ -44,6 +44,9 @@ class StepMetrics:
     copilot_loss: float | None = None
     zero_rmse: float | None = None
     tokens: int = 0
+    residual: float = 0.0
+    """Mean residual mass of this step's Mistake Log entries: the Pilot's probability outside
+    the stored top-k, which the Copilot's sparse error input does not see."""
 
 
 @dataclass
@@ -137,7 +140,9 @@ class Trainer:
         self.pilot.backward(out.loss)
         self.pilot.step()
         m = StepMetrics(pilot_loss=float(out.loss.detach()),
-                        tokens=int(batch["attention_mask"].sum()))
+                        tokens=int(batch["attention_mask"].sum()),
+                        residual=float(entries.residual.float().mean())
+                        if entries.residual.numel() else 0.0)
         if self.step >= self.cfg.train.copilot_start_step:
             m.copilot_loss, m.zero_rmse = self.copilot_step(entries)
         return m
@@ -172,11 +177,13 @@ class Trainer:
             sum(m.copilot_loss for m in cop) / max(len(cop), 1),  # type: ignore[misc]
             sum(m.zero_rmse for m in cop) / max(len(cop), 1),  # type: ignore[misc]
             float(sum(m.tokens for m in window)),
+            sum(m.residual for m in window) / len(window),
         ], dtype=torch.float64, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(vals)
-        pl, cl, zr, tok = vals.tolist()
+        pl, cl, zr, tok, res = vals.tolist()
         row = {"step": float(self.step), "pilot_loss": pl / self.world,
+               "residual_mass": res / self.world,
                "tokens_per_s": tok / max(seconds, 1e-9),
                "lr_pilot": float(self.pilot.get_lr()[0]),
                "lr_copilot": float(self.copilot.get_lr()[0])}

@@ -96,6 +96,7 @@ def check_mistake_log(run: Path, res: dict, *, steps: int, micro_batch_size: int
     rep = verify(run / "mistake_log")
     assert rep.ok, rep.summary()
     assert [r.rank for r in rep.ranks] == [0, 1]
+    residual: dict[int, dict[int, float]] = {}
     train = res["data"]["train"]
     assert train["kept"] == train["total"]  # so sample ids are dataset indices
     for rank in (0, 1):
@@ -111,6 +112,14 @@ def check_mistake_log(run: Path, res: dict, *, steps: int, micro_batch_size: int
         assert got.sample_id.tolist() == want_ids
         assert (got.rank == rank).all() and (got.loss > 0).all()
         assert (got.topk_probs.sum(-1) + got.residual - 1).abs().max() < 1e-4
+        residual[rank] = residual_by_step(got)
+    # The residual mass reported per logging interval is the mean over ranks and the
+    # interval's steps of each step's mean over its logged tokens.
+    every = res["history"][1]["step"] - res["history"][0]["step"]
+    for row in res["history"]:
+        window = range(int(row["step"] - every), int(row["step"]))
+        want = sum(residual[r][s] for r in (0, 1) for s in window) / (2 * len(window))
+        assert abs(row["residual_mass"] - want) < 1e-4, (row["step"], row["residual_mass"], want)
     for r in res["mistake_log"]["ranks"]:
         assert r["committed_entries"] == steps * micro_batch_size and r["dropped_entries"] == 0
 
@@ -180,3 +189,10 @@ def test_t5_pilot_trains_and_decodes_under_zero3(tmp_path):
 
     assert eval_main([str(run), "--lambda", "1.0", "--limit", "8"]) == 0
     assert json.loads((run / "eval/eval.json").read_text())["test_size"] == 8
+
+
+def residual_by_step(batch) -> dict[int, float]:
+    """Each step's mean residual mass over its logged target tokens."""
+    tok_step = batch.step.repeat_interleave(batch.y_offsets.diff())
+    return {int(s): float(batch.residual[tok_step == s].float().mean())
+            for s in tok_step.unique()}
