@@ -504,8 +504,10 @@ class EvalConfig:
     """Evaluate at the end of training."""
     answer_format: Literal["auto", "numeric", "choice", "yesno", "exact"] = "auto"
     """How answers are scored (tcp.tasks): 'numeric' (last number; GSM8K/SVAMP/MAWPS),
-    'choice' ("answer2", "option 2", "(B)"), 'yesno' (BoolQ), 'exact' (normalised text);
-    'auto' picks the most specific format every gold answer of the split parses in."""
+    'choice' ("answer2", "option 2", "(B)", "... is answer2"), 'yesno' (BoolQ), 'exact';
+    'auto' decides from the training and validation golds only (never test): the format at
+    least 95% of them parse in (numeric, then yes/no, then choice), else 'exact'; the decision
+    and why go to results.json["answer_format"]."""
     strategy: Literal["greedy", "sample", "beam"] = "greedy"
     """Decoding on the fused distribution: argmax, sampling, or beam search."""
     num_beams: int = 4
