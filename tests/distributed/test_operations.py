@@ -42,11 +42,11 @@ def snapshot(run: Path) -> dict[str, str]:
 
 def test_a_second_run_on_a_live_folder_is_refused_and_the_first_finishes(tmp_path):
     run = tmp_path / "run"
-    first = launch(run, *TINY, "train.steps=120", NO_MLFLOW, popen=True,  # ~50 s of steps
+    first = launch(run, *TINY, "train.steps=80", NO_MLFLOW, popen=True,  # ~35 s of steps
                    port=29410)
     try:
-        wait_for(lambda: (run / "checkpoints/step_00000004/manifest.json").exists(),
-                 timeout=300, what="the first run's first checkpoint", proc=first)
+        wait_for(lambda: (run / "mistake_log/rank00001").exists(), timeout=300,
+                 what="the first run's Mistake Log", proc=first)
         second = launch(run, *LONG, NO_MLFLOW, check=False, port=29400)
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
         err = second.stderr.strip().splitlines()[-1]
