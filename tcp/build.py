@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from tcp.models.pilot import (
     load_pretrained,
     use_fused_head,
 )
+from tcp.quiet import hf_progress_off
 from tcp.run_folder import agree, log_root
 from tcp.run_lock import LOCK_NAME
 
@@ -65,7 +67,8 @@ def build_pilot(cfg: RunConfig, tokenizer: Any, base: Path | None, world: int) -
     elif base is not None and cfg.model.init_from_base:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(base)
+        with hf_progress_off():  # a local folder tcp wrote: no "Loading weights" bar per rank
+            model = AutoModelForCausalLM.from_pretrained(base)
     else:
         model = build_model(cfg.model.arch, vocab_size=len(tokenizer),
                             pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id,
@@ -102,7 +105,9 @@ def build_copilot(cfg: RunConfig, *, vocab: int, d_pilot: int, base: Path | None
         try:  # a T5 loads with its decoder (seq2seq), every other source as a causal LM
             seq2seq = AutoConfig.from_pretrained(src).is_encoder_decoder
             auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-            source = auto.from_pretrained(src)
+            # A local folder loads without a progress bar per rank; a download keeps its bars.
+            with hf_progress_off() if Path(src).is_dir() else contextlib.nullcontext():
+                source = auto.from_pretrained(src)
         except OSError as e:
             raise RuntimeError(f"copilot.init_from={str(src)!r} could not be loaded (not a "
                                "local model folder, or offline); point it at a local copy or "

@@ -91,10 +91,12 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(dry_run(cfg, world_size=args.world_size, device_gib=args.device_memory_gib))
         return 0
+    from tcp import quiet
     from tcp.errors import RunError
     from tcp.preemption import StopSignal
     from tcp.run import run
 
+    quiet.install()  # expected, harmless third-party messages off the console (tcp/quiet.py)
     try:
         results = run(cfg)
     except RunError as e:  # a resume that does not fit, a folder in use, a full disk, ...

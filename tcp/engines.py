@@ -24,12 +24,16 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]
     """
     from datetime import timedelta
 
-    import deepspeed
+    from tcp.quiet import deepspeed_init
 
     cuda = torch.cuda.is_available()
     if not cuda:
+        # Before DeepSpeed is imported: it picks its accelerator on import, and without this
+        # warns on every rank that it fell back to the CPU ("Setting accelerator to CPU").
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(int(os.environ.get("TCP_THREADS_PER_RANK", "1")))
+    import deepspeed
+
     if not dist.is_initialized():
         for k, v in slurm_env(os.environ).items():  # `srun` one task per rank
             os.environ.setdefault(k, v)
@@ -38,9 +42,10 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]
             for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                          ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
                 os.environ.setdefault(k, v)
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
-                                   auto_mpi_discovery=launched,
-                                   timeout=timedelta(seconds=timeout_s))
+        with deepspeed_init():  # without its "<op> built successfully" line on every rank
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
+                                       auto_mpi_discovery=launched,
+                                       timeout=timedelta(seconds=timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     if not cuda and world > 1:
         release_shm_name(rank)
@@ -94,10 +99,13 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any]) -> Any:
     """`deepspeed.initialize` with the optimizer and scheduler described in `ds_config`."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-    )
+    from tcp.quiet import engine_build
+
+    with engine_build():  # its schedulers warn about their own construction (tcp.quiet)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config,
+        )
     return engine
 
 
@@ -152,10 +160,13 @@ def save_hf(module: nn.Module, path: Path) -> None:
 
     if is_peft(module):  # its save_pretrained would write the adapter alone as "the model"
         raise TypeError(f"{path}: a LoRA (peft) model is saved with save_hf_lora")
+    from tcp.quiet import hf_progress_off
+
     sd = gathered_state_dict(module)
     if sd is not None:
         tmp = _tmp_dir(path)
-        module.save_pretrained(tmp, state_dict=sd)
+        with hf_progress_off():
+            module.save_pretrained(tmp, state_dict=sd)
         _publish(tmp, path)
     if dist.is_initialized():
         dist.barrier()
@@ -170,16 +181,19 @@ def save_hf_lora(module: nn.Module, path: Path, adapter_path: Path) -> None:
     are written to temporary folders first and renamed only when both are complete.
     """
     from tcp.models.lora import adapter_state_dict, merge_state_dict
+    from tcp.quiet import hf_progress_off
 
     sd = gathered_state_dict(module)
     if sd is not None:
         adapter = adapter_state_dict(module, sd)
         tmp_adapter = _tmp_dir(adapter_path)
-        module.save_pretrained(tmp_adapter, state_dict=adapter)
+        with hf_progress_off():
+            module.save_pretrained(tmp_adapter, state_dict=adapter)
         merged = merge_state_dict(module, sd)
         del sd
         tmp = _tmp_dir(path)
-        module.get_base_model().save_pretrained(tmp, state_dict=merged)
+        with hf_progress_off():
+            module.get_base_model().save_pretrained(tmp, state_dict=merged)
         _publish(tmp, path)
         _publish(tmp_adapter, adapter_path)
     if dist.is_initialized():

@@ -218,6 +218,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     from tcp.train import write_json
 
     args = parse_args(argv)
+    from tcp import quiet
+
+    quiet.install()  # the same expected third-party noise as the trainer's (tcp/quiet.py)
     if args.lam is not None and args.lam < 0:
         print(f"error: --lambda must be >= 0 (got {args.lam}); 0 scores the Pilot alone",
               file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -117,3 +118,31 @@ def launch(run_dir: Path, *overrides: str, env: dict[str, str] | None = None,
     if check:
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
+
+
+# The `deepspeed` runner's own log lines (it runs before any tcp code, so tcp cannot quiet them;
+# README "Quick start" explains each): its runner.py and launch.py, and the accelerator line of
+# those two processes.
+_RUNNER_LINE = re.compile(r"^\[[\d\- :,]+\] \[(INFO|WARNING)\] \[(runner|launch)\.py:\d+:\w+\] ")
+_ACCELERATOR_LINE = re.compile(r"^\[[\d\- :,]+\] \[WARNING\] \[real_accelerator\.py:\d+:\w+\] "
+                               r"Setting accelerator to CPU\.")
+_THIRD_PARTY = (
+    re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[[A-Z]+\] "),  # DeepSpeed's log format
+    re.compile(r"^\S+:\d+: \w*Warning: "),  # a Python warning
+    re.compile(r"^\[transformers\]"),  # transformers' logging
+    re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d [A-Z]+ "),  # MLflow's logging
+    re.compile(r"\d+(\.\d+)?(it/s|s/it)\]"),  # a tqdm bar (tcp's own bars are lines off a tty)
+    re.compile(r"^DeepSpeed \S+ built successfully"),
+)
+
+
+def unexplained_console_lines(console: str) -> list[str]:
+    """Lines of a main job's console (stdout + stderr) that are third-party output the README
+    does not explain: anything in a third-party format except the runner's own lines, and
+    "Setting accelerator to CPU" more than twice (the ranks' would be extra)."""
+    lines = console.splitlines()
+    own = f"{ROOT / 'tcp'}{os.sep}"  # tcp's own Python warnings are real: not counted here
+    bad = [x for x in lines if not _RUNNER_LINE.match(x) and not _ACCELERATOR_LINE.match(x)
+           and not x.startswith(own) and any(p.search(x) for p in _THIRD_PARTY)]
+    accel = [x for x in lines if _ACCELERATOR_LINE.match(x)]
+    return bad + (accel if len(accel) > 2 else [])

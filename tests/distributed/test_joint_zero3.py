@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import launch as _launch
+from tests.helpers import unexplained_console_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -42,6 +43,9 @@ def test_two_rank_zero3_joint_run(tmp_path):
     # the table is printed with the budget used and the truncated share, and the run directory
     # holds what the README promises
     assert "Pilot+Copilot" in proc.stdout
+    # every phase ran (base model trained and saved, engines, a new MLflow database, decoding,
+    # final save): no third-party line beyond the runner's, which the README explains
+    assert unexplained_console_lines(proc.stdout + proc.stderr) == []
     budget = res["decoding"]["max_new_tokens"]
     b = res["decoding"]["budget"]
     assert b["requested"] == "auto" and b["splits"] == ["train", "validation"]
