@@ -47,10 +47,9 @@ from tcp.checkpoint_writes import (
     GiB,
     WriteFailure,
     WriteGuard,
-    agree_on,
-    distributed,
     writes_guarded,
 )
+from tcp.collective import agree_on, distributed
 from tcp.config import CheckpointConfig
 from tcp.errors import RunError
 from tcp.faults import fault_point

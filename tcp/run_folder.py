@@ -14,13 +14,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from tcp.collective import distributed
 from tcp.config import RunConfig
 from tcp.errors import RunError
 from tcp.run_lock import LOCK_NAME, LockError, RunLock, read_owner
-
-
-def _distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def agree(error: BaseException | None) -> None:
@@ -34,7 +31,7 @@ def agree(error: BaseException | None) -> None:
             f"{type(error).__name__}: {error}"
         mine = (kind, " ".join(text.split()))
     every = [mine]
-    if _distributed():
+    if distributed():
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, mine)
     for rank, got in enumerate(every):
@@ -87,7 +84,7 @@ def claim_folders(cfg: RunConfig, *, rank: int) -> RunFolders:
     # Every rank must see the locks rank 0 just wrote: checkpoints and the log need folders
     # that all nodes share.
     want = [[lock.owner.started if lock.owner else None for lock in held.locks]]
-    if _distributed():
+    if distributed():
         dist.broadcast_object_list(want, src=0)
     error = None
     for folder, started in zip(folders, want[0], strict=True):

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from tcp.checkpoint_writes import distributed, one_line
+from tcp.checkpoint_writes import one_line
+from tcp.collective import distributed
 from tcp.errors import RunError
 from tcp.mistake_log.store import fsync_path
 
