@@ -92,6 +92,7 @@ def train_main(argv: list[str] | None = None) -> int:
         print(dry_run(cfg, world_size=args.world_size, device_gib=args.device_memory_gib))
         return 0
     from tcp import quiet
+    from tcp.collective import shutdown
     from tcp.errors import RunError
     from tcp.preemption import StopSignal
     from tcp.run import run
@@ -101,7 +102,9 @@ def train_main(argv: list[str] | None = None) -> int:
         results = run(cfg)
     except RunError as e:  # a resume that does not fit, a folder in use, a full disk, ...
         print(f"{e.kind} error: {e}", file=sys.stderr)
+        shutdown()  # every rank raised it alike (tcp.collective.agree_on, run_folder.agree)
         return 2
+    shutdown()
     if results.get("stopped_by"):
         return StopSignal.exit_code(results["stopped_by"])
     return 0

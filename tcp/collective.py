@@ -47,3 +47,14 @@ def agree_on(mine: E | None) -> E | None:
     if len(failed) > 1:
         text += f" (rank{'s' * (len(failed) > 2)} {', '.join(map(str, failed[1:]))} failed too)"
     return cls(text)
+
+
+def shutdown() -> None:
+    """Destroy the process group before the process exits. Without it, gloo's worker threads
+    outlive the interpreter's teardown and the process can die of SIGABRT ("terminate called
+    without an active exception", exit 134 or the launcher's 250) after a clean finish or a
+    one-line error. Call it where every rank ends the same way (a result, an agreed error),
+    not after an unexpected exception: under NCCL, destroying while a peer still waits in a
+    collective can hang. A no-op when no group exists."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
