@@ -18,6 +18,7 @@ finished (one all-reduce a step), and callers pad their shards to the same numbe
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -153,6 +154,24 @@ class _NoCapture:
     pooled = None
 
 
+def cache_keyword(pilot: torch.nn.Module) -> str:
+    """The keyword the Pilot's HF `forward` takes its KV cache by: `cache` in the transformers
+    releases that renamed it (the old `past_key_values` still works there, with a deprecation
+    warning), `past_key_values` before. Looked up on the HF model itself, under any DeepSpeed
+    engine or peft wrapper (whose own `forward` takes **kwargs)."""
+    model = getattr(pilot, "module", pilot)
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    return "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
+
+
+def _returned_cache(out: Any) -> Any:
+    """The KV cache an HF forward returned, under either name."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
 class FusedState:
     """Both models' decoding state for R rows: caches, positions, the Copilot's previous f.
 
@@ -167,6 +186,9 @@ class FusedState:
         self.pilot, self.tap, self.copilot, self.device = pilot, tap, copilot, device
         self.d = tap.embed.embedding_dim
         self.past: Any = None
+        self.cache_kw = cache_keyword(pilot)
+        """The Pilot's forward keyword for its KV cache (`cache`, or `past_key_values` before
+        transformers renamed it)."""
         self.pos: torch.Tensor | None = None
         """(R,) rotary position of the Copilot's current query (= the Pilot position that
         produced the current z in decoder-only Pilots)."""
@@ -248,7 +270,7 @@ class DecoderOnlyFusedState(FusedState):
                 logits_at(self.pilot, last) as last_only:  # (R, V), not (R, P, V)
             out = self.pilot(input_ids=ids, attention_mask=mask, position_ids=pos,
                              use_cache=True)
-        self.past, self.mask, self.pos = out.past_key_values, mask, pos[:, -1]
+        self.past, self.mask, self.pos = _returned_cache(out), mask, pos[:, -1]
         z = out.logits if last_only else out.logits[:, -1]
         return self._start_copilot(z.float(), cap, valid, pos)
 
@@ -260,9 +282,9 @@ class DecoderOnlyFusedState(FusedState):
         self.pos = self.pos + 1
         with self._capture_step(R) as cap:
             out = self.pilot(input_ids=tokens[:, None], attention_mask=self.mask,
-                             position_ids=self.pos[:, None], past_key_values=self.past,
-                             use_cache=True)
-        self.past = out.past_key_values
+                             position_ids=self.pos[:, None], use_cache=True,
+                             **{self.cache_kw: self.past})
+        self.past = _returned_cache(out)
         return out.logits[:, -1].float(), self._copilot_step(cap.pooled)
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -291,7 +313,7 @@ class Seq2SeqFusedState(FusedState):
                               hidden_size=self.d, device=dev) as cap:
             out = self.pilot(input_ids=ids, attention_mask=mask, decoder_input_ids=dec,
                              use_cache=True)
-        self.past, self.enc_out, self.enc_mask = (out.past_key_values,
+        self.past, self.enc_out, self.enc_mask = (_returned_cache(out),
                                                   out.encoder_last_hidden_state, mask)
         self.pos = mask.sum(-1) - 1  # the Copilot's query positions follow the training layout
         x_pos = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -305,8 +327,8 @@ class Seq2SeqFusedState(FusedState):
         with self._capture_step(tokens.shape[0]) as cap:
             out = self.pilot(encoder_outputs=BaseModelOutput(last_hidden_state=self.enc_out),
                              attention_mask=self.enc_mask, decoder_input_ids=tokens[:, None],
-                             past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+                             use_cache=True, **{self.cache_kw: self.past})
+        self.past = _returned_cache(out)
         return out.logits[:, -1].float(), self._copilot_step(cap.pooled)
 
     def reorder(self, index: torch.Tensor) -> None:

@@ -18,12 +18,6 @@ What is silenced, and why it is harmless:
 - DeepSpeed's print "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully"
   (once per rank while `deepspeed.init_distributed` loads its CPU all-reduce op): dropped from
   what `deepspeed_init` captured; everything else it printed is passed through.
-- transformers "`past_key_values`/`cache_params` are deprecated. Use `cache` instead." and the
-  FutureWarning "`past_key_values` is deprecated and will be removed in version X for
-  `...forward`": tcp's decoding (tcp/generate.py) passes the old keyword name, which works in
-  every transformers tcp supports (>= 4.46, where `cache` does not exist yet). For tcp's
-  developers this stays visible in the test suite (these filters are installed by the entry
-  point, not on import).
 - MLflow "Creating initial MLflow database tables..." / "Updating database tables": a new
   tracking database being created, on a first run.
 - transformers' "Loading weights" / "Writing model shards" progress bars, for tcp's own loads and
@@ -48,10 +42,6 @@ WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     (FutureWarning,
      r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
      r"torch\.distributed\.c10d_logger"),
-    # The frame it is attributed to depends on the call path (nn.Module's _call_impl, a hook).
-    (FutureWarning,
-     r"`past_key_values` is deprecated and will be removed in version [\w.]+ for `\w+\.forward`",
-     ""),
 )
 
 # logger name -> regexes of the records dropped (a filter on that logger: its own records only).
@@ -59,8 +49,6 @@ LOG_RECORDS: dict[str, tuple[str, ...]] = {
     "DeepSpeed": (
         r"^A module has unknown inputs or outputs type \(<class 'tcp\.models\.copilot\."
         r"CopilotCache'>\)",),
-    "transformers.utils.generic": (
-        r"^`past_key_values`/`cache_params` are deprecated\. Use `cache` instead\.$",),
     "mlflow.store.db.utils": (
         r"^Creating initial MLflow database tables\.\.\.$",
         r"^Updating database tables$"),

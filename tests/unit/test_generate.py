@@ -171,3 +171,28 @@ def test_stop_strings_end_rows_and_cut_text():
     assert tok.decode(cut[0][0]).endswith(stop) and len(cut[0][0]) <= 3
     assert cut_at_stop(tok.decode(cut[0][0]), [stop]) == text0[:text0.index(stop)]
     assert cut_at_stop("12\nQ: next", ["\n", "Q:"]) == "12"
+
+
+def test_decoding_passes_the_cache_by_its_current_name():
+    """No deprecated keyword: with transformers' `cache` rename, fused decoding (greedy and
+    beam, Copilot on) raises no `past_key_values` deprecation; under a peft wrapper the keyword
+    is the wrapped HF model's."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from tcp.generate import cache_keyword
+
+    model, tok = tiny_pilot(seed=3)
+    tap = PilotTap(model)
+    cop = tiny_copilot(model.config.vocab_size, model.config.hidden_size, randomize_head=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for beams in (1, 2):
+            _gen(model, tap, cop, sample_prompts(tok), tok, [0.0, 1.0], num_beams=beams,
+                 max_new_tokens=4)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+    with warnings.catch_warnings():  # peft reads HF's deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert cache_keyword(peft) == cache_keyword(model)

@@ -17,15 +17,11 @@ TORCH_DEPRECATIONS = (
     "`torch.distributed.reduce_scatter_tensor` is deprecated. Please use "
     "`torch.distributed.reduce_scatter_single` instead.",
 )
-PKV_WARNING = ("`past_key_values` is deprecated and will be removed in version 5.40.0 for "
-               "`LlamaForCausalLM.forward`. Use `cache` instead.")
 LOG_RECORDS = (
     ("DeepSpeed", "A module has unknown inputs or outputs type (<class "
      "'tcp.models.copilot.CopilotCache'>) and the tensors embedded in it cannot be detected. "
      "The ZeRO-3 hooks designed to trigger before or after backward pass of the module relies "
      "on knowing the input and output tensors and therefore may not get triggered properly."),
-    ("transformers.utils.generic",
-     "`past_key_values`/`cache_params` are deprecated. Use `cache` instead."),
     ("mlflow.store.db.utils", "Creating initial MLflow database tables..."),
     ("mlflow.store.db.utils", "Updating database tables"),
 )
@@ -63,12 +59,6 @@ def test_other_warnings_still_print():
                      "torch.distributed.c10d_logger")) == 1
     assert len(_warn(TORCH_DEPRECATIONS[0], "tcp.engines")) == 1
     assert len(_warn("something else", "torch.nn.modules.module", UserWarning)) == 1
-    assert len(_warn(PKV_WARNING.replace("past_key_values", "use_cache"),
-                     "torch.nn.modules.module")) == 1
-
-
-def test_past_key_values_deprecation_is_silenced():
-    assert _warn(PKV_WARNING, "torch.nn.modules.module") == []
 
 
 def _kept(name: str, msg: str, level: int = logging.WARNING) -> bool:
@@ -88,7 +78,6 @@ def test_other_log_records_pass():
     assert _kept("DeepSpeed", "A module has unknown inputs or outputs type (<class 'Foo'>) and")
     assert _kept("DeepSpeed", "total_num_steps 3 is less than warmup_num_steps 20")
     assert _kept("mlflow.store.db.utils", "Creating initial MLflow database tables... failed")
-    assert _kept("transformers.utils.generic", "`foo` is deprecated. Use `bar` instead.")
 
 
 def test_install_is_idempotent():
