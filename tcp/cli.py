@@ -27,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "engines, then evaluate Pilot vs Pilot+Copilot. Run under the `deepspeed` launcher, e.g. "
         "`deepspeed --num_gpus 2 launcher/train.py --config configs/default.yaml`.",
         epilog="Overrides are dotted keys, e.g. train.steps=200 train.pilot.lr=3e-4 "
-        "eval.lambdas='[0.5,1.0]'. Every key is documented in tcp/config.py and configs/*.yaml. "
+        "eval.lambdas='[0.5,1.0]'. Every key is documented in tcp/config/ (one file per "
+        "section) and configs/*.yaml. "
         "Continue an interrupted run with resume=auto (or resume=<checkpoint folder>). Exit "
         "codes: 0 done; 2 bad config or data (before any model loads), a resume that does not "
         "fit (nothing changed), output_dir "

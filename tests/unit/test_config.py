@@ -151,3 +151,30 @@ def test_epochs_derive_steps_and_the_schedule_counts_optimizer_steps():
                           world_size=2)
     assert ds["scheduler"]["params"]["total_num_steps"] == 19  # 38 micro steps / 2
     assert ds["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+
+
+def test_each_section_lives_in_the_file_the_package_docstring_names():
+    """The table in tcp/config/__init__.py (YAML section -> file -> dataclass) is how a
+    newcomer finds a key: every section of RunConfig has a row, and the row is true."""
+    import dataclasses
+    import re
+    import typing
+
+    import tcp.config
+
+    rows = {m[1]: (m[2], m[3]) for m in re.finditer(
+        r"^ {4}([a-z_.]+) +(tcp/config/[a-z_]+\.py) +([A-Za-z]+)$", tcp.config.__doc__, re.M)}
+
+    def sections(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                yield f"{prefix}{f.name}", tp
+                yield from sections(tp, f"{prefix}{f.name}.")
+
+    found = dict(sections(RunConfig))
+    assert sorted(found) == sorted(rows)
+    for key, cls in found.items():
+        path, name = rows[key]
+        assert (cls.__name__, cls.__module__) == (name, path[:-3].replace("/", ".")), key
+    assert RunConfig.__module__ == "tcp.config.run"
