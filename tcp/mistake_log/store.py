@@ -631,6 +631,9 @@ class RankStoreReader:
         plan: dict[str, tuple[int, np.ndarray]] = {}
         keys: list[tuple[str, int]] = []
         jobs: list[Any] = []
+        # Every chunk this call uses is held here until it returns: the fetches below may evict
+        # a cache hit from the LRU (a cache smaller than one call's chunks is slow, not wrong).
+        held: dict[tuple[str, int], np.ndarray] = {}
         for name, rows in requests.items():
             arr, c = self.arrays[name], int(self.arrays[name].chunks[0])
             which = rows // c
@@ -642,22 +645,20 @@ class RankStoreReader:
                 if cached is None or cached.shape[0] <= need:
                     jobs.append(arr.async_array.getitem(slice(ci * c, min((ci + 1) * c, n))))
                     keys.append((name, ci))
-        fetched = {}
+                else:
+                    held[(name, ci)] = cached
+                    self._cache.move_to_end((name, ci))
         for key, res in zip(keys, zarr_sync(_gather(jobs)), strict=True):
-            fetched[key] = np.asarray(res)
-            self._cache_put(key, fetched[key])
+            held[key] = np.asarray(res)
+            self._cache_put(key, held[key])
         out = {}
         for name, rows in requests.items():
             c, which = plan[name]
             arr = self.arrays[name]
             res = np.empty((rows.size, *arr.shape[1:]), dtype=arr.dtype)
             for ci in np.unique(which).tolist():
-                chunk = fetched.get((name, ci))
-                if chunk is None:  # a hit (this call's own fetches may already be evicted)
-                    chunk = self._cache[(name, ci)]
-                    self._cache.move_to_end((name, ci))
                 sel = which == ci
-                res[sel] = chunk[rows[sel] - ci * c]
+                res[sel] = held[(name, ci)][rows[sel] - ci * c]
             out[name] = res
         return out
 

@@ -71,6 +71,22 @@ def test_exact_round_trip(tmp_path, name, dtype):
     assert verify(tmp_path).ok
 
 
+@pytest.mark.parametrize("cache_chunks", [0.5, 1, 3])
+def test_a_read_cache_smaller_than_one_call_still_reads_right(tmp_path, cache_chunks):
+    """Reads that mix cached chunks with chunks they fetch, through a cache smaller than one
+    call's chunks: the fetches must not evict a hit this call still needs (once a KeyError
+    after ~90 steps of a default run)."""
+    steps = list(range(40))
+    write_steps(tmp_path, steps, commit_every=3)
+    ref = expected(steps)
+    rd = RankStoreReader(tmp_path, 0, cache_mib=cache_chunks * SMALL)
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        idx = rng.choice(rd.num_entries, size=int(rng.integers(1, 12)), replace=False)
+        assert_same(rd.read(idx), ref.select(idx.tolist()))
+    assert rd._cache_bytes <= max(rd.cache_bytes, max(c.nbytes for c in rd._cache.values()))
+
+
 @pytest.mark.parametrize("dtype,keepbits", [("float32", 10), ("float32", 4), ("float16", 7)])
 def test_lossy_states_within_stated_bound(tmp_path, dtype, keepbits):
     cfg = ZarrStoreConfig(chunk_mib=SMALL, lossy_keepbits=keepbits)
