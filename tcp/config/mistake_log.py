@@ -42,10 +42,12 @@ class ZarrStoreConfig:
     on_full: Literal["block", "drop"] = "block"
     """When the writer's queue is full: block the trainer (default), or drop the step's entries
     (counted, warned and reported; breaks exact replay)."""
-    replay_lag_steps: int = 1
-    """The sampler at step t replays steps [t - lag - window, t - lag): a lag of 1 gives the
-    writer a whole step to commit before anyone waits on it. Sampling waits (never guesses) when
-    a needed step is not committed yet."""
+    replay_lag_steps: int = 0
+    """The sampler at step t replays steps [t - lag - window, t - lag). 0 (default) is the
+    method's window [t - window, t): the previous step is eligible, as in the memory backend.
+    A lag of L > 0 leaves out the newest L steps and gives the writer L more steps to commit
+    before anyone waits on it (for a slow filesystem). Sampling waits (never guesses) when a
+    needed step is not committed yet."""
     read_cache_mib: float = 256.0
     """Decoded chunks the sampler keeps (LRU, sealed chunks only): replaying a window then
     re-reads little. Bounds the reader's memory whatever the log's size."""

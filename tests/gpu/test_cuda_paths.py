@@ -65,8 +65,8 @@ def test_teacher_forced_diagnostics_on_cuda_equal_cpu():
 
 @pytest.mark.slow
 def test_joint_run_on_cuda_replays_the_log_and_resumes_exactly(tmp_path: Path):
-    # Replay starts at step 1 (lag 1): every step after the first joins replayed entries read
-    # from the store (host) with the current step's (GPU).
+    # Replay starts at step 1 (window [t - W, t)): every step after the first joins replayed
+    # entries read from the store (host) with the current step's (GPU).
     full = tmp_path / "full"
     launch(full, *SHORT, "checkpoint.every=4", ranks=1, timeout=600)
     res = json.loads((full / "results.json").read_text())

@@ -179,3 +179,24 @@ def test_run_replaces_a_previous_log_and_refuses_other_directories(tmp_path):
     with pytest.raises(RuntimeError, match="is not a tcp Mistake Log"):
         build_mistake_log(bad, tmp_path, rank=0, d_model=16, vocab=100)
     assert (other / "precious.txt").read_text() == "keep me"
+
+
+def test_default_window_offers_the_previous_step(tmp_path):
+    """The method's window [t - W, t): with the default configuration step t - 1's entries are
+    eligible at step t (once a lag of one step left them out)."""
+    from tcp.config import load_config
+
+    ml = load_config(None).mistake_log
+    log = ZarrMistakeLog(tmp_path, rank=0, schema=Schema(16, 3, "float32"),
+                         cfg=ZarrStoreConfig(chunk_mib=SMALL,
+                                             replay_lag_steps=ml.store.replay_lag_steps),
+                         window_steps=ml.window_steps, replay_size=ml.replay_size, seed=1)
+    assert log.sampler.window(200) == (200 - ml.window_steps, 200)
+    log.append(fake_entries(0))
+    b = log.sample(step=1, num=ml.replay_size)  # only step 0 is in the log
+    assert b is not None and set(b.step.tolist()) == {0}
+    for step in range(1, 6):
+        log.append(fake_entries(step))
+        b = log.sample(step=step + 1, num=ml.replay_size)
+        assert b is not None and step in set(b.step.tolist())  # 32 draws of 4 entries per step
+    log.close()
