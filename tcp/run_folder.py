@@ -66,13 +66,18 @@ class RunFolders:
 def claim_folders(cfg: RunConfig, *, rank: int) -> RunFolders:
     """Lock `output_dir` and the Mistake Log folder, and check that every rank sees them.
     Collective. Raises RunError (LockError when a live job holds either) on every rank."""
+    return claim_paths([Path(cfg.output_dir), *filter(None, [log_root(cfg)])], rank=rank)
+
+
+def claim_paths(folders: list[Path], *, rank: int, what: str = "run") -> RunFolders:
+    """`claim_folders` for any folders: rank 0 locks each (as a tcp `what`), then every rank
+    checks that it sees the locks. Collective; raises RunError on every rank alike."""
     held = RunFolders()
-    folders = [Path(cfg.output_dir), *filter(None, [log_root(cfg)])]
     error: BaseException | None = None
     if rank == 0:
         try:
             for folder in folders:
-                lock = RunLock(folder).acquire().start_heartbeat()
+                lock = RunLock(folder, what=what).acquire().start_heartbeat()
                 held.locks.append(lock)
                 if lock.took_over is not None:
                     print(f"[tcp] took over the stale lock on {folder} "

@@ -119,6 +119,23 @@ def read_owner(path: Path) -> Owner | None:
         return None
 
 
+def check_not_in_use(folder: Path | str, *, why: str) -> None:
+    """Raise LockError if a live tcp job holds `folder`'s lock, without taking it: for readers
+    (several may read one folder at once). A lock held on another host counts as live until
+    it is `STALE_AFTER_S` without a heartbeat. `why` ends the message: what to do instead."""
+    lock = RunLock(folder)
+    held = read_owner(lock.path)
+    if held is None:
+        return
+    alive = held.alive()
+    if alive is None:
+        age = lock.heartbeat_age()
+        alive = age is None or age < STALE_AFTER_S
+    if alive:
+        raise LockError(f"{lock.folder} is in use by a running tcp {held.what} "
+                        f"({held.describe()}); {why}")
+
+
 class RunLock:
     """The lock on one folder. `what` names the holder's kind in messages ("run", "log tool")."""
 

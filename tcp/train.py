@@ -17,7 +17,14 @@ import torch.distributed as dist
 
 from tcp.budget import DecodeBudget, budget_for_pilot, truncation_summary
 from tcp.checkpoint import CheckpointManager, rng_state, set_rng_state
-from tcp.config import MistakeLogConfig, RunConfig, dump_yaml, render_deepspeed, to_dict
+from tcp.config import (
+    KernelsConfig,
+    MistakeLogConfig,
+    RunConfig,
+    dump_yaml,
+    render_deepspeed,
+    to_dict,
+)
 from tcp.data.collate import TokenizedSample, batch_indices, collate
 from tcp.diagnostics import teacher_forced_diagnostics
 from tcp.evaluate import best_positive_lambda, choose_lambda, generation_eval
@@ -153,14 +160,8 @@ class Trainer:
                                   device=self.device)
         if entries is None:  # same on every rank: availability depends only on the step
             return None, None
-        inputs = build_inputs(entries, self.device)
-        k = self.cfg.kernels
-        target = ErrorTarget.from_batch(entries, self.device, fused=k.fused, impl=k.impl,
-                                        chunk_mib=k.chunk_mib)
-        loss, zero = self.copilot(inputs, target=target)  # fused: f is never materialised
-        self.copilot.backward(loss)
-        self.copilot.step()
-        return float(loss.detach()), float(zero)
+        return copilot_update(self.copilot, entries, kernels=self.cfg.kernels,
+                              device=self.device)
 
     # ------------------------------------------------------------------ helpers
     def _batch(self, step: int) -> dict[str, torch.Tensor]:
@@ -233,11 +234,34 @@ def copilot_entries(current: MistakeBatch, log: MistakeLog, *, step: int,
     """The Copilot's training entries at `step`: the current step's (on the compute device) and
     those replayed from the log (read on the host), joined on `device`; None when there are
     none yet. Replayed data enters the compute path here and nowhere else."""
-    parts = [current] if cfg.include_current else []
-    replay = log.sample(step=step, num=cfg.replay_size)
+    return join_entries(current, log.sample(step=step, num=cfg.replay_size),
+                        include_current=cfg.include_current, device=device)
+
+
+def join_entries(current: MistakeBatch | None, replay: MistakeBatch | None, *,
+                 include_current: bool, device: torch.device) -> MistakeBatch | None:
+    """The step's own entries (when `include_current` and there are any) followed by the
+    replayed ones, on `device`; None when there are none. Joint and offline training
+    (tcp.offline) both build the Copilot's batch here."""
+    parts = [current] if include_current and current is not None and current.num_entries \
+        else []
     if replay is not None:
         parts.append(replay)
     return MistakeBatch.cat(parts, device=device) if parts else None
+
+
+def copilot_update(copilot: Any, entries: MistakeBatch, *, kernels: KernelsConfig,
+                   device: torch.device) -> tuple[float, float]:
+    """One Copilot optimizer step on `entries` (a DeepSpeed engine): the RMSE loss against the
+    sparse errors (METHOD.md §3), backward, step. Returns (loss, the zero baseline's RMSE).
+    Collective under ZeRO-3: every rank calls it at the same steps."""
+    inputs = build_inputs(entries, device)
+    target = ErrorTarget.from_batch(entries, device, fused=kernels.fused, impl=kernels.impl,
+                                    chunk_mib=kernels.chunk_mib)
+    loss, zero = copilot(inputs, target=target)  # fused: f is never materialised
+    copilot.backward(loss)
+    copilot.step()
+    return float(loss.detach()), float(zero)
 
 
 # ---------------------------------------------------------------------- evaluation & report
