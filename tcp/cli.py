@@ -1,6 +1,7 @@
 """Command line of `launcher/train.py` / `tcp-train`: parse -> build -> run -> close.
 
     deepspeed --num_gpus 2 launcher/train.py --config configs/default.yaml [key=value ...]
+    deepspeed --num_gpus 2 launcher/train.py --offline-from runs/seed0 output_dir=runs/off
 
 Configuration errors are reported before DeepSpeed, any model or any data is touched.
 """
@@ -12,6 +13,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--config", type=str, default=None,
                    help="YAML run config (default: built-in defaults = configs/default.yaml)")
+    p.add_argument("--offline-from", type=Path, default=None, metavar="RUN",
+                   help="train a fresh Copilot from the Mistake Log of this finished run alone "
+                   "(no Pilot forward or backward), then evaluate it with that run's Pilot; the "
+                   "config is RUN's config.yaml plus the overrides, which must set output_dir "
+                   "(e.g. copilot.hidden_size=64 copilot.init_from=none for another size). "
+                   "Run with as many ranks as the log has shards. docs/method.md")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, both DeepSpeed configs and a per-rank memory "
                    "plan of both engines (docs/memory_plan.md), then exit 0 without loading any "
@@ -55,6 +63,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """The job's config: `--config` (or the defaults) plus the overrides, or with
+    `--offline-from` the source run's recorded config plus the overrides (tcp.offline_source)."""
+    if args.offline_from is None:
+        if any(o.split("=", 1)[0].strip() == "offline.source" for o in args.overrides):
+            raise ConfigError("offline.source: use --offline-from <finished run> (it also "
+                              "loads that run's config)")
+        return load_config(args.config, args.overrides)
+    if args.config is not None:
+        raise ConfigError("--offline-from uses the source run's config.yaml; drop --config "
+                          "(key=value overrides still apply)")
+    from tcp.offline_source import offline_config
+
+    return offline_config(args.offline_from, args.overrides)
 
 
 def _positive_int(text: str) -> int:
@@ -85,11 +109,14 @@ def train_main(argv: list[str] | None = None) -> int:
     """Entry point. Returns the process exit code."""
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = resolve_config(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
+        if cfg.offline.source is not None:  # one engine, no Pilot: the joint plan does not fit
+            print("# resolved config (offline Copilot training)\n" + dump_yaml(cfg))
+            return 0
         print(dry_run(cfg, world_size=args.world_size, device_gib=args.device_memory_gib))
         return 0
     from tcp import quiet
@@ -99,8 +126,13 @@ def train_main(argv: list[str] | None = None) -> int:
     from tcp.run import run
 
     quiet.install()  # expected, harmless third-party messages off the console (tcp/quiet.py)
+    job = run
+    if cfg.offline.source is not None:
+        from tcp.offline import run_offline
+
+        job = run_offline
     try:
-        results = run(cfg)
+        results = job(cfg)
     except RunError as e:  # a resume that does not fit, a folder in use, a full disk, ...
         print(f"{e.kind} error: {e}", file=sys.stderr)
         shutdown()  # every rank raised it alike (tcp.collective.agree_on, run_folder.agree)

@@ -148,9 +148,12 @@ def load_eval_data(run: Path, cfg: RunConfig, *, pilot_from: Path | None,
 
 
 def evaluate_run(loaded: LoadedRun, data: Any, *, lam: float | None, device: torch.device,
-                 predictions_path: Path | None = None) -> dict[str, Any]:
+                 predictions_path: Path | None = None, rank: int = 0,
+                 world: int = 1) -> dict[str, Any]:
     """The λ sweep on validation (or `lam`), test once, diagnostics and a rectification trace;
-    predictions.jsonl at `predictions_path` when given. `data`: `load_eval_data`'s."""
+    predictions.jsonl at `predictions_path` when given. `data`: `load_eval_data`'s. With
+    `world` > 1 (collective; the offline job, tcp.offline) each rank scores its shard of every
+    split with its own whole copy of both models."""
     from tcp.budget import budget_for_pilot
     from tcp.models.pilot import PilotTap, use_fused_head
     from tcp.train import evaluate_and_report
@@ -158,21 +161,23 @@ def evaluate_run(loaded: LoadedRun, data: Any, *, lam: float | None, device: tor
     cfg = loaded.cfg
     val, test = data.splits["validation"], data.splits["test"]
     val_samples = data.samples["validation"]
-    for line in data.notes:
+    for line in data.notes if rank == 0 else []:
         print(line)
     sized = {k: data.samples[k] for k in ("train", "validation") if k in data.samples}
     # The run's training answers decide eval.answer_format=auto with validation's (as the run).
     train_golds = [r["answer"] for r in data.splits["train"]] if "train" in data.splits else None
     budget = budget_for_pilot(cfg.eval, sized, loaded.tokenizer, pilot=loaded.pilot,
                               max_length=cfg.data.max_length)
-    print(f"[tcp-eval] {budget.describe()}")
+    if rank == 0:
+        print(f"[tcp-eval] {budget.describe()}")
     # Teacher-forced diagnostics then compute logits at target rows only (no (B, T, V)).
     use_fused_head(loaded.pilot, required=False)
     tap = PilotTap(loaded.pilot, impl=cfg.kernels.impl)
     try:
         return evaluate_and_report(cfg, pilot=loaded.pilot, copilot=loaded.copilot, tap=tap,
                                    tokenizer=loaded.tokenizer, val_records=val,
-                                   test_records=test, val_samples=val_samples, rank=0, world=1,
+                                   test_records=test, val_samples=val_samples, rank=rank,
+                                   world=world,
                                    device=device, lam=lam, budget=budget,
                                    predictions_path=predictions_path, train_golds=train_golds)
     finally:
@@ -194,7 +199,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("run", type=Path, help="run directory (its output_dir) whose Copilot is used")
     p.add_argument("--pilot", type=Path, default=None,
                    help="use the Pilot of this run directory (or HF model folder) instead of "
-                   "the run's own: Copilot transfer")
+                   "the run's own: Copilot transfer (default for a Copilot trained offline: "
+                   "its source run's Pilot, offline.source)")
     p.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="score at this λ (no sweep; 0: the Pilot alone); default: sweep "
                    "eval.lambdas on validation, λ=0 (Copilot off) included")
@@ -231,10 +237,13 @@ def eval_main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # A Copilot trained offline (tcp-train --offline-from) has no Pilot of its own: its
+    # source run's is the default.
+    pilot_from = args.pilot or (Path(cfg.offline.source) if cfg.offline.source else None)
     try:
-        data = load_eval_data(args.run, cfg, pilot_from=args.pilot, limit=args.limit)
+        data = load_eval_data(args.run, cfg, pilot_from=pilot_from, limit=args.limit)
         cfg = data.cfg  # data.max_length resolved
-        loaded = load_run(args.run, cfg, pilot_from=args.pilot, device=device)
+        loaded = load_run(args.run, cfg, pilot_from=pilot_from, device=device)
     except RunError as e:  # bad data: one line, before any model loads
         print(f"{e.kind} error: {e}", file=sys.stderr)
         return 2

@@ -20,10 +20,13 @@ def save_plots(results: dict[str, Any], folder: Path) -> list[Path]:
     if hist:
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
         steps = [r["step"] for r in hist]
-        a.plot(steps, [r["pilot_loss"] for r in hist], label="Pilot loss")
-        a.set_xlabel("step")
-        a.set_ylabel("cross-entropy")
-        a.legend()
+        if "pilot_loss" in hist[0]:  # an offline Copilot run (tcp.offline) has no Pilot loss
+            a.plot(steps, [r["pilot_loss"] for r in hist], label="Pilot loss")
+            a.set_xlabel("step")
+            a.set_ylabel("cross-entropy")
+            a.legend()
+        else:
+            a.set_axis_off()
         cop = [r for r in hist if "copilot_rmse" in r]
         if cop:
             b.plot([r["step"] for r in cop], [r["copilot_rmse"] for r in cop],

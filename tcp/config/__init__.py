@@ -26,6 +26,7 @@ Each key is documented (a docstring under the field) in the file of its section:
     tracking              tcp/config/train.py       TrackingConfig
     checkpoint            tcp/config/train.py       CheckpointConfig
     kernels               tcp/config/train.py       KernelsConfig
+    offline               tcp/config/offline.py     OfflineConfig
 
 The top-level keys (seed, output_dir, resume) and the checks that span sections are on
 RunConfig in tcp/config/run.py, which also reads YAML files (`extends`), applies dotted overrides
@@ -47,6 +48,7 @@ from tcp.config.models import (
     ModelConfig,
     PilotConfig,
 )
+from tcp.config.offline import OfflineConfig
 from tcp.config.run import (
     RunConfig,
     apply_overrides,
@@ -71,6 +73,7 @@ __all__ = [
     "LoraConfig",
     "MistakeLogConfig",
     "ModelConfig",
+    "OfflineConfig",
     "PilotConfig",
     "RunConfig",
     "TrackingConfig",

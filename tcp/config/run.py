@@ -18,6 +18,7 @@ from tcp.config.data import DataConfig
 from tcp.config.eval import EvalConfig
 from tcp.config.mistake_log import MistakeLogConfig
 from tcp.config.models import BaseConfig, CopilotConfig, ModelConfig, PilotConfig
+from tcp.config.offline import OfflineConfig
 from tcp.config.schema import ConfigError, _check, from_dict, to_dict
 from tcp.config.train import CheckpointConfig, KernelsConfig, TrackingConfig, TrainConfig
 
@@ -52,6 +53,8 @@ class RunConfig:
     """Checkpoints."""
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     """Fused kernels."""
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
+    """Offline Copilot training from a finished run's Mistake Log (unset: joint training)."""
     resume: str | None = None
     """None: a fresh run (a previous run's checkpoints and Mistake Log in the same place are
     replaced). 'auto': continue from the latest complete checkpoint if there is one, else

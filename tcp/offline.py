@@ -1,0 +1,258 @@
+"""Offline Copilot training: a fresh Copilot learns from a finished run's recorded Mistake Log
+alone (no Pilot forward or backward), then is evaluated with that run's final Pilot.
+
+    deepspeed --num_gpus 2 launcher/train.py --offline-from runs/seed0 output_dir=runs/off \\
+        copilot.hidden_size=64 copilot.init_from=none
+
+Reads top-down: `run_offline()` claims the output folder and checks the source
+(tcp.offline_source) -> builds the Copilot's DeepSpeed engine only -> `OfflineTrainer.train()`:
+for each recorded step t, `RecordedStream.entries(t)` (the step's own entries, read from this
+rank's shard, plus the sampler's replay draw: the stream the joint run's Copilot saw) ->
+`tcp.train.copilot_update` (the same RMSE loss) -> save `final/copilot.pt` -> evaluate with the
+source's Pilot through tcp-eval's functions (λ sweep on validation, test once).
+Rank r reads shard r, so the world size must equal the log's shard count. No checkpoints: a
+stopped offline job is started again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tcp.build import build_copilot
+from tcp.cli import elapsed, print_rank0
+from tcp.collective import agree_on, distributed
+from tcp.config import RunConfig, render_deepspeed
+from tcp.engines import build_engine, init_distributed, save_module
+from tcp.mistake_log.record import MistakeBatch
+from tcp.mistake_log.sampler import StreamingSampler
+from tcp.mistake_log.store import RankStoreReader
+from tcp.offline_source import OfflineError, SourceRun, offline_seed, open_source
+from tcp.progress import Progress
+from tcp.run_folder import agree, claim_paths
+from tcp.tracking import Tracker
+from tcp.train import History, copilot_update, join_entries, save_config, write_json
+
+
+def run_offline(cfg: RunConfig) -> dict[str, Any]:
+    """The offline job (`cfg.offline.source` set). Collective: every rank calls it. Bad input
+    raises `RunError` on every rank before any model loads (exit 2)."""
+    t_start = time.time()
+    rank, world, device = init_distributed(timeout_s=cfg.train.collective_timeout_s)
+    folders = claim_paths([Path(cfg.output_dir)], rank=rank)
+    try:
+        return _run(cfg, t_start=t_start, rank=rank, world=world, device=device)
+    finally:
+        folders.release()
+
+
+def _run(cfg: RunConfig, *, t_start: float, rank: int, world: int,
+         device: torch.device) -> dict[str, Any]:
+    from tcp.eval_cli import load_eval_data
+
+    out = Path(cfg.output_dir)
+    src: SourceRun | None = None
+    data = stream = None
+    error: BaseException | None = None
+    try:  # every check before any model loads; ranks agree on the outcome
+        src = open_source(cfg, world=world)
+        if cfg.eval.enabled:  # a bad data file fails here too (DataError)
+            data = load_eval_data(src.path, cfg, pilot_from=None, limit=None)
+            cfg = data.cfg  # data.max_length resolved
+        stream = RecordedStream(src.log, rank=rank, cfg=cfg)
+    except Exception as e:  # reported as one line on every rank
+        error = e
+    agree(error)
+    assert src is not None and stream is not None
+    torch.manual_seed(offline_seed(cfg))
+    for line in src.notes:
+        print_rank0(line)
+    if rank == 0:
+        save_config(cfg, out, world)
+        src.tokenizer.save_pretrained(out / "tokenizer")
+    model = build_copilot(dataclasses.replace(cfg, seed=offline_seed(cfg)), vocab=src.vocab,
+                          d_pilot=src.d_pilot, base=src.base,
+                          pilot_encoder_decoder=src.encoder_decoder, tokenizer=src.tokenizer)
+    copilot = build_engine(model, render_deepspeed(cfg, "copilot", world_size=world))
+    n_c = sum(getattr(p, "ds_numel", p.numel()) for p in copilot.module.parameters())
+    print_rank0(f"[tcp] offline Copilot ({n_c / 1e6:.2f}M params) from {src.log}: steps "
+                f"{src.steps.start}..{src.steps.stop - 1}, world={world} device={device.type}")
+    tracker = Tracker(cfg, rank=rank)
+    tracker.tags({"tcp.offline_from": str(src.path)})
+    status, error = "FAILED", None
+    try:
+        t0 = time.time()
+        trainer = OfflineTrainer(cfg, copilot=copilot, stream=stream, steps=src.steps,
+                                 rank=rank, world=world, device=device, tracker=tracker)
+        trainer.train()
+        save_module(copilot.module, out / "final" / "copilot.pt")
+        t_train = time.time()
+        print_rank0(f"[tcp] offline Copilot training done in {t_train - t0:.1f}s")
+        results: dict[str, Any] = {"offline_from": str(src.path), "mistake_log": str(src.log),
+                                   "steps": [src.steps.start, src.steps.stop - 1],
+                                   "skipped_steps": trainer.skipped, "seed": cfg.seed,
+                                   "offline_seed": offline_seed(cfg)}
+        if data is not None:
+            results.update(evaluate(cfg, out, src, data, rank=rank, world=world,
+                                    device=device))
+        results.update(history=trainer.history.rows, params={"copilot": n_c}, world_size=world,
+                       seconds={"train": t_train - t0, "eval": time.time() - t_train,
+                                "total": time.time() - t_start},
+                       mlflow_run_id=tracker.run_id)
+        if rank == 0:
+            from tcp.run import report
+
+            write_json(out / "results.json", results)
+            if "copilot_rmse" in results:
+                tracker.metrics({f"val/copilot_rmse_{k}": v for k, v in
+                                 results["copilot_rmse"].items() if v is not None},
+                                step=len(src.steps))
+            report(results, out, tracker, step=len(src.steps))
+            print(f"[tcp] results: {out / 'results.json'} (total {elapsed(t_start)})",
+                  flush=True)
+        if data is not None:
+            from tcp.budget import check_truncation
+
+            check_truncation(results)  # eval.strict: fails every rank alike, results written
+        status = "FINISHED"
+        return results
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        stream.close()
+        tracker.close(status, error=error)
+        if status != "FAILED" and dist.is_initialized():
+            dist.barrier()  # never on failure: the other ranks may be gone
+
+
+def evaluate(cfg: RunConfig, out: Path, src: SourceRun, data: Any, *, rank: int, world: int,
+             device: torch.device) -> dict[str, Any]:
+    """The saved Copilot with the source run's Pilot, through tcp-eval's functions (every rank
+    scores its shard): λ sweep on validation, test once, predictions.jsonl; and the validation
+    RMSE next to the jointly trained Copilot's."""
+    from tcp.eval_cli import evaluate_run, load_run
+    from tcp.quiet import hf_progress_off
+
+    torch.manual_seed(cfg.seed)
+    with hf_progress_off():  # local folders: no loading bar per rank
+        loaded = load_run(out, cfg, pilot_from=src.path, device=device)
+    res = evaluate_run(loaded, data, lam=None, device=device, rank=rank, world=world,
+                       predictions_path=out / "predictions.jsonl")
+    mine = res["validation"]["teacher_forced"]["copilot_rmse"]
+    joint = src.joint_copilot_rmse
+    res["copilot_rmse"] = {"offline": mine, "joint": joint,
+                           "ratio": mine / joint if joint else None}
+    res["pilot"] = res["pilot"] | {"source": loaded.pilot_source}
+    print_rank0(f"[tcp] validation Copilot RMSE: offline {mine:.4f}"
+                + (f", jointly trained {joint:.4f} (ratio {mine / joint:.3f})" if joint else ""))
+    return res
+
+
+class RecordedStream:
+    """Rank r's shard of a finished Mistake Log, served as the joint run's Copilot saw it: at
+    step t the step's own entries (`mistake_log.include_current`) and the sampler's replay
+    draw, a pure function of (seed, t, rank) and the log (tcp.mistake_log.sampler)."""
+
+    def __init__(self, root: Path, *, rank: int, cfg: RunConfig) -> None:
+        ml, st = cfg.mistake_log, cfg.mistake_log.store
+        self.root, self.include_current = root, ml.include_current
+        self.reader = RankStoreReader(root, rank, cache_mib=st.read_cache_mib)
+        # A second reader for the step's own entries: the sampler's prefetch thread uses the
+        # first one (a reader is not shared between threads).
+        self.current = RankStoreReader(root, rank, cache_mib=st.read_cache_mib) \
+            if ml.include_current else None
+        self.sampler = StreamingSampler(
+            self.reader, seed=offline_seed(cfg), rank=rank, num=ml.replay_size,
+            window_steps=None if ml.window_steps == "all" else ml.window_steps,
+            lag_steps=st.replay_lag_steps, recency_half_life=st.recency_half_life,
+            prefetch=st.prefetch)  # no wait/submitted: the log is finished
+
+    def entries(self, step: int, device: torch.device) -> MistakeBatch | None:
+        """The Copilot's batch at `step` on `device` (None when there is nothing to train on)."""
+        own = None
+        if self.current is not None:
+            own = self.current.read_range(*self.current.entry_range(step, step + 1))
+        return join_entries(own, self.sampler.sample(step), include_current=self.include_current,
+                            device=device)
+
+    def close(self) -> None:
+        self.sampler.close()
+
+
+class OfflineTrainer:
+    """The Copilot's half of the joint loop (tcp.train.Trainer), fed from a recorded log."""
+
+    def __init__(self, cfg: RunConfig, *, copilot: Any, stream: RecordedStream, steps: range,
+                 rank: int, world: int, device: torch.device, tracker: Tracker) -> None:
+        self.cfg, self.copilot, self.stream, self.steps = cfg, copilot, stream, steps
+        self.rank, self.world, self.device, self.tracker = rank, world, device, tracker
+        self.history = History()
+        self.skipped = 0
+        """Steps where some rank had no entries (a pruned log); every rank skipped them."""
+
+    def train(self) -> History:
+        """One Copilot step per recorded step, in order; a row of metrics every
+        `train.log_every` steps (the same boundaries as the joint run's history)."""
+        bar = Progress(total=len(self.steps), desc="offline", enabled=self.rank == 0)
+        window: list[tuple[float, float, int]] = []
+        t0 = time.time()
+        for i, step in enumerate(self.steps):
+            entries = self._entries(step)
+            if entries is not None:
+                loss, zero = copilot_update(self.copilot, entries, kernels=self.cfg.kernels,
+                                            device=self.device)
+                window.append((loss, zero, entries.num_tokens))
+            if (step + 1) % self.cfg.train.log_every == 0 or step + 1 == self.steps.stop:
+                row = self._reduce(step + 1, window, time.time() - t0)
+                self.history.rows.append(row)
+                self.tracker.metrics({k: v for k, v in row.items() if k != "step"},
+                                     step=step + 1)
+                bar.update(i + 1, copilot=f"{row.get('copilot_rmse', float('nan')):.4f}",
+                           zero=f"{row.get('zero_rmse', float('nan')):.4f}",
+                           tok_s=f"{row['copilot_tokens_per_s']:.0f}")
+                window, t0 = [], time.time()
+        bar.close()
+        return self.history
+
+    def _entries(self, step: int) -> MistakeBatch | None:
+        """This rank's batch at `step`, or None on every rank when any rank has none (a
+        ZeRO-3 step is collective). A read that fails on any rank fails all of them."""
+        entries, error = None, None
+        try:
+            entries = self.stream.entries(step, self.device)
+        except Exception as e:  # a corrupt chunk, a file gone: one line, every rank
+            error = OfflineError(f"reading step {step} of {self.stream.root} failed "
+                                 f"({type(e).__name__}: {e}); check the log with "
+                                 f"`tcp-log verify {self.stream.root}`")
+        agreed = agree_on(error)
+        if agreed is not None:
+            raise agreed
+        have = torch.tensor([int(entries is not None)], device=self.device)
+        if distributed():
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        if not int(have):
+            self.skipped += 1
+            return None
+        return entries
+
+    def _reduce(self, step: int, window: list[tuple[float, float, int]],
+                seconds: float) -> dict[str, float]:
+        n = max(len(window), 1)
+        vals = torch.tensor([sum(w[0] for w in window) / n, sum(w[1] for w in window) / n,
+                             float(sum(w[2] for w in window))], dtype=torch.float64,
+                            device=self.device)
+        if distributed():
+            dist.all_reduce(vals)
+        cl, zr, tok = vals.tolist()
+        row = {"step": float(step), "copilot_tokens_per_s": tok / max(seconds, 1e-9),
+               "lr_copilot": float(self.copilot.get_lr()[0])}
+        if window:  # the same on every rank (skips are agreed)
+            row.update(copilot_rmse=cl / self.world, zero_rmse=zr / self.world)
+            row["rmse_ratio"] = row["copilot_rmse"] / max(row["zero_rmse"], 1e-12)
+        return row
