@@ -1,0 +1,172 @@
+"""Rewrite a log in place (prune --apply, compact): nothing is deleted before the new store is
+complete and verified.
+
+1. Finish or clean up what an interrupted run left (`swap.recover_missing`, `swap.cleanup`).
+2. Lock the log (`RunLock(path, what="log tool")`): a live training run's lock refuses it.
+3. Read the per-entry facts, let the caller choose the entries and options, check free space.
+4. Write the new store beside the log (`<PATH>.tcp-compact/`), fsync it, verify it (every
+   chunk decoded, digests, counts; for a plain compact the manifests' digests must equal the
+   original's), give it the lock file (a hard link), then swap it in and remove the old one.
+
+Any failure before the swap removes the partial copy and leaves the original untouched; a full
+disk says so. Fault points (`TCP_FAULT_INJECT=kill@compact=N`): 1 after the first block is
+committed to the copy, 2 after verification before the swap, 3 between the fallback's two
+renames (swap.py), 4 after the swap before the old store is removed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zarr
+
+from tcp.config import ZarrStoreConfig
+from tcp.faults import fault_point
+from tcp.log_tools import swap
+from tcp.log_tools.errors import LogToolError, damaged, disk_full, human_bytes, require_log
+from tcp.log_tools.paths import TEMP_TAG, temp_path
+from tcp.log_tools.rewrite import OutShard, write_log
+from tcp.log_tools.tables import READ_ERRORS, LogTables, load_tables
+from tcp.mistake_log.maintenance import verify
+from tcp.mistake_log.store import Manifest, fsync_path
+from tcp.run_lock import LOCK_NAME, RunLock
+
+Build = Callable[[LogTables], tuple[list[OutShard], ZarrStoreConfig, dict[str, Any]]]
+"""tables -> (new shards, store options, the history record of the operation)."""
+
+
+@dataclass
+class Outcome:
+    """What a rewrite did."""
+
+    path: Path
+    entries_before: int
+    entries_after: int
+    stored_before: int
+    stored_after: int
+    record: dict[str, Any]
+
+
+def now() -> str:
+    """UTC time for history records."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def rewrite_in_place(path: Path | str, build: Build, *, say: Callable[[str], None],
+                     mistakes: bool = False, same_digests: bool = False) -> Outcome:
+    """Replace the log at `path` by the store `build` describes (see the module docstring).
+    `same_digests`: every new shard must hold exactly its original's rows (plain compact)."""
+    path = Path(os.path.abspath(path))
+    lock = swap.recover_missing(path, say)
+    if lock is None:
+        require_log(path)
+        lock = RunLock(path, what="log tool").acquire()
+        if lock.took_over is not None:
+            say(f"took over the stale lock on {path} ({lock.took_over.describe()})")
+    try:
+        swap.cleanup(path, say)
+        tables = load_tables(path, mistakes=mistakes)
+        shards, cfg, record = build(tables)
+        before = sum(s.manifest.stored_bytes for s in tables.shards)
+        need = _estimate(tables, shards)
+        free = shutil.disk_usage(path.parent).free
+        if need > free:
+            raise LogToolError(f"{path.parent} has {human_bytes(free)} free; the new store "
+                               f"needs about {human_bytes(need)} beside the original until the "
+                               "swap; free some space (nothing was changed)")
+        tmp = temp_path(path)
+        manifests = _build_verified(path, tmp, tables, shards, cfg, record, lock,
+                                    same_digests=same_digests)
+        fault_point("compact", step=2, rank=0)
+        old = swap.swap_in(path, tmp)
+        fault_point("compact", step=4, rank=0)
+        swap.finish(path, old)
+    finally:
+        lock.release()
+    return Outcome(path, tables.entries, sum(m.entries for m in manifests), before,
+                   sum(m.stored_bytes for m in manifests), record)
+
+
+def _estimate(tables: LogTables, shards: list[OutShard]) -> float:
+    """Stored bytes of the new store, at the original's stored/raw ratio."""
+    ratio = {s.rank: s.ratio for s in tables.shards}
+    return sum(float(p.raw.sum()) * ratio.get(p.rank, 1.0) for s in shards for p in s.parts)
+
+
+def _build_verified(path: Path, tmp: Path, tables: LogTables, shards: list[OutShard],
+                    cfg: ZarrStoreConfig, record: dict[str, Any], lock: RunLock, *,
+                    same_digests: bool) -> list[Manifest]:
+    """Write, fsync and verify the new store at `tmp`, ready to swap; removes it on failure."""
+    tmp.mkdir()
+    (tmp / TEMP_TAG).touch()
+    try:
+        history = [*tables.attrs.get("history", []), record]
+        manifests = write_log(tmp, shards, schema=tables.schema, cfg=cfg,
+                              attrs={**tables.attrs, "history": history}, desc=record["op"])
+        record["stored_bytes_after"] = sum(m.stored_bytes for m in manifests)
+        zarr.open_group(tmp, mode="r+", zarr_format=3).attrs.update({"history": history})
+        _check(tmp, tables, shards, manifests, same_digests)
+        _carry_other_files(path, tmp)
+        os.link(lock.path, tmp / LOCK_NAME)  # the new store arrives locked by us
+        (tmp / TEMP_TAG).unlink()
+        fsync_tree(tmp)
+        return manifests
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e):
+            raise LogToolError(f"disk full while writing {tmp}; removed that partial copy, "
+                               f"{path} is unchanged (the copy needs about "
+                               f"{human_bytes(_estimate(tables, shards))} free beside it)") \
+                from e
+        if isinstance(e, READ_ERRORS):
+            raise damaged(path, e) from e
+        raise
+
+
+def _check(tmp: Path, tables: LogTables, shards: list[OutShard], manifests: list[Manifest],
+           same_digests: bool) -> None:
+    rep = verify(tmp, full=True)
+    problems = [f"rank {r.rank}: {e}" for r in rep.ranks for e in r.errors]
+    found = {r.rank: r.entries for r in rep.ranks}
+    for shard in shards:
+        if found.get(shard.rank) != shard.entries:
+            problems.append(f"rank {shard.rank}: {found.get(shard.rank)} entries written, "
+                            f"{shard.entries} planned")
+    if same_digests:
+        for old, new in zip(tables.shards, manifests, strict=True):
+            if old.manifest.digests != new.digests:
+                problems.append(f"rank {old.rank}: the copy's digests differ from the "
+                                "original's")
+    if problems:
+        raise LogToolError(f"the new store {tmp} failed verification ({'; '.join(problems)}); "
+                           "it was removed and the original is unchanged")
+
+
+_STORE_ENTRY = re.compile(r"^(zarr\.json|rank\d+|\.tcp\.lock.*)$")
+
+
+def _carry_other_files(path: Path, tmp: Path) -> None:
+    """Copy anything besides the store itself (notes a user left in the folder)."""
+    for p in path.iterdir():
+        if _STORE_ENTRY.match(p.name):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, tmp / p.name, symlinks=True)
+        else:
+            shutil.copy2(p, tmp / p.name, follow_symlinks=False)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every metadata file and folder under `root` (the writer already synced chunks)."""
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f in ("zarr.json", "manifest.json"):
+                fsync_path(Path(dirpath) / f)
+        fsync_path(Path(dirpath))
