@@ -18,7 +18,7 @@ from pathlib import Path
 from tcp.log_tools.compact import CompactOptions
 from tcp.log_tools.errors import LogToolError, UsageError, disk_full, human_bytes, require_log
 from tcp.log_tools.paths import TEMP_TAG
-from tcp.log_tools.replace import fsync_tree, now
+from tcp.log_tools.replace import fsync_tree, now, unsynced
 from tcp.log_tools.rewrite import OutShard, config_from_codec, part_of, write_log
 from tcp.log_tools.tables import READ_ERRORS, LogTables, load_tables
 from tcp.mistake_log.maintenance import verify
@@ -105,7 +105,7 @@ def _merge_locked(out: Path, srcs: list[Path], opts: CompactOptions,
                           "entries_before": entries, "entries_after": entries}]}
     (out / TEMP_TAG).touch()
     try:
-        manifests = write_log(out, shards, schema=tables[0].schema, cfg=cfg, attrs=attrs,
+        manifests = write_log(out, shards, schema=tables[0].schema, cfg=unsynced(cfg), attrs=attrs,
                               desc="merge")
         rep = verify(out, full=True)
         bad = [f"shard {r.rank}: {e}" for r in rep.ranks for e in r.errors]

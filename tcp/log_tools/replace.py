@@ -4,9 +4,10 @@ complete and verified.
 1. Finish or clean up what an interrupted run left (`swap.recover_missing`, `swap.cleanup`).
 2. Lock the log (`RunLock(path, what="log tool")`): a live training run's lock refuses it.
 3. Read the per-entry facts, let the caller choose the entries and options, check free space.
-4. Write the new store beside the log (`<PATH>.tcp-compact/`), fsync it, verify it (every
+4. Write the new store beside the log (`<PATH>.tcp-compact/`), verify it (every
    chunk decoded, digests, counts; for a plain compact the manifests' digests must equal the
-   original's), give it the lock file (a hard link), then swap it in and remove the old one.
+   original's), give it the lock file (a hard link), fsync all of it, then swap it in and
+   remove the old one.
 
 Any failure before the swap removes the partial copy and leaves the original untouched; a full
 disk says so. Fault points (`TCP_FAULT_INJECT=kill@compact=N`): 1 after the first block is
@@ -16,11 +17,13 @@ renames (swap.py), 4 after the swap before the old store is removed.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import re
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +111,7 @@ def _build_verified(path: Path, tmp: Path, tables: LogTables, shards: list[OutSh
     (tmp / TEMP_TAG).touch()
     try:
         history = [*tables.attrs.get("history", []), record]
-        manifests = write_log(tmp, shards, schema=tables.schema, cfg=cfg,
+        manifests = write_log(tmp, shards, schema=tables.schema, cfg=unsynced(cfg),
                               attrs={**tables.attrs, "history": history}, desc=record["op"])
         record["stored_bytes_after"] = sum(m.stored_bytes for m in manifests)
         zarr.open_group(tmp, mode="r+", zarr_format=3).attrs.update({"history": history})
@@ -163,10 +166,23 @@ def _carry_other_files(path: Path, tmp: Path) -> None:
             shutil.copy2(p, tmp / p.name, follow_symlinks=False)
 
 
+FSYNC_THREADS = 16
+"""Concurrent fsyncs when sealing a new store (measured: 798 files in 0.1 s with 16 threads,
+2.3 s one at a time, ~6 s as the writer's per-commit fsyncs; docs/mistake_log.md)."""
+
+
 def fsync_tree(root: Path) -> None:
-    """fsync every metadata file and folder under `root` (the writer already synced chunks)."""
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            if f in ("zarr.json", "manifest.json"):
-                fsync_path(Path(dirpath) / f)
-        fsync_path(Path(dirpath))
+    """fsync every file under `root`, then every folder (concurrently): the copy is written
+    without per-commit fsyncs and made durable here, once, before it can replace anything."""
+    files, dirs = [], []
+    for dirpath, _, names in os.walk(root):
+        dirs.append(Path(dirpath))
+        files += [Path(dirpath) / f for f in names]
+    with ThreadPoolExecutor(FSYNC_THREADS) as pool:
+        list(pool.map(fsync_path, files))
+        list(pool.map(fsync_path, dirs))
+
+
+def unsynced(cfg: ZarrStoreConfig) -> ZarrStoreConfig:
+    """`cfg` without per-commit fsyncs (`fsync_tree` seals the whole copy instead)."""
+    return dataclasses.replace(cfg, fsync=False)
