@@ -301,3 +301,20 @@ def test_console_script_help():
         p = subprocess.run([str(exe), *argv, "--help"], capture_output=True, text=True,
                            timeout=60)
         assert p.returncode == 0 and "examples:" in p.stdout, p.stderr
+
+
+def test_resume_cursor_after_prune_and_compact(log, capsys):
+    """A checkpoint's log cursor (the manifest snapshot) still fits a plain compact, and no
+    longer fits a log pruned before it: resume refuses that log instead of replaying wrongly."""
+    from tcp.config import ZarrStoreConfig
+    from tcp.mistake_log.store import MistakeLogCorrupt, Schema
+    from tests.log_tools_helpers import SMALL
+
+    rd = RankStoreReader(log, 0)
+    cursor = rd.manifest.to_json()
+    cfg = ZarrStoreConfig(chunk_mib=SMALL)
+    assert run_tool(capsys, "compact", log)[0] == 0
+    assert RankStoreWriter(log, 0, Schema(16, 3, "float32"), cfg).check_cursor(cursor)
+    assert run_tool(capsys, "prune", log, "--before-step", "3", "--apply")[0] == 0
+    with pytest.raises(MistakeLogCorrupt, match=r"not the one this checkpoint|does not hold"):
+        RankStoreWriter(log, 0, Schema(16, 3, "float32"), cfg).check_cursor(cursor)
