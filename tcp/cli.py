@@ -123,15 +123,18 @@ def train_main(argv: list[str] | None = None) -> int:
     from tcp.collective import shutdown
     from tcp.errors import RunError
     from tcp.preemption import StopSignal
-    from tcp.run import run
 
     quiet.install()  # expected, harmless third-party messages off the console (tcp/quiet.py)
-    job = run
-    if cfg.offline.source is not None:
-        from tcp.offline import run_offline
-
-        job = run_offline
     try:
+        if cfg.offline.source is not None:
+            from tcp.offline_source import launched_world_size, open_source
+
+            # A bad source fails here, in a second, before DeepSpeed is even imported; the job
+            # checks it again once the ranks are connected.
+            open_source(cfg, world=launched_world_size(os.environ))
+            from tcp.offline import run_offline as job
+        else:
+            from tcp.run import run as job
         results = job(cfg)
     except RunError as e:  # a resume that does not fit, a folder in use, a full disk, ...
         print(f"{e.kind} error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ tcp-eval), `tracking.*`, `kernels.*`, `base.cache_dir`. What it may not: the Pil
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,15 +113,14 @@ def open_source(cfg: RunConfig, *, world: int) -> SourceRun:
     """Check the source run and its log for an offline job of `world` ranks (rank r reads shard
     r): a finished run, a log that no live job holds, one shard per rank, readable manifests
     that agree on the steps, the Pilot's width and top-k, the steps to train. Raises
-    OfflineError (or LockError) saying what to do; reads manifests only."""
-    from transformers import AutoConfig, AutoTokenizer
-
+    OfflineError (or LockError) saying what to do; reads manifests only. The checks on the
+    folders and the log come first and need no transformers (a wrong world size fails in a
+    second)."""
     src = Path(cfg.offline.source or "")
     pilot_dir = src / "final" / "pilot"
     if not (pilot_dir / "config.json").is_file() or not (src / "tokenizer").is_dir():
         raise OfflineError(f"{src} is not a finished tcp run (no final/pilot or tokenizer); "
                            "finish it first (resume=auto), then train offline from it")
-    tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")
     root = source_log(cfg)
     if not (root / "zarr.json").is_file():
         raise OfflineError(f"{root}: no Mistake Log there (no zarr.json); point "
@@ -134,9 +134,9 @@ def open_source(cfg: RunConfig, *, world: int) -> SourceRun:
     if len(shards) != world:
         raise OfflineError(f"{root} has {len(shards)} rank shard(s) and this job {world} "
                            f"rank(s); rank r trains on shard r: run with {len(shards)} ranks "
-                           f"(deepspeed --num_gpus {len(shards)}), or merge the log to 1 shard "
-                           "with `tcp-log compact --merge-ranks` and train with 1 rank "
-                           "(offline.log_path=<merged log>)")
+                           f"(deepspeed --num_gpus {len(shards)}), or merge the log into 1 "
+                           f"shard (`tcp-log compact {root} --merge-ranks`, in place; on a copy, "
+                           "point offline.log_path at it) and train with 1 rank")
     try:
         schema = Schema.from_attrs(json.loads((root / "zarr.json").read_text())["attributes"],
                                    root)
@@ -148,6 +148,8 @@ def open_source(cfg: RunConfig, *, world: int) -> SourceRun:
         raise OfflineError(f"{root}: the shards hold different or no steps "
                            f"({sorted(spans, key=str)}); {verify}")
     first, last = next(iter(spans))
+    from transformers import AutoConfig, AutoTokenizer
+
     pc = AutoConfig.from_pretrained(pilot_dir)
     vocab, d_pilot = int(pc.vocab_size), int(pc.hidden_size)
     if schema.d_model != d_pilot:
@@ -159,6 +161,7 @@ def open_source(cfg: RunConfig, *, world: int) -> SourceRun:
                            f"mistake_log.topk={schema.topk} (it was {cfg.mistake_log.topk})")
     steps = recorded_steps(first=first, last=last, start=cfg.train.copilot_start_step,
                            stop=cfg.train.steps)
+    tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")
     run = SourceRun(path=src, log=root, pilot_dir=pilot_dir, tokenizer=tokenizer, vocab=vocab,
                     d_pilot=d_pilot,
                     encoder_decoder=bool(getattr(pc, "is_encoder_decoder", False)), steps=steps,
@@ -170,6 +173,17 @@ def open_source(cfg: RunConfig, *, world: int) -> SourceRun:
     if cfg.copilot.init_from == "base":
         run.base = _base_model(cfg, src, tokenizer)
     return run
+
+
+def launched_world_size(env: Mapping[str, str]) -> int:
+    """The world size the launcher announced, before any process group exists (deepspeed,
+    torchrun, srun one task per rank, mpirun); 1 for a plain `python launcher/train.py`."""
+    from tcp.engines import slurm_env
+
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if key in env:
+            return int(env[key])
+    return int(slurm_env(env).get("WORLD_SIZE", "1"))
 
 
 def offline_seed(cfg: RunConfig) -> int:

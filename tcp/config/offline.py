@@ -18,8 +18,8 @@ class OfflineConfig:
     config.yaml, so `tcp-eval <offline run>` finds that Pilot."""
     log_path: str | None = None
     """The Mistake Log to read; null: the source run's own (its mistake_log.store.path, else
-    `<source>/mistake_log`). Point it at a copy, e.g. the output of
-    `tcp-log compact --merge-ranks` (one shard, for a 1-rank offline job)."""
+    `<source>/mistake_log`). Point it at a copy, e.g. one merged into a single shard with
+    `tcp-log compact <copy> --merge-ranks` for a 1-rank offline job."""
 
     seed: int | None = None
     """Seeds the offline Copilot's initialisation and replay draws; null: the run's `seed`,

@@ -114,7 +114,7 @@ def _unfinish(src: Path) -> None:
 
 @pytest.mark.parametrize("world,override,change,why", [
     (1, None, None, r"has 2 rank shard\(s\) and this job 1 rank\(s\).*--num_gpus 2.*"
-                    r"tcp-log compact --merge-ranks"),
+                    r"tcp-log compact .*mistake_log --merge-ranks"),
     (2, None, _damage_manifest, r"unreadable.*tcp-log verify"),
     (2, None, _unfinish, "is not a finished tcp run"),
     (2, "mistake_log.topk=5", None, r"top-3 of p_hat; set mistake_log.topk=3"),
