@@ -94,20 +94,32 @@ def fake_entries(step: int, *, n: int = 4, d: int = 16, k: int = 3, vocab: int =
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The 2-rank joint test run (tests/distributed/conftest.py: joint_run): a base phase, 24 joint
+# steps, evaluation on 32 + 32 examples.
+SMALL = ("base.steps=30", "base.corpus_size=2000", "data.train_size=1000", "data.val_size=32",
+         "data.test_size=32", "train.steps=24", "train.log_every=6", "eval.batch_size=16",
+         "eval.lambdas=[0.5,1.0]", "train.pilot.lr=1e-3", "train.pilot.warmup_steps=2",
+         "train.copilot.warmup_steps=2", "train.pilot.micro_batch_size=8",
+         "mistake_log.replay_size=8")
+
 
 def launch(run_dir: Path, *overrides: str, env: dict[str, str] | None = None,
            check: bool = True, timeout: int = 400, ranks: int = 2,
            popen: bool = False, config: str = "configs/default.yaml",
            port: int | None = None, prefix: tuple[str, ...] = (),
+           offline_from: Path | None = None,
            ) -> subprocess.CompletedProcess | subprocess.Popen:
     """`deepspeed --num_gpus <ranks> launcher/train.py` on `config` (default: the default
     config) into `run_dir`, tracking to `<run_dir>.db` unless overridden. `check` asserts exit
     code 0; `port`: the master port (default: derived from `run_dir`); `prefix`: a command the
-    runner is started under (e.g. tcp-launch)."""
+    runner is started under (e.g. tcp-launch); `offline_from`: a finished run to train a
+    Copilot from offline (`--offline-from`, in place of `--config`)."""
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     port = str(port or 29500 + (os.getpid() + hash(str(run_dir))) % 1000)
+    source = ["--offline-from", str(offline_from)] if offline_from is not None else \
+        ["--config", str(ROOT / config)]
     cmd = [*prefix, deepspeed, "--num_gpus", str(ranks), "--master_port", port,
-           str(ROOT / "launcher/train.py"), "--config", str(ROOT / config),
+           str(ROOT / "launcher/train.py"), *source,
            f"output_dir={run_dir}", f"tracking.uri=sqlite:///{run_dir}.db", *overrides]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     if popen:

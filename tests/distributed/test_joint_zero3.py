@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import SMALL, unexplained_console_lines
 from tests.helpers import launch as _launch
-from tests.helpers import unexplained_console_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -18,16 +18,9 @@ def launch(tmp_path: Path, *overrides: str, timeout: int = 400):
                    *overrides, timeout=timeout)
 
 
-SMALL = ("base.steps=30", "base.corpus_size=2000", "data.train_size=1000", "data.val_size=32",
-         "data.test_size=32", "train.steps=24", "train.log_every=6", "eval.batch_size=16",
-         "eval.lambdas=[0.5,1.0]", "train.pilot.lr=1e-3", "train.pilot.warmup_steps=2",
-         "train.copilot.warmup_steps=2", "train.pilot.micro_batch_size=8",
-         "mistake_log.replay_size=8")
-
-
-def test_two_rank_zero3_joint_run(tmp_path):
-    proc = launch(tmp_path, *SMALL)
-    res = json.loads((tmp_path / "run/results.json").read_text())
+def test_two_rank_zero3_joint_run(joint_run):
+    proc, run = joint_run.proc, joint_run.path  # trained once per session (conftest.py)
+    res = json.loads((run / "results.json").read_text())
     assert res["world_size"] == 2
     assert res["zero3_partitioned"] == {"pilot": True, "copilot": True}
     hist = res["history"]
@@ -55,7 +48,7 @@ def test_two_rank_zero3_joint_run(tmp_path):
     assert 0 <= res["truncation"]["test"]["share"] <= 1
     # predictions.jsonl: every rank's shard, one line per test example with both decodes; the
     # paired test counts all of them, as the accuracies do
-    preds = [json.loads(x) for x in (tmp_path / "run/predictions.jsonl").read_text().splitlines()]
+    preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
     assert [r["index"] for r in preds] == list(range(32))
     assert {r["pilot+copilot"]["lambda"] for r in preds} == {res["pilot+copilot"]["lambda"]}
     paired = res["paired"]
@@ -63,7 +56,6 @@ def test_two_rank_zero3_joint_run(tmp_path):
         assert sum(r[key]["correct"] for r in preds) == paired[name] == round(
             res[key]["accuracy"] * 32), key
     assert paired["n"] == 32 and "paired test" in proc.stdout
-    run = tmp_path / "run"
     for rel in ("config.yaml", "deepspeed.json", "tokenizer/tokenizer.json",
                 "final/pilot/config.json", "final/copilot.pt", "plots/training.png",
                 "plots/lambda_sweep.png", "plots/rectification.png", "checkpoints/latest",
@@ -73,7 +65,7 @@ def test_two_rank_zero3_joint_run(tmp_path):
                 "checkpoints/step_00000024/trainer_rank0.pt",
                 "checkpoints/step_00000024/trainer_rank1.pt"):
         assert (run / rel).exists(), rel
-    assert (tmp_path / "mlflow.db").exists()
+    assert joint_run.db.exists()
     check_mistake_log(run, res, steps=24, micro_batch_size=8)
     # tcp-eval on the finished run (one process, no DeepSpeed) scores what the job scored; batches
     # are composed differently (rank shards), so a near-tie may flip one answer.
