@@ -41,13 +41,16 @@ def snapshot(run: Path) -> dict[str, str]:
 
 
 def test_a_second_run_on_a_live_folder_is_refused_and_the_first_finishes(tmp_path):
-    run = tmp_path / "run"
-    first = launch(run, *TINY, "train.steps=80", NO_MLFLOW, popen=True,  # ~35 s of steps
-                   port=29410)
+    run, release = tmp_path / "run", tmp_path / "release"
+    # The first run holds at step 3 until the second has been refused (live however slow the
+    # machine is), then finishes.
+    first = launch(run, *TINY, "train.steps=12", NO_MLFLOW, popen=True, port=29410,
+                   env={"TCP_FAULT_INJECT": "hold@step=3", "TCP_FAULT_RELEASE": str(release)})
     try:
         wait_for(lambda: (run / "mistake_log/rank00001").exists(), timeout=300,
                  what="the first run's Mistake Log", proc=first)
         second = launch(run, *LONG, NO_MLFLOW, check=False, port=29400)
+        release.touch()
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
         err = second.stderr.strip().splitlines()[-1]
         assert err.startswith("lock error: ") and "in use by a running tcp run" in err

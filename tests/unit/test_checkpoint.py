@@ -139,6 +139,22 @@ def test_fault_plan_parsing():
         _plan("explode@step=1")
 
 
+def test_fault_hold_waits_for_the_release_file(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from tcp.faults import fault_point
+
+    release = tmp_path / "release"
+    monkeypatch.setenv("TCP_FAULT_INJECT", "hold@step=3")
+    monkeypatch.setenv("TCP_FAULT_RELEASE", str(release))
+    fault_point("step", step=2, rank=0)  # not the held step: returns at once
+    threading.Timer(0.5, release.touch).start()
+    t0 = time.monotonic()
+    fault_point("step", step=3, rank=0)
+    assert release.exists() and time.monotonic() - t0 >= 0.4
+
+
 def test_mlflow_tags_from_environment_formats():
     assert parse_tags('{"team": "nlp", "n": 3}') == {"team": "nlp", "n": "3"}
     assert parse_tags("team=nlp, exp = a=b") == {"team": "nlp", "exp": "a=b"}
