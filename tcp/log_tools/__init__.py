@@ -2,7 +2,9 @@
 
 One module per job, each usable as a library:
 
-- `errors`   one-line errors (`log error: ...`) and the checks that raise them
+- `errors`   one-line errors (`log error: ...`, `usage error: ...`); `args` flag parsers
+- `checks`   what is a Mistake Log; errors for a path that is not one or a damaged one
+- `paths`    the sibling paths a rewrite reserves (`<PATH>.tcp-compact`, ...)
 - `tables`   per-entry facts of a log (steps, losses, sizes) read without decoding states
 - `select`   prune policies: pure functions from those facts to keep-masks
 - `rewrite`  copy chosen entries of one or more shards into a new store

@@ -11,14 +11,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from tcp.errors import RunError
-from tcp.log_tools import export, merge, prune, summary
-from tcp.log_tools.compact import CompactOptions, compact
-from tcp.log_tools.errors import damaged, human_bytes, parse_bytes
-from tcp.log_tools.select import PrunePolicy
-from tcp.mistake_log.store import MistakeLogCorrupt
+from tcp.log_tools.args import parse_bytes, parse_ids, parse_steps
+from tcp.log_tools.errors import human_bytes
+
+# The commands (torch, zarr, pyarrow) are imported when one runs, so `--help` and a bad flag
+# answer at once.
 
 PROG = "tcp-log"
 EXAMPLES = {
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep entries whose Pilot loss is > X")
     g.add_argument("--only-mistakes", action="store_true",
                    help="keep entries with a target token whose stored top-1 is not the label")
-    p.add_argument("--max-bytes", type=str, metavar="B",
+    p.add_argument("--max-bytes", type=parse_bytes, metavar="B",
                    help="drop the oldest steps until the estimated stored size is <= B "
                    "(e.g. 500M, 10G; counted over what the other policies keep)")
     p.add_argument("--apply", action="store_true", help="rewrite the log (default: dry run)")
@@ -114,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
              "flat arrays; layouts in tcp/log_tools/export.py. Selections combine.")
     p.add_argument("path")
     p.add_argument("--out", required=True, metavar="FILE", help="FILE.parquet or FILE.npz")
-    p.add_argument("--steps", type=export.parse_steps, metavar="A:B",
+    p.add_argument("--steps", type=parse_steps, metavar="A:B",
                    help="steps A <= step < B (A: or :B leave an end open)")
     p.add_argument("--rank", type=int, metavar="R", help="only rank R's shard")
-    p.add_argument("--sample-ids", type=export.parse_ids, metavar="I,J,...",
+    p.add_argument("--sample-ids", type=parse_ids, metavar="I,J,...",
                    help="only these dataset indices")
     p.add_argument("--force", action="store_true", help="overwrite FILE")
     p = _sub(sub, "merge", "combine logs of several runs into a new store",
@@ -134,13 +134,19 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _codec_opts(a: argparse.Namespace, merge_ranks: bool = False) -> CompactOptions:
+def _codec_opts(a: argparse.Namespace, merge_ranks: bool = False) -> Any:
+    from tcp.log_tools.compact import CompactOptions
+
     return CompactOptions(chunk_mib=a.chunk_mib, compressor=a.compressor, level=a.level,
                           shard_chunks=a.shard_chunks, merge_ranks=merge_ranks)
 
 
 def run(a: argparse.Namespace) -> int:
     """Execute a parsed command; returns the exit code."""
+    from tcp.log_tools import export, merge, prune, summary
+    from tcp.log_tools.compact import compact
+    from tcp.log_tools.select import PrunePolicy
+
     t0 = time.perf_counter()
     if a.cmd == "info":
         d = summary.describe(a.path)
@@ -153,7 +159,7 @@ def run(a: argparse.Namespace) -> int:
     if a.cmd == "prune":
         policy = PrunePolicy(keep_last_steps=a.keep_last_steps, before_step=a.before_step,
                              min_loss=a.min_loss, only_mistakes=a.only_mistakes,
-                             max_bytes=None if a.max_bytes is None else parse_bytes(a.max_bytes))
+                             max_bytes=a.max_bytes)
         if not a.apply:
             print("\n".join(prune.dry_run(a.path, policy)[1]))
             return 0
@@ -191,7 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except RunError as e:
         print(f"{e.kind} error: {e}", file=sys.stderr)
-    except MistakeLogCorrupt as e:  # a read that the commands did not already explain
+    except Exception as e:
+        from tcp.log_tools.checks import damaged
+        from tcp.mistake_log.store import MistakeLogCorrupt
+
+        if not isinstance(e, MistakeLogCorrupt):
+            raise
+        # A damaged log that the command did not already explain.
         where = str(getattr(args, "path", None) or getattr(args, "out", "?"))
         print(f"log error: {damaged(Path(where), e)}", file=sys.stderr)
     return 2

@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tcp.log_tools.errors import LogToolError, UsageError, damaged
+from tcp.log_tools.checks import damaged
+from tcp.log_tools.errors import LogToolError, UsageError
 from tcp.log_tools.rewrite import blocks
 from tcp.log_tools.tables import READ_ERRORS, LogTables, load_tables
 from tcp.mistake_log.record import MistakeBatch, offsets_from_lengths
@@ -61,27 +62,6 @@ class Selection:
     def describe(self) -> dict[str, Any]:
         return {"steps": list(self.steps) if self.steps else None, "rank": self.rank,
                 "sample_ids": sorted(self.sample_ids) if self.sample_ids else None}
-
-
-def parse_steps(text: str) -> tuple[int | None, int | None]:
-    """'A:B' -> (A, B); 'A:' and ':B' leave an end open."""
-    try:
-        a, b = text.split(":")
-        lo, hi = (int(a) if a.strip() else None), (int(b) if b.strip() else None)
-    except ValueError:
-        raise UsageError(f"--steps {text!r}: expected A:B (A <= step < B; A: or :B leave an "
-                         "end open)") from None
-    if lo is not None and hi is not None and hi <= lo:
-        raise UsageError(f"--steps {text!r}: B must be greater than A")
-    return lo, hi
-
-
-def parse_ids(text: str) -> frozenset[int]:
-    """'1,2,3' -> {1, 2, 3}."""
-    try:
-        return frozenset(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise UsageError(f"--sample-ids {text!r}: expected comma-separated integers") from None
 
 
 def selected(tables: LogTables, sel: Selection) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:

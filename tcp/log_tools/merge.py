@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tcp.log_tools.checks import require_log
 from tcp.log_tools.compact import CompactOptions
-from tcp.log_tools.errors import LogToolError, UsageError, disk_full, human_bytes, require_log
+from tcp.log_tools.errors import LogToolError, UsageError, disk_full, human_bytes
 from tcp.log_tools.paths import TEMP_TAG
 from tcp.log_tools.replace import fsync_tree, now, unsynced
 from tcp.log_tools.rewrite import OutShard, config_from_codec, part_of, write_log
@@ -67,9 +68,8 @@ def merge(out: Path | str, sources: list[Path | str], opts: CompactOptions, *,
     locks: list[RunLock] = []
     created = not out.exists()
     try:
-        for s in srcs:
-            locks.append(RunLock(s, what="log tool").acquire())
-        locks.append(RunLock(out, what="log tool").acquire())
+        for folder in [*srcs, out]:  # heartbeats: another host must not judge them stale
+            locks.append(RunLock(folder, what="log tool").acquire().start_heartbeat())
         return _merge_locked(out, srcs, opts, say)
     finally:
         for lock in reversed(locks):

@@ -33,7 +33,8 @@ import zarr
 from tcp.config import ZarrStoreConfig
 from tcp.faults import fault_point
 from tcp.log_tools import swap
-from tcp.log_tools.errors import LogToolError, damaged, disk_full, human_bytes, require_log
+from tcp.log_tools.checks import damaged, require_log
+from tcp.log_tools.errors import LogToolError, disk_full, human_bytes
 from tcp.log_tools.paths import TEMP_TAG, temp_path
 from tcp.log_tools.rewrite import OutShard, write_log
 from tcp.log_tools.tables import READ_ERRORS, LogTables, load_tables
@@ -73,6 +74,7 @@ def rewrite_in_place(path: Path | str, build: Build, *, say: Callable[[str], Non
         lock = RunLock(path, what="log tool").acquire()
         if lock.took_over is not None:
             say(f"took over the stale lock on {path} ({lock.took_over.describe()})")
+    lock.start_heartbeat()  # a run on another host must not judge a long rewrite's lock stale
     try:
         swap.cleanup(path, say)
         tables = load_tables(path, mistakes=mistakes)
@@ -88,9 +90,13 @@ def rewrite_in_place(path: Path | str, build: Build, *, say: Callable[[str], Non
         manifests = _build_verified(path, tmp, tables, shards, cfg, record, lock,
                                     same_digests=same_digests)
         fault_point("compact", step=2, rank=0)
-        old = swap.swap_in(path, tmp)
-        fault_point("compact", step=4, rank=0)
-        swap.finish(path, old)
+        try:
+            old = swap.swap_in(path, tmp)
+            fault_point("compact", step=4, rank=0)
+            swap.finish(path, old)
+        except OSError as e:  # the verified copy is kept; a rerun finishes or cleans up
+            raise LogToolError(f"swapping {tmp} in for {path} failed ({e}); rerun "
+                               f"`tcp-log compact {path}` to finish or clean up") from e
     finally:
         lock.release()
     return Outcome(path, tables.entries, sum(m.entries for m in manifests), before,

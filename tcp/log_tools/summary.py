@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tcp.log_tools.errors import damaged, human_bytes, require_log
+from tcp.log_tools.checks import damaged, require_log
+from tcp.log_tools.errors import human_bytes
 from tcp.log_tools.tables import READ_ERRORS, residual_sum, root_attrs
 from tcp.mistake_log.maintenance import VerifyReport, info, verify
 from tcp.mistake_log.store import RankStoreReader, Schema

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tcp.log_tools.errors import damaged, require_log
+from tcp.log_tools.checks import damaged, require_log
 from tcp.mistake_log.store import (
     ENTRY_ARRAYS,
     PROMPT_ARRAYS,
