@@ -123,7 +123,10 @@ def _build_verified(path: Path, tmp: Path, tables: LogTables, shards: list[OutSh
         zarr.open_group(tmp, mode="r+", zarr_format=3).attrs.update({"history": history})
         _check(tmp, tables, shards, manifests, same_digests)
         _carry_other_files(path, tmp)
-        os.link(lock.path, tmp / LOCK_NAME)  # the new store arrives locked by us
+        try:  # the new store arrives locked by us (the same lock file, so release finds it)
+            os.link(lock.path, tmp / LOCK_NAME)
+        except OSError:  # a filesystem without hard links: the same owner record
+            shutil.copy2(lock.path, tmp / LOCK_NAME)
         (tmp / TEMP_TAG).unlink()
         fsync_tree(tmp)
         return manifests
