@@ -53,39 +53,25 @@ def run_offline(cfg: RunConfig) -> dict[str, Any]:
 
 def _run(cfg: RunConfig, *, t_start: float, rank: int, world: int,
          device: torch.device) -> dict[str, Any]:
-    from tcp.eval_cli import load_eval_data
-
     out = Path(cfg.output_dir)
-    src: SourceRun | None = None
-    data = stream = None
-    error: BaseException | None = None
-    try:  # every check before any model loads; ranks agree on the outcome
-        src = open_source(cfg, world=world)
-        if cfg.eval.enabled:  # a bad data file fails here too (DataError)
-            data = load_eval_data(src.path, cfg, pilot_from=None, limit=None)
-            cfg = data.cfg  # data.max_length resolved
-        stream = RecordedStream(src.log, rank=rank, cfg=cfg)
-    except Exception as e:  # reported as one line on every rank
-        error = e
-    agree(error)
-    assert src is not None and stream is not None
-    torch.manual_seed(offline_seed(cfg))
+    src, data, stream = prepare(cfg, rank=rank, world=world)
+    if data is not None:
+        cfg = data.cfg  # data.max_length resolved
     for line in src.notes:
         print_rank0(line)
     if rank == 0:
         save_config(cfg, out, world)
         src.tokenizer.save_pretrained(out / "tokenizer")
-    model = build_copilot(dataclasses.replace(cfg, seed=offline_seed(cfg)), vocab=src.vocab,
-                          d_pilot=src.d_pilot, base=src.base,
-                          pilot_encoder_decoder=src.encoder_decoder, tokenizer=src.tokenizer)
-    copilot = build_engine(model, render_deepspeed(cfg, "copilot", world_size=world))
-    n_c = sum(getattr(p, "ds_numel", p.numel()) for p in copilot.module.parameters())
-    print_rank0(f"[tcp] offline Copilot ({n_c / 1e6:.2f}M params) from {src.log}: steps "
-                f"{src.steps.start}..{src.steps.stop - 1}, world={world} device={device.type}")
-    tracker = Tracker(cfg, rank=rank)
-    tracker.tags({"tcp.offline_from": str(src.path)})
+    tracker: Tracker | None = None
     status, error = "FAILED", None
     try:
+        copilot = build_offline_copilot(cfg, src, world=world)
+        n_c = sum(getattr(p, "ds_numel", p.numel()) for p in copilot.module.parameters())
+        print_rank0(f"[tcp] offline Copilot ({n_c / 1e6:.2f}M params) from {src.log}: steps "
+                    f"{src.steps.start}..{src.steps.stop - 1}, world={world} "
+                    f"device={device.type}")
+        tracker = Tracker(cfg, rank=rank)
+        tracker.tags({"tcp.offline_from": str(src.path)})
         t0 = time.time()
         trainer = OfflineTrainer(cfg, copilot=copilot, stream=stream, steps=src.steps,
                                  rank=rank, world=world, device=device, tracker=tracker)
@@ -105,14 +91,7 @@ def _run(cfg: RunConfig, *, t_start: float, rank: int, world: int,
                                 "total": time.time() - t_start},
                        mlflow_run_id=tracker.run_id)
         if rank == 0:
-            from tcp.run import report
-
-            write_json(out / "results.json", results)
-            if "copilot_rmse" in results:
-                tracker.metrics({f"val/copilot_rmse_{k}": v for k, v in
-                                 results["copilot_rmse"].items() if v is not None},
-                                step=len(src.steps))
-            report(results, out, tracker, step=len(src.steps))
+            write_results(results, out, tracker, step=len(src.steps))
             print(f"[tcp] results: {out / 'results.json'} (total {elapsed(t_start)})",
                   flush=True)
         if data is not None:
@@ -126,9 +105,59 @@ def _run(cfg: RunConfig, *, t_start: float, rank: int, world: int,
         raise
     finally:
         stream.close()
-        tracker.close(status, error=error)
+        if tracker is not None:
+            tracker.close(status, error=error)
         if status != "FAILED" and dist.is_initialized():
             dist.barrier()  # never on failure: the other ranks may be gone
+
+
+def prepare(cfg: RunConfig, *, rank: int,
+            world: int) -> tuple[SourceRun, Any, RecordedStream]:
+    """Every check before any model loads (collective; the ranks agree on the outcome): the
+    source (tcp.offline_source), the evaluation data (a bad file is a DataError), this rank's
+    shard. Returns the source, the evaluation data (None with eval.enabled=false), the stream."""
+    from tcp.eval_cli import load_eval_data
+
+    src = data = stream = None
+    error: BaseException | None = None
+    try:
+        src = open_source(cfg, world=world)
+        if cfg.eval.enabled:
+            data = load_eval_data(src.path, cfg, pilot_from=None, limit=None)
+        stream = RecordedStream(src.log, rank=rank,
+                                cfg=data.cfg if data is not None else cfg)
+    except Exception as e:  # reported as one line on every rank
+        error = e
+    try:
+        agree(error)
+    except BaseException:
+        if stream is not None:
+            stream.close()
+        raise
+    assert src is not None and stream is not None
+    return src, data, stream
+
+
+def build_offline_copilot(cfg: RunConfig, src: SourceRun, *, world: int) -> Any:
+    """A fresh Copilot for the source's Pilot (`copilot.*`, seeded by `offline.seed`) in its
+    DeepSpeed engine (`train.copilot.*`). Collective."""
+    seeded = dataclasses.replace(cfg, seed=offline_seed(cfg))
+    torch.manual_seed(seeded.seed)
+    model = build_copilot(seeded, vocab=src.vocab, d_pilot=src.d_pilot, base=src.base,
+                          pilot_encoder_decoder=src.encoder_decoder, tokenizer=src.tokenizer)
+    return build_engine(model, render_deepspeed(cfg, "copilot", world_size=world))
+
+
+def write_results(results: dict[str, Any], out: Path, tracker: Tracker, *, step: int) -> None:
+    """Rank 0: results.json, the joint run's report (table, metrics, plots), and the RMSE
+    against the jointly trained Copilot's as metrics."""
+    from tcp.run import report
+
+    write_json(out / "results.json", results)
+    if "copilot_rmse" in results:
+        tracker.metrics({f"val/copilot_rmse_{k}": v for k, v in results["copilot_rmse"].items()
+                         if v is not None}, step=step)
+    report(results, out, tracker, step=step)
 
 
 def evaluate(cfg: RunConfig, out: Path, src: SourceRun, data: Any, *, rank: int, world: int,

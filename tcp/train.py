@@ -243,18 +243,15 @@ def join_entries(current: MistakeBatch | None, replay: MistakeBatch | None, *,
     """The step's own entries (when `include_current` and there are any) followed by the
     replayed ones, on `device`; None when there are none. Joint and offline training
     (tcp.offline) both build the Copilot's batch here."""
-    parts = [current] if include_current and current is not None and current.num_entries \
-        else []
-    if replay is not None:
-        parts.append(replay)
+    own = include_current and current is not None and current.num_entries > 0
+    parts = [p for p in (current if own else None, replay) if p is not None]
     return MistakeBatch.cat(parts, device=device) if parts else None
 
 
 def copilot_update(copilot: Any, entries: MistakeBatch, *, kernels: KernelsConfig,
                    device: torch.device) -> tuple[float, float]:
-    """One Copilot optimizer step on `entries` (a DeepSpeed engine): the RMSE loss against the
-    sparse errors (METHOD.md §3), backward, step. Returns (loss, the zero baseline's RMSE).
-    Collective under ZeRO-3: every rank calls it at the same steps."""
+    """One step of the Copilot's engine on `entries`: RMSE loss against the sparse errors
+    (METHOD.md §3), backward, step; returns (loss, the zero baseline's RMSE). Collective."""
     inputs = build_inputs(entries, device)
     target = ErrorTarget.from_batch(entries, device, fused=kernels.fused, impl=kernels.impl,
                                     chunk_mib=kernels.chunk_mib)

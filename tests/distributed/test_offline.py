@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, launch
+from tests.helpers import ROOT, launch, unexplained_console_lines
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -41,6 +41,7 @@ def test_offline_copilot_from_the_joint_runs_log(joint_run, tmp_path):
             assert abs(a[key] - b[key]) <= 1e-4 * abs(b[key]), (a["step"], key)
     # Only the Copilot was trained: no Pilot steps, no Pilot saved, no log written.
     assert "[offline] 24/24" in proc.stdout and "[joint]" not in proc.stdout
+    assert unexplained_console_lines(proc.stdout + proc.stderr) == []
     assert "Pilot+Copilot" in proc.stdout and "validation Copilot RMSE: offline" in proc.stdout
     assert not (out / "final" / "pilot").exists() and not (out / "mistake_log").exists()
     for rel in ("final/copilot.pt", "tokenizer/tokenizer_config.json", "plots/training.png"):
