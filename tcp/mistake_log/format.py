@@ -1,0 +1,336 @@
+"""The on-disk Mistake Log's format: a Zarr v3 group per run, one sub-group (shard) per rank.
+
+Layout (docs/mistake_log.md is the reader's guide)::
+
+    <root>/zarr.json                 group; attrs: format, version, d_model, topk, state_dtype
+    <root>/rank00000/zarr.json       one writer per rank shard (Zarr has no multi-writer chunks)
+    <root>/rank00000/manifest.json   the commit record; written last, atomically
+    <root>/rank00000/{h,labels,topk_ids,topk_probs,residual}   per target token, token-major
+    <root>/rank00000/x_tilde                                   per prompt row
+    <root>/rank00000/{step,sample_id,loss,x_start,x_len,y_start,y_len}   per entry
+
+Commit protocol. Arrays only grow; their shapes are capacity (grown in large blocks), not
+content. `manifest.json` says how many entries, target tokens and prompt rows are committed,
+plus a CRC32 digest of each array's committed rows. A commit writes the new chunks (every chunk
+write is an atomic rename; the open tail chunk is rewritten whole, never read-modify-written),
+fsyncs them, then replaces the manifest (temp file, fsync, rename, fsync of the directory).
+Readers never look past the manifest's counts, so a crash at any point leaves the previous commit
+readable; whatever was written after it is an uncommitted tail that readers ignore and report.
+Every chunk also carries a CRC32C (Zarr's crc32c codec), so a corrupt chunk fails its read.
+
+This module: the layout's names and constants, the schema, chunking and codecs, the manifest,
+the durable-write helpers and row conversions. The shard writer is `shard_writer.py`, the
+reader `reader.py`, rewriting a whole log (prune, compact, merge) `tcp/log_tools/`;
+`store.py` re-exports all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.abc.codec import ArrayArrayCodec, BytesBytesCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.core.buffer import Buffer
+from zarr.storage import LocalStore
+
+from tcp.config import ZarrStoreConfig
+from tcp.mistake_log.record import MistakeBatch
+
+# BitRound (lossy option) is a numcodecs codec, not a Zarr v3 spec codec; zarr-python reads it
+# (docs/mistake_log.md says so). Silence the per-array reminder, nothing else.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+
+FORMAT = "tcp-mistake-log"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKEN_ARRAYS = ("h", "labels", "topk_ids", "topk_probs", "residual")
+PROMPT_ARRAYS = ("x_tilde",)
+ENTRY_ARRAYS = ("step", "sample_id", "loss", "x_start", "x_len", "y_start", "y_len")
+ALL_ARRAYS = TOKEN_ARRAYS + PROMPT_ARRAYS + ENTRY_ARRAYS
+STATE_ARRAYS = ("h", "x_tilde")
+ENTRY_CHUNK_ROWS = 4096
+FSYNC_THREADS = 8
+"""fsyncs a commit runs at once (TrackingStore.sync)."""
+_NP_STATE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+"""bfloat16 has no NumPy dtype: its bits are stored as uint16 (attrs say so)."""
+
+
+class MistakeLogCorrupt(RuntimeError):
+    """A store that fails verification: never read silently."""
+
+
+def rank_group(rank: int) -> str:
+    """The sub-group name of a rank's shard."""
+    return f"rank{rank:05d}"
+
+
+# ---------------------------------------------------------------------- schema
+@dataclass(frozen=True)
+class Schema:
+    """Shape facts fixed when a store is created (the root group's attrs)."""
+
+    d_model: int
+    topk: int
+    state_dtype: str  # "float32" | "float16" | "bfloat16"
+
+    def dtype(self, name: str) -> str:
+        """NumPy dtype of array `name` on disk."""
+        if name in STATE_ARRAYS:
+            return _NP_STATE[self.state_dtype]
+        if name in ("labels", "topk_ids"):
+            return "int32"
+        if name in ("topk_probs", "residual", "loss"):
+            return "float32"
+        return "int64"
+
+    def row_shape(self, name: str) -> tuple[int, ...]:
+        """Trailing shape of one row of array `name`."""
+        if name in STATE_ARRAYS:
+            return (self.d_model,)
+        if name in ("topk_ids", "topk_probs"):
+            return (self.topk,)
+        return ()
+
+    def attrs(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": FORMAT_VERSION, "d_model": self.d_model,
+                "topk": self.topk, "state_dtype": self.state_dtype}
+
+    @staticmethod
+    def from_attrs(attrs: dict[str, Any], where: Path) -> Schema:
+        if attrs.get("format") != FORMAT:
+            raise MistakeLogCorrupt(f"{where}: not a tcp Mistake Log (attrs.format="
+                                    f"{attrs.get('format')!r})")
+        if attrs.get("version") != FORMAT_VERSION:
+            raise MistakeLogCorrupt(f"{where}: format version {attrs.get('version')}, this tcp "
+                                    f"reads {FORMAT_VERSION}")
+        return Schema(int(attrs["d_model"]), int(attrs["topk"]), str(attrs["state_dtype"]))
+
+
+def chunk_rows(schema: Schema, name: str, cfg: ZarrStoreConfig) -> int:
+    """Rows per chunk: token arrays share the chunking of `h` (row r lives in chunk r // C of
+    every token array), prompt rows follow `x_tilde`, entry arrays use a fixed small chunk."""
+    if name in ENTRY_ARRAYS:
+        return ENTRY_CHUNK_ROWS
+    ref = "x_tilde" if name in PROMPT_ARRAYS else "h"
+    row_bytes = schema.d_model * np.dtype(schema.dtype(ref)).itemsize
+    return max(64, int(cfg.chunk_mib * 2**20) // row_bytes)
+
+
+def write_unit(schema: Schema, name: str, cfg: ZarrStoreConfig) -> int:
+    """Rows written as one piece: a chunk, or a whole shard when sharding is on."""
+    return chunk_rows(schema, name, cfg) * max(1, cfg.shard_chunks)
+
+
+def codecs(schema: Schema, name: str, cfg: ZarrStoreConfig) -> dict[str, Any]:
+    """`create_array` keyword arguments (filters, compressors) for array `name`."""
+    filters: list[ArrayArrayCodec] = []
+    if cfg.lossy_keepbits is not None and name in STATE_ARRAYS:
+        from zarr.codecs.numcodecs import BitRound
+
+        filters.append(BitRound(keepbits=cfg.lossy_keepbits))
+    comp: list[BytesBytesCodec] = []
+    if cfg.compressor == "zstd":
+        comp.append(ZstdCodec(level=cfg.level))
+    elif cfg.compressor == "blosc":
+        item = np.dtype(schema.dtype(name)).itemsize
+        comp.append(BloscCodec(cname="zstd", clevel=cfg.level, typesize=item,
+                               shuffle="shuffle" if cfg.shuffle else "noshuffle"))
+    if cfg.checksum:
+        comp.append(Crc32cCodec())
+    return {"filters": filters, "compressors": comp}
+
+
+def codec_description(cfg: ZarrStoreConfig) -> dict[str, Any]:
+    """What the manifest records about encoding (and the stated lossy bound)."""
+    d: dict[str, Any] = {"compressor": cfg.compressor, "level": cfg.level,
+                         "shuffle": cfg.shuffle if cfg.compressor == "blosc" else None,
+                         "checksum": "crc32c" if cfg.checksum else None,
+                         "shard_chunks": cfg.shard_chunks, "chunk_mib": cfg.chunk_mib,
+                         "lossy_keepbits": cfg.lossy_keepbits}
+    if cfg.lossy_keepbits is not None:
+        d["lossy_arrays"] = list(STATE_ARRAYS)
+        d["max_relative_error"] = 2.0 ** -(cfg.lossy_keepbits + 1)  # normal numbers;
+        # subnormals: absolute error <= max_relative_error * smallest normal
+    return d
+
+
+# ---------------------------------------------------------------------- filesystem helpers
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: Path, obj: Any, *, fsync: bool) -> None:
+    """Temp file, fsync, rename, fsync the directory: the file is old or new, never partial."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if fsync:
+        fsync_path(path.parent)
+
+
+@functools.cache
+def _fsync_pool() -> ThreadPoolExecutor:
+    """One pool per process, shared by every shard's commits (threads start on first use)."""
+    return ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="tcp-mlog-fsync")
+
+
+class TrackingStore(LocalStore):
+    """A LocalStore that remembers what it wrote: stored bytes per key, and the keys a commit
+    must fsync. (LocalStore already writes each key through a temp file and a rename.)"""
+
+    def __init__(self, root: Path | str, *, read_only: bool = False) -> None:
+        super().__init__(root, read_only=read_only)
+        self.sizes: dict[str, int] = {}
+        self.total = 0
+        """Sum of `sizes`, kept current so a commit does not re-add every key."""
+        self.unsynced: set[str] = set()
+
+    def note_existing(self, key: str, size: int) -> None:
+        """Account for a file written before this store was opened (a reopened shard)."""
+        self.total += size - self.sizes.get(key, 0)
+        self.sizes[key] = size
+
+    async def set(self, key: str, value: Buffer) -> None:
+        await super().set(key, value)
+        self.note_existing(key, len(value))
+        self.unsynced.add(key)
+
+    def with_read_only(self, read_only: bool = False) -> TrackingStore:
+        return TrackingStore(self.root, read_only=read_only)
+
+    def sync(self, fsync: bool) -> None:
+        """fsync every file written since the last call, then their directories. The fsyncs
+        of one step run concurrently (FSYNC_THREADS): each waits on the disk, not the CPU, and
+        one at a time they were most of a commit's cost (~7 ms a file here)."""
+        keys, self.unsynced = self.unsynced, set()
+        if not fsync or not keys:
+            return
+        files = [Path(self.root) / k for k in keys]
+        dirs = {p.parent for p in files}
+        pool = _fsync_pool()
+        list(pool.map(fsync_path, files))  # re-raises the first failure
+        list(pool.map(fsync_path, dirs))
+
+
+# ---------------------------------------------------------------------- manifest
+@dataclass
+class Manifest:
+    """One rank's commit record."""
+
+    rank: int
+    entries: int = 0
+    tokens: int = 0
+    prompt_rows: int = 0
+    first_step: int | None = None
+    last_step: int | None = None
+    commits: int = 0
+    digests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ALL_ARRAYS, 0))
+    raw_bytes: int = 0
+    stored_bytes: int = 0
+    dropped_entries: int = 0
+    codec: dict[str, Any] = field(default_factory=dict)
+    updated: float = 0.0
+
+    def rows(self, name: str) -> int:
+        """Committed rows of array `name`."""
+        if name in TOKEN_ARRAYS:
+            return self.tokens
+        if name in PROMPT_ARRAYS:
+            return self.prompt_rows
+        return self.entries
+
+    def to_json(self) -> dict[str, Any]:
+        """A snapshot (deep copy: later commits do not change it)."""
+        return copy.deepcopy({"format": FORMAT, "version": FORMAT_VERSION, **self.__dict__})
+
+    @staticmethod
+    def read(path: Path) -> Manifest:
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as e:
+            raise MistakeLogCorrupt(f"{path}: unreadable manifest ({e}); the rank's shard "
+                                    "cannot be trusted") from None
+        if d.pop("format", None) != FORMAT or d.pop("version", None) != FORMAT_VERSION:
+            raise MistakeLogCorrupt(f"{path}: not a tcp Mistake Log manifest v{FORMAT_VERSION}")
+        try:
+            return Manifest(**d)
+        except TypeError as e:
+            raise MistakeLogCorrupt(f"{path}: malformed manifest ({e})") from None
+
+
+# ---------------------------------------------------------------------- conversions
+def batch_to_rows(batch: MistakeBatch, schema: Schema) -> dict[str, np.ndarray]:
+    """MistakeBatch (CPU) -> the per-array rows to append, offsets still local (start at 0)."""
+    def state(t: torch.Tensor) -> np.ndarray:
+        if schema.state_dtype == "bfloat16":
+            return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return t.to(getattr(torch, schema.state_dtype)).numpy()
+
+    xl, yl = batch.prompt_lens, batch.target_lens
+    return {
+        "h": state(batch.h), "x_tilde": state(batch.x_tilde),
+        "labels": batch.labels.to(torch.int32).numpy(),
+        "topk_ids": batch.topk_ids.to(torch.int32).numpy(),
+        "topk_probs": batch.topk_probs.float().numpy(),
+        "residual": batch.residual.float().numpy(),
+        "step": batch.step.long().numpy(), "sample_id": batch.sample_id.long().numpy(),
+        "loss": batch.loss.float().numpy(),
+        "x_start": batch.x_offsets[:-1].long().numpy(), "x_len": xl.long().numpy(),
+        "y_start": batch.y_offsets[:-1].long().numpy(), "y_len": yl.long().numpy(),
+    }
+
+
+def state_tensor(a: np.ndarray, state_dtype: str) -> torch.Tensor:
+    """On-disk state rows -> torch (bfloat16 bits are reinterpreted)."""
+    if state_dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def create_root(store: LocalStore | Path | str, schema: Schema) -> Any:
+    """Open (creating if needed) a run's root group and check it holds this schema. In a
+    distributed run rank 0 calls it before the others open their shards."""
+    if not isinstance(store, LocalStore):
+        store = TrackingStore(store)
+    g = zarr.open_group(store=store, mode="a", zarr_format=3)
+    if not g.attrs.get("format"):
+        g.attrs.update(schema.attrs())
+    found = Schema.from_attrs(dict(g.attrs), Path(str(store.root)))
+    if found != schema:
+        raise ValueError(f"{store.root}: existing Mistake Log has {found}, this run needs "
+                         f"{schema}; point mistake_log.store.path elsewhere")
+    return g
+
+
+def ranks_in(root: Path | str) -> list[int]:
+    """Ranks that have a shard in the store."""
+    root = Path(root)
+    return sorted(int(p.name[4:]) for p in root.glob("rank*") if p.is_dir())
+
+
+async def gather_jobs(jobs: list[Any]) -> list[Any]:
+    """Run Zarr coroutines concurrently (one round trip to Zarr's event loop)."""
+    return list(await asyncio.gather(*jobs))

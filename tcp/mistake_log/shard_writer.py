@@ -1,0 +1,241 @@
+"""`RankStoreWriter`: the single synchronous writer of one rank's shard (append, commit,
+rollback to a checkpoint's cursor). The commit protocol is described in `format.py`; the
+asynchronous writer that drives it from a background thread is `writer.py`."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from zarr.core.sync import sync as zarr_sync
+
+from tcp.config import ZarrStoreConfig
+from tcp.mistake_log.format import (
+    ALL_ARRAYS,
+    ENTRY_ARRAYS,
+    MANIFEST,
+    Manifest,
+    MistakeLogCorrupt,
+    Schema,
+    TrackingStore,
+    atomic_write_json,
+    batch_to_rows,
+    chunk_rows,
+    codec_description,
+    codecs,
+    create_root,
+    gather_jobs,
+    rank_group,
+    write_unit,
+)
+from tcp.mistake_log.record import MistakeBatch
+
+
+class RankStoreWriter:
+    """The single synchronous writer of one rank's shard. `append` buffers, `commit` writes
+    and publishes. The asynchronous writer (writer.py) calls these from its worker thread."""
+
+    def __init__(self, root: Path | str, rank: int, schema: Schema, cfg: ZarrStoreConfig) -> None:
+        self.root, self.rank, self.schema, self.cfg = Path(root), rank, schema, cfg
+        self.dir = self.root / rank_group(rank)
+        self.store = TrackingStore(self.root)
+        g = create_root(self.store, schema)
+        self.group = g.require_group(rank_group(rank))
+        self.arrays: dict[str, Any] = {}
+        for name in ALL_ARRAYS:
+            if name in self.group:
+                self.arrays[name] = self.group[name]
+            else:
+                self.arrays[name] = self.group.create_array(
+                    name, shape=(0, *schema.row_shape(name)), dtype=schema.dtype(name),
+                    chunks=(chunk_rows(schema, name, cfg), *schema.row_shape(name)),
+                    shards=((write_unit(schema, name, cfg), *schema.row_shape(name))
+                            if cfg.shard_chunks else None),
+                    fill_value=-1 if name in ENTRY_ARRAYS and name != "loss" else 0,
+                    **codecs(schema, name, cfg))
+        # Every chunk written holds data, so skip Zarr's per-chunk "all fill value?" scan.
+        self.arrays = {n: a.with_config({"write_empty_chunks": True})
+                       for n, a in self.arrays.items()}
+        mpath = self.dir / MANIFEST
+        if mpath.exists():
+            self.manifest = Manifest.read(mpath)
+            if self.manifest.codec != codec_description(cfg):
+                raise ValueError(
+                    f"{self.dir}: this shard was written with store options "
+                    f"{self.manifest.codec}; appending needs the same mistake_log.store codec and "
+                    f"chunk options (got {codec_description(cfg)}), or a new store path")
+        else:
+            self.manifest = Manifest(rank=rank, codec=codec_description(cfg))
+            self._publish()
+        for key in _listdir_keys(self.root, rank_group(rank)):
+            self.store.note_existing(key, (self.root / key).stat().st_size)
+        # What opening wrote (a new shard's array metadata) is fsynced by the first commit.
+        self._tail: dict[str, np.ndarray] = {}
+        self._load_tails()
+        self._pending: dict[str, list[np.ndarray]] = {n: [] for n in ALL_ARRAYS}
+        self._pending_rows = dict.fromkeys(ALL_ARRAYS, 0)
+        self._pending_steps: list[tuple[int, int]] = []  # (first, last) step of each append
+        self._pending_raw = 0
+        self.last_step = self.manifest.last_step
+
+    def _load_tails(self) -> None:
+        """Read the committed rows of each array's open write unit (not yet sealed) into RAM."""
+        for name in ALL_ARRAYS:
+            n = self.manifest.rows(name)
+            unit = write_unit(self.schema, name, self.cfg)
+            start = n - n % unit
+            self._tail[name] = np.asarray(self.arrays[name][start:n]) if n > start else \
+                np.zeros((0, *self.schema.row_shape(name)), dtype=self.schema.dtype(name))
+
+    def rollback(self, cursor: dict[str, Any]) -> int:
+        """Forget every entry committed after `cursor` (a manifest as `to_json()` gave it at a
+        checkpoint), so a resumed run logs each (step, sample) exactly once. Rows up to the
+        cursor are never rewritten by later commits, so restoring the cursor's counts and
+        digests is the whole truncation; the abandoned rows are overwritten by the next
+        commits. Returns the number of entries forgotten. Nothing may be pending."""
+        if self._pending_steps:
+            raise RuntimeError("rollback() with uncommitted appends")
+        snap = self.check_cursor(cursor)
+        m = self.manifest
+        dropped = m.entries - snap.entries
+        snap.codec, snap.stored_bytes = m.codec, self.store.total
+        self.manifest = snap
+        self._publish()
+        self._load_tails()
+        self.last_step = snap.last_step
+        return dropped
+
+    def check_cursor(self, cursor: dict[str, Any]) -> Manifest:
+        """The cursor as a Manifest, after checking it fits this shard (its rank, no more rows
+        than committed, its last entry where it says); raises MistakeLogCorrupt otherwise.
+        Reads only."""
+        snap = Manifest(**copy.deepcopy({k: v for k, v in cursor.items()
+                                          if k not in ("format", "version")}))
+        m = self.manifest
+        if snap.rank != self.rank:
+            raise ValueError(f"cursor of rank {snap.rank} given to rank {self.rank}'s shard")
+        if any(snap.rows(n) > m.rows(n) for n in ALL_ARRAYS):
+            raise MistakeLogCorrupt(
+                f"{self.dir}: the checkpoint's cursor ({snap.entries} entries) is beyond what "
+                f"this shard committed ({m.entries}); the Mistake Log is not the one this "
+                "checkpoint was written with (was it replaced or restored from elsewhere?)")
+        if snap.entries and int(self.arrays["step"][snap.entries - 1]) != snap.last_step:
+            raise MistakeLogCorrupt(f"{self.dir}: entry {snap.entries - 1} does not hold step "
+                                    f"{snap.last_step} as the checkpoint recorded")
+        return snap
+
+    # -------------------------------------------------------------- appending
+    def append(self, batch: MistakeBatch) -> int:
+        """Buffer one batch of entries (steps must not decrease). Returns its raw bytes."""
+        if batch.num_entries == 0:
+            return 0
+        lo, hi = self.check(batch, after=self.last_step)
+        rows = batch_to_rows(batch, self.schema)
+        rows["x_start"] = rows["x_start"] + self.manifest.prompt_rows + \
+            self._pending_rows["x_tilde"]
+        rows["y_start"] = rows["y_start"] + self.manifest.tokens + self._pending_rows["h"]
+        raw = 0
+        for name, a in rows.items():
+            self._pending[name].append(a)
+            self._pending_rows[name] += a.shape[0]
+            raw += a.nbytes
+        self._pending_steps.append((lo, hi))
+        self.last_step = hi
+        self._pending_raw += raw
+        return raw
+
+    def check(self, batch: MistakeBatch, *, after: int | None) -> tuple[int, int]:
+        """Validate a batch against the schema and step order; returns its (first, last) step.
+        Raises ValueError naming the mismatch."""
+        steps = batch.step
+        lo, hi = int(steps.min()), int(steps.max())
+        if bool((steps[1:] < steps[:-1]).any()) or (after is not None and lo < after):
+            raise ValueError(f"rank {self.rank}: Mistake Log steps must not decrease "
+                             f"(got {lo}..{hi} after {after})")
+        if batch.h.shape[-1] != self.schema.d_model or batch.topk_ids.shape[-1] != \
+                self.schema.topk or batch.x_tilde.shape[-1] != self.schema.d_model:
+            raise ValueError(f"entries have d={batch.h.shape[-1]}, k={batch.topk_ids.shape[-1]};"
+                             f" this store holds d={self.schema.d_model}, k={self.schema.topk}")
+        return lo, hi
+
+    def commit(self) -> Manifest:
+        """Write everything appended since the last commit, make it durable, publish it."""
+        if not self._pending_steps:
+            return self.manifest
+        m = self.manifest
+        jobs: list[Any] = []
+        for name in ALL_ARRAYS:
+            new = np.concatenate(self._pending[name]) if len(self._pending[name]) > 1 else \
+                self._pending[name][0]
+            m.digests[name] = zlib.crc32(np.ascontiguousarray(new).data, m.digests[name])
+            jobs += self._write_rows(name, m.rows(name), new)
+        zarr_sync(gather_jobs(jobs))  # all arrays' chunks encoded and written concurrently
+        self.store.sync(self.cfg.fsync)
+        m.entries += self._pending_rows["step"]
+        m.tokens += self._pending_rows["h"]
+        m.prompt_rows += self._pending_rows["x_tilde"]
+        if m.first_step is None:
+            m.first_step = self._pending_steps[0][0]
+        m.last_step = self._pending_steps[-1][1]
+        m.raw_bytes += self._pending_raw
+        m.stored_bytes = self.store.total
+        m.commits += 1
+        self._publish()
+        self._pending = {n: [] for n in ALL_ARRAYS}
+        self._pending_rows = dict.fromkeys(ALL_ARRAYS, 0)
+        self._pending_steps = []
+        self._pending_raw = 0
+        return m
+
+    def note_dropped(self, entries: int) -> None:
+        """Count entries the asynchronous writer had to drop (recorded at the next commit)."""
+        self.manifest.dropped_entries += entries
+
+    def _write_rows(self, name: str, start: int, new: np.ndarray) -> list[Any]:
+        """Plan rows [start, start + len(new)) as whole write units (chunks or shards): the
+        open unit is rewritten from the in-memory tail, padded, so Zarr never reads it back.
+        Grows the array if needed; returns the write coroutines (run by `commit`)."""
+        unit = write_unit(self.schema, name, self.cfg)
+        tail = self._tail[name]
+        buf = np.concatenate([tail, new]) if tail.shape[0] else new
+        base = start - tail.shape[0]
+        assert base % unit == 0
+        units = -(-buf.shape[0] // unit)
+        arr = self.arrays[name]
+        need = base + units * unit
+        if need > arr.shape[0]:
+            grow = max(need, 2 * arr.shape[0], 16 * unit)
+            grow = -(-grow // unit) * unit
+            arr.resize((grow, *arr.shape[1:]))
+        full = (buf.shape[0] // unit) * unit
+        jobs = []
+        aa = arr.async_array
+        if full:
+            jobs.append(aa.setitem(slice(base, base + full), buf[:full]))
+        rest = buf[full:]
+        if rest.shape[0]:
+            padded = np.full((unit, *rest.shape[1:]), arr.fill_value, dtype=rest.dtype)
+            padded[:rest.shape[0]] = rest
+            jobs.append(aa.setitem(slice(base + full, base + full + unit), padded))
+        self._tail[name] = rest.copy()
+        return jobs
+
+    def _publish(self) -> None:
+        self.manifest.updated = time.time()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.dir / MANIFEST, self.manifest.to_json(), fsync=self.cfg.fsync)
+
+
+def _listdir_keys(root: Path, prefix: str) -> list[str]:
+    base = root / prefix
+    out = []
+    for dirpath, _, files in os.walk(base):
+        for f in files:
+            if f != MANIFEST and not f.endswith(".partial") and not f.endswith(".tmp"):
+                out.append(os.path.relpath(os.path.join(dirpath, f), root))
+    return out
