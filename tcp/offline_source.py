@@ -148,6 +148,7 @@ def open_source(cfg: RunConfig, *, world: int) -> SourceRun:
         raise OfflineError(f"{root}: the shards hold different or no steps "
                            f"({sorted(spans, key=str)}); {verify}")
     first, last = next(iter(spans))
+    assert first is not None and last is not None  # checked just above
     from transformers import AutoConfig, AutoTokenizer
 
     pc = AutoConfig.from_pretrained(pilot_dir)
