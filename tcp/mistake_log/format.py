@@ -19,8 +19,9 @@ readable; whatever was written after it is an uncommitted tail that readers igno
 Every chunk also carries a CRC32C (Zarr's crc32c codec), so a corrupt chunk fails its read.
 
 This module: the layout's names and constants, the schema, chunking and codecs, the manifest,
-the durable-write helpers and row conversions. The shard writer is `shard_writer.py`, the
-reader `reader.py`, rewriting a whole log (prune, compact, merge) `tcp/log_tools/`;
+the durable-write helpers and row conversions. The shard writer is `shard_writer.py` (it encodes
+and writes the chunks of plain-codec arrays itself, byte-identical to Zarr's: `chunk_io.py`),
+the reader `reader.py`, rewriting a whole log (prune, compact, merge) `tcp/log_tools/`;
 `store.py` re-exports all of it.
 """
 
@@ -211,10 +212,14 @@ class TrackingStore(LocalStore):
         self.total += size - self.sizes.get(key, 0)
         self.sizes[key] = size
 
+    def note_written(self, key: str, size: int) -> None:
+        """Account for a file just written (`size` bytes; the next `sync` fsyncs it)."""
+        self.note_existing(key, size)
+        self.unsynced.add(key)
+
     async def set(self, key: str, value: Buffer) -> None:
         await super().set(key, value)
-        self.note_existing(key, len(value))
-        self.unsynced.add(key)
+        self.note_written(key, len(value))
 
     def with_read_only(self, read_only: bool = False) -> TrackingStore:
         return TrackingStore(self.root, read_only=read_only)

@@ -15,6 +15,7 @@ import numpy as np
 from zarr.core.sync import sync as zarr_sync
 
 from tcp.config import ZarrStoreConfig
+from tcp.mistake_log.chunk_io import ChunkWrites, DirectArray
 from tcp.mistake_log.format import (
     ALL_ARRAYS,
     ENTRY_ARRAYS,
@@ -40,6 +41,9 @@ class RankStoreWriter:
     """The single synchronous writer of one rank's shard. `append` buffers, `commit` writes
     and publishes. The asynchronous writer (writer.py) calls these from its worker thread."""
 
+    direct_chunks = True
+    """Write the chunks of plain-codec arrays ourselves (chunk_io.py); False: all via Zarr."""
+
     def __init__(self, root: Path | str, rank: int, schema: Schema, cfg: ZarrStoreConfig) -> None:
         self.root, self.rank, self.schema, self.cfg = Path(root), rank, schema, cfg
         self.dir = self.root / rank_group(rank)
@@ -61,6 +65,8 @@ class RankStoreWriter:
         # Every chunk written holds data, so skip Zarr's per-chunk "all fill value?" scan.
         self.arrays = {n: a.with_config({"write_empty_chunks": True})
                        for n, a in self.arrays.items()}
+        self._direct = {n: DirectArray.of(a) if self.direct_chunks and not cfg.shard_chunks
+                        else None for n, a in self.arrays.items()}
         mpath = self.dir / MANIFEST
         if mpath.exists():
             self.manifest = Manifest.read(mpath)
@@ -169,12 +175,27 @@ class RankStoreWriter:
             return self.manifest
         m = self.manifest
         jobs: list[Any] = []
-        for name in ALL_ARRAYS:
-            new = np.concatenate(self._pending[name]) if len(self._pending[name]) > 1 else \
-                self._pending[name][0]
-            m.digests[name] = zlib.crc32(np.ascontiguousarray(new).data, m.digests[name])
-            jobs += self._write_rows(name, m.rows(name), new)
-        zarr_sync(gather_jobs(jobs))  # all arrays' chunks encoded and written concurrently
+        # Chunks are encoded and written concurrently: ours (chunk_io.py) in a thread pool as
+        # soon as planned, Zarr's (sharded, blosc, filtered arrays) on its event loop.
+        writes = ChunkWrites(self.store)
+        try:
+            for name in ALL_ARRAYS:
+                tail, pending = self._tail[name], self._pending[name]
+                # The open unit's tail and the new rows in one buffer (one copy).
+                buf = np.concatenate([tail, *pending]) if tail.shape[0] or len(pending) > 1 \
+                    else np.ascontiguousarray(pending[0])
+                m.digests[name] = zlib.crc32(buf[tail.shape[0]:].data, m.digests[name])
+                da = self._direct[name]
+                for rows0, rows in self._write_rows(name, m.rows(name), buf):
+                    if da is not None:
+                        writes.add(da.jobs(rows0, rows))
+                    else:
+                        jobs.append(self.arrays[name].async_array.setitem(
+                            slice(rows0, rows0 + rows.shape[0]), rows))
+            if jobs:
+                zarr_sync(gather_jobs(jobs))
+        finally:
+            writes.finish()
         self.store.sync(self.cfg.fsync)
         m.entries += self._pending_rows["step"]
         m.tokens += self._pending_rows["h"]
@@ -196,14 +217,13 @@ class RankStoreWriter:
         """Count entries the asynchronous writer had to drop (recorded at the next commit)."""
         self.manifest.dropped_entries += entries
 
-    def _write_rows(self, name: str, start: int, new: np.ndarray) -> list[Any]:
-        """Plan rows [start, start + len(new)) as whole write units (chunks or shards): the
-        open unit is rewritten from the in-memory tail, padded, so Zarr never reads it back.
-        Grows the array if needed; returns the write coroutines (run by `commit`)."""
+    def _write_rows(self, name: str, start: int, buf: np.ndarray) -> list[tuple[int, Any]]:
+        """Plan the open unit's in-memory tail followed by new rows [start, ...) (together
+        `buf`) as whole write units (chunks or shards): the open unit is rewritten whole,
+        padded, so it is never read back. Grows the array if needed; returns the (first row,
+        rows) blocks for `commit` to write."""
         unit = write_unit(self.schema, name, self.cfg)
-        tail = self._tail[name]
-        buf = np.concatenate([tail, new]) if tail.shape[0] else new
-        base = start - tail.shape[0]
+        base = start - self._tail[name].shape[0]
         assert base % unit == 0
         units = -(-buf.shape[0] // unit)
         arr = self.arrays[name]
@@ -213,15 +233,14 @@ class RankStoreWriter:
             grow = -(-grow // unit) * unit
             arr.resize((grow, *arr.shape[1:]))
         full = (buf.shape[0] // unit) * unit
-        jobs = []
-        aa = arr.async_array
+        jobs: list[tuple[int, Any]] = []
         if full:
-            jobs.append(aa.setitem(slice(base, base + full), buf[:full]))
+            jobs.append((base, buf[:full]))
         rest = buf[full:]
         if rest.shape[0]:
             padded = np.full((unit, *rest.shape[1:]), arr.fill_value, dtype=rest.dtype)
             padded[:rest.shape[0]] = rest
-            jobs.append(aa.setitem(slice(base + full, base + full + unit), padded))
+            jobs.append((base + full, padded))
         self._tail[name] = rest.copy()
         return jobs
 

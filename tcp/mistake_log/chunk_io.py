@@ -1,0 +1,144 @@
+"""Direct chunk writes: the shard writer's whole-chunk writes without Zarr's codec pipeline.
+
+`RankStoreWriter` only ever writes whole chunks (the open tail chunk is rewritten whole from
+RAM, never read back), so for the plain codec chains it encodes them itself: bytes
+(little-endian) -> zstd (numcodecs' `Zstd`, the very codec Zarr's `ZstdCodec` calls, same
+level and checksum flag) -> crc32c (CRC32C appended as 4 little-endian bytes, as Zarr's
+`Crc32cCodec` does), in any subset of that order. The files are byte-identical to the ones
+Zarr's `setitem` writes (tests/unit/test_chunk_io.py checks every chain handled) and land at
+the key Zarr uses, through a temp file and a rename, from a small thread pool (zstd releases
+the GIL). Per chunk this skips Zarr's asyncio tasks, thread hand-offs and buffer copies, which
+were most of the writer's time. Sharded arrays, filters (BitRound) and blosc stay on Zarr's
+path: `DirectArray.of` returns None for them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import numpy as np
+from numcodecs import Zstd
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+from zarr.core.metadata.v3 import ArrayV3Metadata
+
+WRITE_THREADS = 4
+"""Chunks encoded and written at once (a commit's chunks of all arrays share the pool)."""
+
+
+@dataclass(frozen=True)
+class DirectArray:
+    """What it takes to write whole chunks of one (non-sharded, unfiltered) Zarr v3 array."""
+
+    prefix: str
+    """Store key of the array ('' for an array at the store root); chunk keys go under it."""
+    chunk_key: Callable[[tuple[int, ...]], str]
+    ndim: int
+    dtype: np.dtype
+    rows: int
+    """Rows per chunk (chunks span the whole trailing shape)."""
+    zstd: Zstd | None
+    crc32c: bool
+
+    @staticmethod
+    def of(arr: Any) -> DirectArray | None:
+        """The direct writer of a `zarr.Array`, or None where Zarr's path must write it."""
+        meta = arr.metadata
+        if not isinstance(meta, ArrayV3Metadata) or sys.byteorder != "little":
+            return None
+        chunks = tuple(getattr(meta.chunk_grid, "chunk_shape", ()))
+        if not chunks or chunks[1:] != tuple(arr.shape[1:]):
+            return None  # a regular grid whose chunks span whole rows only
+        first, *rest = meta.codecs
+        if not isinstance(first, BytesCodec) or (
+                first.endian is not None and first.endian.value != "little"):
+            return None
+        zstd = None
+        if rest and isinstance(rest[0], ZstdCodec):
+            zstd = Zstd(level=rest[0].level, checksum=rest[0].checksum)
+            rest = rest[1:]
+        crc = bool(rest) and isinstance(rest[0], Crc32cCodec)
+        if rest[int(crc):]:
+            return None  # blosc, sharding, filters, other orders: Zarr's path
+        return DirectArray(arr.path, meta.encode_chunk_key, len(meta.shape),
+                           np.dtype(arr.dtype), chunks[0], zstd, crc)
+
+    def key(self, chunk: int) -> str:
+        """Store key of chunk `chunk` (its row block)."""
+        ck = self.chunk_key((chunk,) + (0,) * (self.ndim - 1))
+        return f"{self.prefix}/{ck}" if self.prefix else ck
+
+    def encode(self, chunk: np.ndarray) -> tuple[Any, bytes]:
+        """One chunk's stored bytes as Zarr's codec chain produces them: (payload, trailer),
+        the trailer being the CRC32C (4 bytes, little-endian) or empty."""
+        data: Any = np.ascontiguousarray(chunk, dtype=self.dtype).view(np.uint8).reshape(-1)
+        if self.zstd is not None:
+            data = self.zstd.encode(data)
+        crc = google_crc32c.value(data).to_bytes(4, "little") if self.crc32c else b""
+        return data, crc
+
+    def jobs(self, first_row: int, rows: np.ndarray) -> list[tuple[DirectArray, str, np.ndarray]]:
+        """Split rows [first_row, first_row + len(rows)) (whole chunks) into chunk writes."""
+        assert first_row % self.rows == 0 and rows.shape[0] % self.rows == 0
+        c0 = first_row // self.rows
+        return [(self, self.key(c0 + i), rows[i * self.rows:(i + 1) * self.rows])
+                for i in range(rows.shape[0] // self.rows)]
+
+
+def _write_one(root: Path, job: tuple[DirectArray, str, np.ndarray]) -> int:
+    """Encode one chunk and write it at its key via temp file + rename (as LocalStore does)."""
+    da, key, rows = job
+    data, crc = da.encode(rows)
+    path = root / key
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+    try:
+        f = open(tmp, "wb")
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(tmp, "wb")
+    try:
+        with f:
+            n = f.write(data) + f.write(crc)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return n
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """One pool per process, shared by every shard's commits (threads start on first use)."""
+    return ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="tcp-mlog-chunks")
+
+
+class ChunkWrites:
+    """One commit's direct chunk writes: each starts when added; `finish` waits for all of
+    them, then accounts for them in the TrackingStore as its `set` would (sizes, keys to
+    fsync) and raises the first failure. (The commit's `TrackingStore.sync` fsyncs them.)"""
+
+    def __init__(self, store: Any) -> None:
+        self.store, self.root = store, Path(store.root)
+        self._started: list[tuple[str, Future[int]]] = []
+
+    def add(self, jobs: list[tuple[DirectArray, str, np.ndarray]]) -> None:
+        pool = _pool()
+        self._started += [(j[1], pool.submit(_write_one, self.root, j)) for j in jobs]
+
+    def finish(self) -> None:
+        started, self._started = self._started, []
+        wait([f for _, f in started])
+        errors = [e for _, f in started if (e := f.exception()) is not None]
+        for key, fut in started:
+            if fut.exception() is None:
+                self.store.note_written(key, fut.result())
+        if errors:
+            raise errors[0]

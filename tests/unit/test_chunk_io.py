@@ -1,0 +1,128 @@
+"""Direct chunk writes (chunk_io.py): byte-identical to Zarr's own writes, readable by Zarr."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from tcp.config import ZarrStoreConfig
+from tcp.mistake_log.chunk_io import ChunkWrites, DirectArray
+from tcp.mistake_log.format import TrackingStore
+from tcp.mistake_log.store import RankStoreReader, RankStoreWriter, Schema
+from tests.helpers import fake_entries
+
+SMALL = 64 * 16 * 4 / 2**20  # 64-row chunks at d=16 float32
+
+CHAINS = {  # every bytes -> bytes chain the direct path handles
+    "zstd3+crc": [ZstdCodec(level=3), Crc32cCodec()],
+    "zstd3": [ZstdCodec(level=3)],
+    "zstd1-framecrc+crc": [ZstdCodec(level=1, checksum=True), Crc32cCodec()],
+    "zstd9": [ZstdCodec(level=9)],
+    "crc": [Crc32cCodec()],
+    "none": [],
+}
+DTYPES = ["float32", "float16", "uint16", "int32", "int64"]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def _data(dtype: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype).kind == "f":  # realistic floats: some zeros, some repeats
+        a = rng.standard_normal(shape).astype(dtype)
+        a[rng.random(shape) < 0.3] = 0
+        return a
+    return rng.integers(-1000 if dtype != "uint16" else 0, 1000, shape).astype(dtype)
+
+
+@pytest.mark.parametrize("chain", sorted(CHAINS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("row", [(), (16,)])
+def test_chunks_byte_identical_to_zarr_setitem(tmp_path, chain, dtype, row):
+    rows, nchunks = 64, 5
+    data = _data(dtype, (rows * nchunks, *row), seed=len(chain) + len(dtype))
+    arrays = {}
+    for side in ("zarr", "direct"):
+        store = TrackingStore(tmp_path / side)
+        g = zarr.open_group(store=store, mode="w", zarr_format=3).require_group("rank00000")
+        arrays[side] = (store, g.create_array(
+            "a", shape=data.shape, dtype=dtype, chunks=(rows, *row), fill_value=0,
+            compressors=CHAINS[chain], config={"write_empty_chunks": True}))
+    zstore, za = arrays["zarr"]
+    za[:] = data
+    dstore, darr = arrays["direct"]
+    da = DirectArray.of(darr)
+    assert da is not None
+    w = ChunkWrites(dstore)
+    w.add(da.jobs(0, data[:rows * 2]))
+    w.add(da.jobs(rows * 2, data[rows * 2:]))
+    w.finish()
+    zf, df = _files(tmp_path / "zarr"), _files(tmp_path / "direct")
+    assert sorted(zf) == sorted(df)
+    assert sum(k.startswith("rank00000/a/c/") for k in df) == nchunks
+    for k in zf:
+        assert zf[k] == df[k], k
+    # Accounting as TrackingStore.set does it (sizes, total, keys to fsync).
+    chunk_keys = {k for k in df if "/c/" in k}
+    assert chunk_keys <= dstore.unsynced
+    assert {k: dstore.sizes[k] for k in chunk_keys} == {k: zstore.sizes[k] for k in chunk_keys}
+    assert not list((tmp_path / "direct").rglob("*.partial"))
+    got = zarr.open_array(tmp_path / "direct" / "rank00000" / "a", mode="r")[:]
+    np.testing.assert_array_equal(got, data)
+
+
+def test_zarr_path_kept_for_other_codecs(tmp_path):
+    schema = Schema(16, 3, "float32")
+    for cfg in (ZarrStoreConfig(chunk_mib=SMALL, compressor="blosc"),
+                ZarrStoreConfig(chunk_mib=SMALL, shard_chunks=4)):
+        w = RankStoreWriter(tmp_path / cfg.compressor / str(cfg.shard_chunks), 0, schema, cfg)
+        assert not any(w._direct.values())
+    w = RankStoreWriter(tmp_path / "lossy", 0, schema,
+                        ZarrStoreConfig(chunk_mib=SMALL, lossy_keepbits=8))
+    assert w._direct["h"] is None and w._direct["x_tilde"] is None
+    assert w._direct["labels"] is not None  # integer arrays have no filter: direct
+
+
+CFGS = {
+    "zstd": ZarrStoreConfig(chunk_mib=SMALL),
+    "zstd-nochecksum": ZarrStoreConfig(chunk_mib=SMALL, checksum=False),
+    "zstd9": ZarrStoreConfig(chunk_mib=SMALL, level=9),
+    "none": ZarrStoreConfig(chunk_mib=SMALL, compressor="none"),
+    "none-nochecksum": ZarrStoreConfig(chunk_mib=SMALL, compressor="none", checksum=False),
+    "lossy (mixed)": ZarrStoreConfig(chunk_mib=SMALL, lossy_keepbits=8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CFGS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_shard_writer_store_identical_either_path(tmp_path, monkeypatch, name, dtype):
+    """The whole shard (every chunk file, the stored bytes) is the same written directly or
+    through Zarr, with tails rewritten across commits and a reopen in between."""
+    if dtype == "bfloat16" and CFGS[name].lossy_keepbits is not None:
+        pytest.skip("no lossy option for bfloat16")
+    manifests = {}
+    for direct in (False, True):
+        monkeypatch.setattr(RankStoreWriter, "direct_chunks", direct)
+        root = tmp_path / str(direct)
+        for part in (range(0, 17), range(17, 40)):  # reopen: tails loaded from disk
+            w = RankStoreWriter(root, 0, Schema(16, 3, dtype), CFGS[name])
+            for i, s in enumerate(part):
+                w.append(fake_entries(s))
+                if i % 3 == 2:
+                    w.commit()
+            w.commit()
+        manifests[direct] = w.manifest
+    a, b = _files(tmp_path / "False"), _files(tmp_path / "True")
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
+    for k in ("entries", "tokens", "prompt_rows", "digests", "raw_bytes", "stored_bytes"):
+        assert getattr(manifests[True], k) == getattr(manifests[False], k), k
+    rd = RankStoreReader(tmp_path / "True", 0)
+    assert rd.num_entries == 4 * 40
+    g = zarr.open_group(tmp_path / "True", mode="r")["rank00000"]
+    np.testing.assert_array_equal(g["step"][:160], rd.read_range(0, 160).step.numpy())
