@@ -62,8 +62,8 @@ def _check_out(out: Path, sources: list[Path]) -> None:
 def merge(out: Path | str, sources: list[Path | str], opts: CompactOptions, *,
           say: Callable[[str], None]) -> MergeResult:
     """Merge `sources` into the new store `out`, verify it; see the module docstring."""
-    out = Path(os.path.abspath(out))
-    srcs = [require_log(Path(os.path.abspath(s))) for s in sources]
+    out = Path(os.path.realpath(out))  # a symlinked folder: act on its target
+    srcs = [require_log(Path(os.path.realpath(s))) for s in sources]
     _check_out(out, srcs)
     locks: list[RunLock] = []
     created = not out.exists()

@@ -67,7 +67,7 @@ def rewrite_in_place(path: Path | str, build: Build, *, say: Callable[[str], Non
                      mistakes: bool = False, same_digests: bool = False) -> Outcome:
     """Replace the log at `path` by the store `build` describes (see the module docstring).
     `same_digests`: every new shard must hold exactly its original's rows (plain compact)."""
-    path = Path(os.path.abspath(path))
+    path = Path(os.path.realpath(path))  # a symlinked log: swap its target, not the link
     lock = swap.recover_missing(path, say)
     if lock is None:
         require_log(path)

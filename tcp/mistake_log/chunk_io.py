@@ -93,8 +93,11 @@ class DirectArray:
                 for i in range(rows.shape[0] // self.rows)]
 
 
-def _write_one(root: Path, job: tuple[DirectArray, str, np.ndarray]) -> int:
-    """Encode one chunk and write it at its key via temp file + rename (as LocalStore does)."""
+def _write_one(root: Path, job: tuple[DirectArray, str, np.ndarray], fsync: bool) -> int:
+    """Encode one chunk and write it at its key via temp file + rename (as LocalStore does).
+    With `fsync` the data is on disk before the rename: the open tail chunk replaces a file
+    that also holds rows the previous commit published, so the rename must never reach the
+    disk ahead of the new file's data (a power cut would leave an empty chunk there)."""
     da, key, rows = job
     data, crc = da.encode(rows)
     path = root / key
@@ -107,6 +110,9 @@ def _write_one(root: Path, job: tuple[DirectArray, str, np.ndarray]) -> int:
     try:
         with f:
             n = f.write(data) + f.write(crc)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -120,18 +126,23 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="tcp-mlog-chunks")
 
 
+os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child starts its own pool
+
+
 class ChunkWrites:
     """One commit's direct chunk writes: each starts when added; `finish` waits for all of
     them, then accounts for them in the TrackingStore as its `set` would (sizes, keys to
-    fsync) and raises the first failure. (The commit's `TrackingStore.sync` fsyncs them.)"""
+    fsync) and raises the first failure. With `fsync` each file's data is fsynced before its
+    rename; the commit's `TrackingStore.sync` then fsyncs the folders."""
 
-    def __init__(self, store: Any) -> None:
-        self.store, self.root = store, Path(store.root)
+    def __init__(self, store: Any, *, fsync: bool) -> None:
+        self.store, self.root, self.fsync = store, Path(store.root), fsync
         self._started: list[tuple[str, Future[int]]] = []
 
     def add(self, jobs: list[tuple[DirectArray, str, np.ndarray]]) -> None:
         pool = _pool()
-        self._started += [(j[1], pool.submit(_write_one, self.root, j)) for j in jobs]
+        self._started += [(j[1], pool.submit(_write_one, self.root, j, self.fsync))
+                          for j in jobs]
 
     def finish(self) -> None:
         started, self._started = self._started, []

@@ -196,6 +196,9 @@ def _fsync_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="tcp-mlog-fsync")
 
 
+os.register_at_fork(after_in_child=_fsync_pool.cache_clear)  # a forked child starts its own
+
+
 class TrackingStore(LocalStore):
     """A LocalStore that remembers what it wrote: stored bytes per key, and the keys a commit
     must fsync. (LocalStore already writes each key through a temp file and a rename.)"""
@@ -225,14 +228,18 @@ class TrackingStore(LocalStore):
         return TrackingStore(self.root, read_only=read_only)
 
     def sync(self, fsync: bool) -> None:
-        """fsync every file written since the last call, then their directories. The fsyncs
+        """fsync every file written since the last call, then their folders and those folders'
+        parents (Zarr's 2-D chunk keys `c/N/0` create a folder `c/N` per chunk row, whose entry
+        lives in `c`; folders further up also hold a file written with them, zarr.json). The
+        fsyncs
         of one step run concurrently (FSYNC_THREADS): each waits on the disk, not the CPU, and
         one at a time they were most of a commit's cost (~7 ms a file here)."""
         keys, self.unsynced = self.unsynced, set()
         if not fsync or not keys:
             return
-        files = [Path(self.root) / k for k in keys]
-        dirs = {p.parent for p in files}
+        root = Path(self.root)
+        files = [root / k for k in keys]
+        dirs = {d for p in files for d in (p.parent, p.parent.parent) if d.is_relative_to(root)}
         pool = _fsync_pool()
         list(pool.map(fsync_path, files))  # re-raises the first failure
         list(pool.map(fsync_path, dirs))

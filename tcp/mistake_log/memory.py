@@ -28,7 +28,8 @@ class MemoryMistakeLog(MistakeLog):
         if self._steps and s <= next(reversed(self._steps)):
             raise ValueError(f"steps must increase: got {s} after {next(reversed(self._steps))}")
         self._steps[s] = batch.to("cpu")
-        while self._steps and next(iter(self._steps)) <= s - self.window_steps:
+        # The trainer appends step s, then samples at s from [s - W, s): keep s - W.
+        while self._steps and next(iter(self._steps)) < s - self.window_steps:
             self._steps.popitem(last=False)
 
     def _window(self, step: int) -> list[MistakeBatch]:

@@ -28,7 +28,7 @@ class StreamingSampler:
     """Draws `num` entries per step from one rank's shard."""
 
     def __init__(self, reader: RankStoreReader, *, seed: int, rank: int, num: int,
-                 window_steps: int | None = 128, lag_steps: int = 1,
+                 window_steps: int | None = 128, lag_steps: int = 0,
                  recency_half_life: float | None = None, prefetch: int = 2,
                  wait: Callable[[int], None] | None = None,
                  submitted: Callable[[int], bool] | None = None) -> None:

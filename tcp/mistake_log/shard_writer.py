@@ -177,7 +177,7 @@ class RankStoreWriter:
         jobs: list[Any] = []
         # Chunks are encoded and written concurrently: ours (chunk_io.py) in a thread pool as
         # soon as planned, Zarr's (sharded, blosc, filtered arrays) on its event loop.
-        writes = ChunkWrites(self.store)
+        writes = ChunkWrites(self.store, fsync=self.cfg.fsync)
         try:
             for name in ALL_ARRAYS:
                 tail, pending = self._tail[name], self._pending[name]

@@ -58,7 +58,7 @@ def test_chunks_byte_identical_to_zarr_setitem(tmp_path, chain, dtype, row):
     dstore, darr = arrays["direct"]
     da = DirectArray.of(darr)
     assert da is not None
-    w = ChunkWrites(dstore)
+    w = ChunkWrites(dstore, fsync=True)
     w.add(da.jobs(0, data[:rows * 2]))
     w.add(da.jobs(rows * 2, data[rows * 2:]))
     w.finish()

@@ -31,12 +31,12 @@ def test_window_and_sampling():
     assert log.sample(step=0, num=4) is None
     for s in range(4):
         log.append(step_batch(s))
-    assert len(log) == 6  # steps 2 and 3 kept
+    assert len(log) == 9  # steps 1, 2 and 3 kept: step 3 samples from [1, 3)
     got = log.sample(step=4, num=5)
     assert set(got.step.tolist()) <= {2, 3}
     assert got.num_entries == 5 and got.sample_id.unique().numel() == 5  # without replacement
-    # Current step excluded: at step 3 only step 2 is in [1, 3).
-    assert set(log.sample(step=3, num=3).step.tolist()) == {2}
+    # Current step excluded, the previous W steps in: at step 3 the window is [1, 3).
+    assert set(log.sample(step=3, num=6).step.tolist()) == {1, 2}
     with pytest.raises(ValueError, match="increase"):
         log.append(step_batch(3))
 

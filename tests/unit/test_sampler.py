@@ -62,16 +62,17 @@ def test_resumes_exactly_from_state_dict(tmp_path):
 
 
 def test_same_draw_as_the_memory_log(tmp_path):
-    """With lag 0 the window is the memory backend's [t - window, t): the same entries."""
+    """With lag 0 the window is the memory backend's [t - window, t): the same entries, in
+    the trainer's order (step t is appended before step t samples)."""
     write_steps(tmp_path, range(25))
     mem = MemoryMistakeLog(window_steps=8, seed=3, rank=0)
     st = sampler(tmp_path, lag_steps=0)
     for step in range(25):
+        mem.append(fake_entries(step))
         a, b = st.sample(step), mem.sample(step=step, num=6)
         assert (a is None) == (b is None) == (step == 0)
         if a is not None:
             assert key(a) == key(b)
-        mem.append(fake_entries(step))
 
 
 def test_recency_weighting_prefers_recent_steps(tmp_path):
