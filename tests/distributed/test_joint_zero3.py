@@ -142,6 +142,7 @@ def test_local_pretrained_pilot_and_jsonl_data(tmp_path):
     assert res["test_size"] == 60
 
 
+@pytest.mark.extended  # fused == eager: per kernel, and per gradient in test_fused_zero3
 def test_fused_kernels_match_eager_step_for_step(tmp_path):
     """The joint run with the fused paths (Triton kernels, interpreted on CPU) and with the
     eager paths: per-step Pilot and Copilot losses agree within 1e-4 relative."""

@@ -94,6 +94,7 @@ def test_one_run_with_params_metrics_artifacts_and_resume_appends(tmp_path):
             {"plots/training.png", "plots/lambda_sweep.png", "plots/rectification.png"}
 
 
+@pytest.mark.extended
 def test_training_finishes_when_the_server_stops_mid_run(tmp_path):
     from mlflow.tracking import MlflowClient
 

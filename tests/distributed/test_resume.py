@@ -130,6 +130,7 @@ def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path,
     assert_same_run(continuous, run)
 
 
+@pytest.mark.extended  # SIGTERM paths: tests/distributed/test_operations.py (runner, srun, ...)
 def test_sigterm_saves_a_clean_checkpoint_and_exits_143(tmp_path, continuous):
     run = tmp_path / "run"
     # Only rank 1 gets the signal (during step 5); both ranks agree to stop after step 6.

@@ -79,6 +79,7 @@ def _positive(x: float) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_cpu_pipeline_writes_every_key(tmp_path: Path) -> None:
     """The shell script's CPU path in this environment, which runs
     `tools/gpu_check.py --device cpu --preset tiny --out <tmp>/x.json`."""
