@@ -33,6 +33,7 @@ import functools
 import json
 import os
 import warnings
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,6 +200,14 @@ def _fsync_pool() -> ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_fsync_pool.cache_clear)  # a forked child starts its own
 
 
+def fsync_all(files: Iterable[Path], dirs: Iterable[Path]) -> None:
+    """fsync `files`, then `dirs`, concurrently on the shared pool (each waits on the disk, not
+    the CPU); re-raises the first failure."""
+    pool = _fsync_pool()
+    list(pool.map(fsync_path, files))
+    list(pool.map(fsync_path, dirs))
+
+
 class TrackingStore(LocalStore):
     """A LocalStore that remembers what it wrote: stored bytes per key, and the keys a commit
     must fsync. (LocalStore already writes each key through a temp file and a rename.)"""
@@ -239,10 +248,8 @@ class TrackingStore(LocalStore):
             return
         root = Path(self.root)
         files = [root / k for k in keys]
-        dirs = {d for p in files for d in (p.parent, p.parent.parent) if d.is_relative_to(root)}
-        pool = _fsync_pool()
-        list(pool.map(fsync_path, files))  # re-raises the first failure
-        list(pool.map(fsync_path, dirs))
+        fsync_all(files, {d for p in files for d in (p.parent, p.parent.parent)
+                          if d.is_relative_to(root)})
 
 
 # ---------------------------------------------------------------------- manifest
