@@ -14,8 +14,9 @@ Every measurement runs on a fresh copy of the source log (the source itself is n
      on a fresh untimed copy. Reports the median seconds, MiB/s of stored bytes and
      copy_time / compact_time ("compact throughput vs plain copy", goal >= 0.5x), plus a phase
      breakdown of each compact taken by timing the library functions it calls: tables (per-entry
-     facts), read (decode the source blocks), encode+write (new store's commits), verify,
-     fsync, swap, delete (the replaced store).
+     facts), copy (shards copied file by file: `RankStoreWriter.copy_from`), read (decode the
+     source blocks) and encode+write (the new store's commits) where entries are re-encoded,
+     verify, fsync, swap, delete (the replaced store).
 
     .venv/bin/python tools/bench_log_tools.py [--log runs/seed0/mistake_log]
         [--out runs/bench-log-tools] [--reps 3]
@@ -109,6 +110,7 @@ def bench_prune(src: Path, work: Path, notes: list[str]) -> list[dict[str, Any]]
 def phase_timers(acc: dict[str, float]) -> Iterator[None]:
     """Time the functions compact calls by wrapping them where they are looked up."""
     targets = [(replace, "load_tables", "tables"), (rewrite, "_read_block", "read"),
+               (rewrite.RankStoreWriter, "copy_from", "copy"),
                (replace, "write_log", "_write_total"), (replace, "_check", "verify"),
                (replace, "fsync_tree", "fsync"), (swap, "swap_in", "swap"),
                (swap, "finish", "delete")]
@@ -152,13 +154,14 @@ def bench_compact(src: Path, work: Path, reps: int, notes: list[str]) -> dict[st
                     compact(d, CompactOptions(), say=notes.append)
                     total = time.perf_counter() - t0
                 compact_s.append(total)
-                acc["encode+write"] = acc.pop("_write_total", 0.0) - acc["read"]
+                acc["encode+write"] = acc.pop("_write_total", 0.0) - acc["read"] - acc["copy"]
                 acc["other"] = total - sum(acc.values())
                 phases.append(dict(acc))
             shutil.rmtree(d)
     stored = disk_bytes(src)
     med_copy, med_compact = statistics.median(copy_s), statistics.median(compact_s)
-    keys = ("tables", "read", "encode+write", "verify", "fsync", "swap", "delete", "other")
+    keys = ("tables", "copy", "read", "encode+write", "verify", "fsync", "swap", "delete",
+            "other")
     return {"copy_s": copy_s, "compact_s": compact_s, "median_copy_s": med_copy,
             "median_compact_s": med_compact, "bytes": stored,
             "copy_mib_s": stored / MIB / med_copy, "compact_mib_s": stored / MIB / med_compact,

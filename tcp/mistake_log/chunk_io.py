@@ -93,6 +93,46 @@ class DirectArray:
                 for i in range(rows.shape[0] // self.rows)]
 
 
+def unit_key(arr: Any, unit: int) -> str:
+    """Store key of write unit `unit` (row block) of `arr`: a chunk, or a shard when sharded
+    (a sharded array's grid is its shard grid)."""
+    meta = arr.metadata
+    ck = meta.encode_chunk_key((unit,) + (0,) * (len(meta.shape) - 1))
+    return f"{arr.path}/{ck}" if arr.path else ck
+
+
+def has_crc32c(arr: Any) -> bool:
+    """Whether each stored file of `arr` ends in the CRC32C of the rest (a plain, unsharded
+    array whose last codec is crc32c)."""
+    meta = arr.metadata
+    return isinstance(meta, ArrayV3Metadata) and bool(meta.codecs) and \
+        isinstance(meta.codecs[-1], Crc32cCodec)
+
+
+class StoredFileCorrupt(ValueError):
+    """A stored chunk file fails its CRC32C, or its copy differs from it."""
+
+
+def _copy_one(src: Path, root: Path, key: str, crc32c: bool, fsync: bool) -> int:
+    """Copy the stored file `src` to `key` under `root`, byte for byte (no decoding). With
+    `crc32c` the bytes read must match their CRC32C trailer. The copy is read back and
+    compared. Returns its size."""
+    data = src.read_bytes()
+    if crc32c and (len(data) < 4 or google_crc32c.value(data[:-4]) !=
+                   int.from_bytes(data[-4:], "little")):
+        raise StoredFileCorrupt(f"{src}: stored chunk fails its CRC32C")
+    path = root / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    if path.read_bytes() != data:
+        raise StoredFileCorrupt(f"{path}: the copy of {src} reads back different")
+    return len(data)
+
+
 def _write_one(root: Path, job: tuple[DirectArray, str, np.ndarray], fsync: bool) -> int:
     """Encode one chunk and write it at its key via temp file + rename (as LocalStore does).
     With `fsync` the data is on disk before the rename: the open tail chunk replaces a file
@@ -130,10 +170,10 @@ os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child starts i
 
 
 class ChunkWrites:
-    """One commit's direct chunk writes: each starts when added; `finish` waits for all of
-    them, then accounts for them in the TrackingStore as its `set` would (sizes, keys to
-    fsync) and raises the first failure. With `fsync` each file's data is fsynced before its
-    rename; the commit's `TrackingStore.sync` then fsyncs the folders."""
+    """One commit's direct chunk writes (or verbatim copies): each starts when added;
+    `finish` waits for all of them, then accounts for them in the TrackingStore as its `set`
+    would (sizes, keys to fsync) and raises the first failure. With `fsync` each file's data is
+    fsynced before its rename; the commit's `TrackingStore.sync` then fsyncs the folders."""
 
     def __init__(self, store: Any, *, fsync: bool) -> None:
         self.store, self.root, self.fsync = store, Path(store.root), fsync
@@ -143,6 +183,12 @@ class ChunkWrites:
         pool = _pool()
         self._started += [(j[1], pool.submit(_write_one, self.root, j, self.fsync))
                           for j in jobs]
+
+    def add_copies(self, copies: list[tuple[Path, str]], *, crc32c: bool) -> None:
+        """Copy stored files unchanged: each (source file, key in this store) (`_copy_one`)."""
+        pool = _pool()
+        self._started += [(k, pool.submit(_copy_one, src, self.root, k, crc32c, self.fsync))
+                          for src, k in copies]
 
     def finish(self) -> None:
         started, self._started = self._started, []

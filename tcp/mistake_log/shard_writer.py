@@ -15,7 +15,7 @@ import numpy as np
 from zarr.core.sync import sync as zarr_sync
 
 from tcp.config import ZarrStoreConfig
-from tcp.mistake_log.chunk_io import ChunkWrites, DirectArray
+from tcp.mistake_log.chunk_io import ChunkWrites, DirectArray, has_crc32c, unit_key
 from tcp.mistake_log.format import (
     ALL_ARRAYS,
     ENTRY_ARRAYS,
@@ -212,6 +212,68 @@ class RankStoreWriter:
         self._pending_steps = []
         self._pending_raw = 0
         return m
+
+    def same_layout(self, src: Any) -> bool:
+        """Whether the shard `src` (a `RankStoreReader`) stores its rows in files this shard
+        would write identically: same options, chunk grids, codecs and chunk key encoding."""
+        if src.manifest.codec != self.manifest.codec or src.schema != self.schema:
+            return False
+        for name, arr in self.arrays.items():
+            a, b = src.arrays[name].metadata, arr.metadata
+            if (a.chunk_grid, a.codecs, a.chunk_key_encoding, a.dtype) != \
+                    (b.chunk_grid, b.codecs, b.chunk_key_encoding, b.dtype):
+                return False
+        return True
+
+    def copy_from(self, src: Any) -> bool:
+        """Fill this new, empty shard with every committed row of `src` (a `RankStoreReader`
+        of a shard written with the same store options): the files of its sealed write units
+        are copied byte for byte (no decoding, no encoding), the open unit's committed rows are
+        re-encoded and read back, and the manifest carries `src`'s counts and digests. Returns
+        True when every copied byte was checked (each file's CRC32C on reading, and its copy
+        read back equal); False when the options carry no per-file CRC32C (sharded or checksum
+        off), so only a decoding `verify` can vouch for the copy."""
+        sm, m = src.manifest, self.manifest
+        if m.entries or self._pending_steps:
+            raise RuntimeError("copy_from() needs a new, empty shard")
+        if not self.same_layout(src):
+            raise ValueError(f"{src.dir} was written with other store options ({sm.codec}) "
+                             f"than this shard's ({m.codec}): copy its entries instead")
+        writes = ChunkWrites(self.store, fsync=self.cfg.fsync)
+        tails: dict[str, tuple[int, np.ndarray]] = {}
+        checked = True
+        try:
+            for name in ALL_ARRAYS:
+                n, unit = sm.rows(name), write_unit(self.schema, name, self.cfg)
+                sealed = n - n % unit
+                arr = self.arrays[name]
+                if n > arr.shape[0]:
+                    arr.resize((-(-n // unit) * unit, *arr.shape[1:]))
+                crc = has_crc32c(arr)
+                checked = checked and crc
+                writes.add_copies([(src.dir / unit_key(src.arrays[name], u), unit_key(arr, u))
+                                   for u in range(sealed // unit)], crc32c=crc)
+                self._tail[name] = self._tail[name][:0]
+                tails[name] = (sealed, np.asarray(src.arrays[name][sealed:n]))
+                da = self._direct[name]
+                for rows0, block in self._write_rows(name, sealed, tails[name][1]):
+                    if da is not None:
+                        writes.add(da.jobs(rows0, block))
+                    else:
+                        arr[rows0:rows0 + block.shape[0]] = block
+        finally:
+            writes.finish()
+        for name, (lo, rows) in tails.items():  # the re-encoded rows read back equal
+            if not np.array_equal(np.asarray(self.arrays[name][lo:lo + rows.shape[0]]), rows):
+                raise MistakeLogCorrupt(f"{self.dir}/{name}: rows {lo}.. re-encoded from "
+                                        f"{src.dir} read back different")
+        self.store.sync(self.cfg.fsync)
+        copied = Manifest(**{k: copy.deepcopy(v) for k, v in vars(sm).items()})
+        copied.rank, copied.codec, copied.stored_bytes = self.rank, m.codec, self.store.total
+        self.manifest = copied
+        self.last_step = copied.last_step
+        self._publish()
+        return checked
 
     def note_dropped(self, entries: int) -> None:
         """Count entries the asynchronous writer had to drop (recorded at the next commit)."""

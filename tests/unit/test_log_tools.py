@@ -20,6 +20,7 @@ import zarr
 from tcp.log_tools.cli import main
 from tcp.log_tools.export import load_export
 from tcp.log_tools.paths import marker_path, old_path, temp_path
+from tcp.mistake_log.chunk_io import ChunkWrites
 from tcp.mistake_log.maintenance import verify
 from tcp.mistake_log.store import RankStoreReader, RankStoreWriter
 from tcp.run_lock import LOCK_NAME, RunLock
@@ -274,23 +275,67 @@ def test_damaged_log_is_refused_with_a_pointer_to_verify(log, capsys):
     assert run_tool(capsys, "verify", log)[0] == 1
 
 
+def test_damaged_sealed_chunk_fails_a_plain_compact(log, capsys):
+    # A plain compact copies sealed chunks as bytes: their CRC32C is checked, not skipped.
+    victim = log / "rank00000" / "x_tilde" / "c" / "0" / "0"
+    assert RankStoreReader(log, 0).manifest.prompt_rows > 2 * \
+        RankStoreReader(log, 0).arrays["x_tilde"].chunks[0]  # chunk 0 is sealed
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    snap = snapshot(log)
+    rc, _, err = run_tool(capsys, "compact", log)
+    assert rc == 2 and err.startswith("log error: ") and err.count("\n") == 1
+    assert "CRC32C" in err and f"run `tcp-log verify {log}`" in err
+    assert snapshot(log) == snap and no_leftovers(log)
+
+
+def _chunk_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and "/c/" in str(p.relative_to(root))}
+
+
+def test_plain_compact_copies_sealed_chunks_byte_for_byte(log, capsys):
+    ref, before = digests(log), _chunk_files(log)
+    sealed = []
+    for rank in (0, 1):
+        rd = RankStoreReader(log, rank)
+        for name, arr in rd.arrays.items():
+            c = arr.chunks[0]
+            sealed += [f"rank{rank:05d}/{name}/c/{u}" for u in range(rd.manifest.rows(name) // c)]
+    assert len(sealed) > 20
+    assert run_tool(capsys, "compact", log)[0] == 0
+    after = _chunk_files(log)
+    assert digests(log) == ref and verify(log).ok
+    for key in sealed:
+        got = [k for k in after if k == key or k.startswith(key + "/")]
+        assert got and all(after[k] == before[k] for k in got), key
+    # A compact that changes the chunking re-encodes: no state chunk is the original's file.
+    assert run_tool(capsys, "compact", log, "--chunk-mib", "0.02")[0] == 0
+    assert digests(log) == ref
+    assert not any(before.get(k) == v for k, v in _chunk_files(log).items()
+                   if k.split("/")[1] in ("h", "x_tilde"))
+
+
 def test_full_disk_removes_the_partial_copy(log, capsys, monkeypatch):
-    real = RankStoreWriter.commit
+    real = ChunkWrites.finish
     calls = []
 
-    def commit(self):
+    def finish(self):
         calls.append(1)
-        if len(calls) == 2:  # rank 1's first block (rank 0's was committed)
+        if len(calls) == 2:  # rank 1's first writes (rank 0's shard was written)
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self)
 
-    monkeypatch.setattr(RankStoreWriter, "commit", commit)
+    monkeypatch.setattr(ChunkWrites, "finish", finish)
     snap = snapshot(log)
-    rc, _, err = run_tool(capsys, "compact", log)
-    assert rc == 2 and err.startswith("log error: disk full while writing") and \
-        err.count("\n") == 1
-    assert "removed that partial copy" in err
-    assert snapshot(log) == snap and no_leftovers(log)
+    for argv in (["compact", log], ["compact", log, "--level", "5"]):  # by copy, by re-encoding
+        calls.clear()
+        rc, _, err = run_tool(capsys, *argv)
+        assert rc == 2 and err.startswith("log error: disk full while writing") and \
+            err.count("\n") == 1
+        assert "removed that partial copy" in err
+        assert snapshot(log) == snap and no_leftovers(log)
 
 
 def test_console_script_help():
