@@ -1,8 +1,10 @@
 """Benchmark of the on-disk Mistake Log (issue: asynchronous writer + streaming sampler).
 
 Measures, side by side in one run (one process, DeepSpeed world of 1, ZeRO-3 engines):
-  (a) joint step time with the Zarr log on vs the RAM-only log (interleaved blocks of steps);
-  (b) writer throughput vs a raw sequential write of the same bytes to the same disk, and the
+  (a) joint step time with the Zarr log on vs the RAM-only log (interleaved blocks of steps;
+      pooled medians, and the median of per-round ratios with a bootstrap interval);
+  (b) writer throughput vs a raw sequential write of the same bytes to the same disk
+      (alternating runs, medians), and the
       training thread's pure-Python rate while the writer compresses (GIL check);
   (c) stored/raw bytes per codec on the entries logged in (a) (real Pilot states), with the
       measured error of the lossy options;
@@ -86,6 +88,7 @@ def bench_steps(cfg: Any, out: Path, steps: int, block: int) -> dict[str, Any]:
                 "off": Trainer(cfg, log=off_log, **common),
                 "write_only": Trainer(cfg, log=write_only, **common)}
     times: dict[str, list[float]] = {name: [] for name in trainers}
+    rounds: dict[str, list[float]] = {name: [] for name in trainers}  # block medians
     arms = list(trainers)
     for name in arms:  # warm-up (allocator, first replay)
         for _ in range(3):
@@ -94,11 +97,14 @@ def bench_steps(cfg: Any, out: Path, steps: int, block: int) -> dict[str, Any]:
     for i in range(steps // block):
         for name in (arms if i % 2 == 0 else arms[::-1]):
             t = trainers[name]
+            mine = []
             for _ in range(block):
                 t0 = time.perf_counter()
                 t.train_step()
-                times[name].append(time.perf_counter() - t0)
+                mine.append(time.perf_counter() - t0)
                 t.step += 1
+            times[name] += mine
+            rounds[name].append(statistics.median(mine))
     on_log.close()
     write_only.close()
     res = {name: {"median_s": statistics.median(v), "p99_s": pct(v, 0.99), "n": len(v)}
@@ -106,10 +112,24 @@ def bench_steps(cfg: Any, out: Path, steps: int, block: int) -> dict[str, Any]:
     res["write_only_median_ratio"] = res["write_only"]["median_s"] / res["off"]["median_s"]
     res["median_ratio"] = res["on"]["median_s"] / res["off"]["median_s"]
     res["p99_ratio"] = res["on"]["p99_s"] / res["off"]["p99_s"]
+    for arm in ("on", "write_only"):  # drift-free: each round's arms ran back to back
+        res[f"{arm}_paired"] = paired_ratio(rounds[arm], rounds["off"])
     res["writer"] = on_log.metrics()
     res["entries_per_step"] = cfg.train.pilot.micro_batch_size
     res["_trainers"] = trainers  # reused by (d)
     return res
+
+
+def paired_ratio(arm: list[float], off: list[float], resamples: int = 10_000) -> dict[str, Any]:
+    """Median over rounds of (arm's block median / off's block median in the same round), with
+    a 95% bootstrap interval over rounds. The machine's speed drifts between rounds by more
+    than the log costs; within a round the arms run back to back, so the ratio cancels it."""
+    r = np.asarray(arm) / np.asarray(off)
+    rng = np.random.default_rng(0)
+    boot = np.median(r[rng.integers(0, r.size, (resamples, r.size))], axis=1)
+    return {"median": float(np.median(r)), "ci95": [float(np.quantile(boot, 0.025)),
+                                                    float(np.quantile(boot, 0.975))],
+            "rounds": r.tolist()}
 
 
 class WriteOnly(MemoryMistakeLog):
@@ -141,39 +161,58 @@ def python_rate(seconds: float) -> float:
 
 
 def bench_writer(entries: list[MistakeBatch], schema: Schema, cfg: ZarrStoreConfig, out: Path,
-                 target_mib: float) -> dict[str, Any]:
+                 target_mib: float, reps: int) -> dict[str, Any]:
+    """`reps` alternating runs of the writer and of a raw write of the same bytes (this VM's
+    raw write swings between page-cache speed and disk speed from one run to the next, so one
+    of each is not a comparison); medians and every run are reported."""
     root = out / "throughput"
-    shutil.rmtree(root, ignore_errors=True)
     raw_per_round = sum(_raw_bytes(b, schema) for b in entries)
     rounds = max(1, int(target_mib * 2**20 // raw_per_round))
-    w = AsyncWriter(RankStoreWriter(root, 0, schema, cfg), queue_depth=cfg.queue_depth)
-    batches = [MistakeBatch(**{**b.state_dict(), "step": torch.full_like(b.step, i)})
-               for i, b in enumerate(entries * rounds)]
-    t0 = time.perf_counter()
-    for b in batches:
-        w.submit(b)
-    w.close()
-    dt = time.perf_counter() - t0
-    raw = w.metrics.raw_bytes
+    writer_s, raw_s = [], []
+    for rep in range(reps):
+        for kind in ("writer", "raw") if rep % 2 == 0 else ("raw", "writer"):
+            if kind == "writer":
+                shutil.rmtree(root, ignore_errors=True)
+                w = AsyncWriter(RankStoreWriter(root, 0, schema, cfg), queue_depth=cfg.queue_depth)
+                batches = [MistakeBatch(**{**b.state_dict(), "step": torch.full_like(b.step, i)})
+                           for i, b in enumerate(entries * rounds)]
+                t0 = time.perf_counter()
+                for b in batches:
+                    w.submit(b)
+                w.close()
+                writer_s.append(time.perf_counter() - t0)
+                raw = w.metrics.raw_bytes
+                commits, stored = w.metrics.commits, w.metrics.stored_bytes
+            else:
+                root.mkdir(parents=True, exist_ok=True)
+                raw_s.append(raw_write(root / "raw.bin", rounds * raw_per_round))
     gil = gil_check(entries, schema, cfg, out)
-    # Raw sequential write of the same number of bytes, same directory, fsync at the end.
+    mib = raw / 2**20
+    writer_mib_s = [mib / t for t in writer_s]
+    raw_mib_s = [mib / t for t in raw_s]
+    return {"raw_mib": mib, "stored_mib": stored / 2**20, "commits": commits,
+            "writer_mib_s": statistics.median(writer_mib_s),
+            "sequential_mib_s": statistics.median(raw_mib_s),
+            "ratio": statistics.median(writer_mib_s) / statistics.median(raw_mib_s),
+            "writer_runs_mib_s": writer_mib_s, "raw_runs_mib_s": raw_mib_s,
+            "python_rate_busy_vs_idle": gil}
+
+
+def raw_write(path: Path, nbytes: int) -> float:
+    """Seconds to write `nbytes` sequentially (8 MiB writes) and fsync; the file is removed."""
     buf = np.random.default_rng(0).integers(0, 255, 8 * 2**20, dtype=np.uint8).tobytes()
-    path = root / "raw.bin"
-    t1 = time.perf_counter()
+    t0 = time.perf_counter()
     with open(path, "wb") as f:
-        left = raw
+        left = nbytes
         while left > 0:
             n = min(left, len(buf))
             f.write(buf[:n])
             left -= n
         f.flush()
         os.fsync(f.fileno())
-    dt_raw = time.perf_counter() - t1
+    dt = time.perf_counter() - t0
     path.unlink()
-    return {"raw_mib": raw / 2**20, "stored_mib": w.metrics.stored_bytes / 2**20,
-            "writer_mib_s": raw / 2**20 / dt, "sequential_mib_s": raw / 2**20 / dt_raw,
-            "ratio": (raw / dt) / (raw / dt_raw), "commits": w.metrics.commits,
-            "python_rate_busy_vs_idle": gil}
+    return dt
 
 
 def gil_check(entries: list[MistakeBatch], schema: Schema, cfg: ZarrStoreConfig,
@@ -307,6 +346,8 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=10, help="steps per interleaved block in (a)")
     ap.add_argument("--writer-mib", type=float, default=256.0,
                     help="raw MiB written in the throughput test (b)")
+    ap.add_argument("--writer-reps", type=int, default=5,
+                    help="alternating writer / raw-write runs in (b)")
     ap.add_argument("--out", default="runs/bench-mistake-log")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -322,7 +363,8 @@ def main() -> None:
     logged = rd.read_range(0, rd.num_entries)
     per_step = [logged.select((logged.step == s).nonzero().flatten())
                 for s in logged.step.unique().tolist()]
-    b = bench_writer(per_step, rd.schema, cfg.mistake_log.store, out, args.writer_mib)
+    b = bench_writer(per_step, rd.schema, cfg.mistake_log.store, out, args.writer_mib,
+                     args.writer_reps)
     c = bench_codecs(per_step, rd.schema, cfg.mistake_log.store, out)
     d = bench_replay(trainers, cfg, root, steps=60)
     res = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, "
@@ -338,6 +380,12 @@ def report(r: dict[str, Any]) -> str:
              "| measure | value | goal |", "|---|---|---|",
              f"| (a) joint step median, log on / off | {a['on']['median_s']*1e3:.1f} ms / "
              f"{a['off']['median_s']*1e3:.1f} ms = **{a['median_ratio']:.3f}** | <= 1.02 |",
+             f"| (a) joint step, log on / off, paired by round (median of "
+             f"{len(a['on_paired']['rounds'])} rounds, 95% CI) | **{a['on_paired']['median']:.3f}**"
+             f" [{a['on_paired']['ci95'][0]:.3f}, {a['on_paired']['ci95'][1]:.3f}] | <= 1.02 |",
+             f"| (a) joint step, write-only / off, paired by round | "
+             f"**{a['write_only_paired']['median']:.3f}** [{a['write_only_paired']['ci95'][0]:.3f},"
+             f" {a['write_only_paired']['ci95'][1]:.3f}] | (attribution) |",
              f"| (a) joint step p99, log on / off | {a['on']['p99_s']*1e3:.1f} ms / "
              f"{a['off']['p99_s']*1e3:.1f} ms = **{a['p99_ratio']:.3f}** | <= 1.05 |",
              f"| (a) joint step median, write-only (replay from RAM) / off | "
@@ -347,7 +395,10 @@ def report(r: dict[str, Any]) -> str:
              f"{a['writer']['stage_s']:.3f} s over {a['on']['n'] + 3} steps | |",
              f"| (b) writer / raw sequential write | {b['writer_mib_s']:.0f} / "
              f"{b['sequential_mib_s']:.0f} MiB/s = **{b['ratio']:.2f}** "
-             f"({b['raw_mib']:.0f} MiB raw, {b['commits']} commits) | >= 0.7 |",
+             f"(medians of {len(b['writer_runs_mib_s'])} alternating runs of "
+             f"{b['raw_mib']:.0f} MiB raw, {b['commits']} commits each; writer "
+             f"{', '.join(f'{x:.0f}' for x in b['writer_runs_mib_s'])}, raw "
+             f"{', '.join(f'{x:.0f}' for x in b['raw_runs_mib_s'])} MiB/s) | >= 0.7 |",
              f"| (b) trainer-thread Python rate while writing / idle | "
              f"**{b['python_rate_busy_vs_idle']:.2f}** | (GIL check) |",
              f"| (d) Copilot step, replay from store / RAM | {d['copilot_step_store_s']*1e3:.1f}"

@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply", action="store_true", help="rewrite the log (default: dry run)")
     p = _sub(sub, "compact", "rewrite into a fresh store (reclaim space, rechunk, recode)",
              "Rewrites the log into <PATH>.tcp-compact, verifies it, swaps it in atomically and "
-             "only then removes the original. A rerun cleans up after an interrupted one.")
+             "only then removes the original. A rerun cleans up after an interrupted one. With "
+             "the log's own options, sealed chunks are copied as bytes (each CRC32C-checked); "
+             "new options re-encode everything and decode the copy to verify it.")
     p.add_argument("path")
     _codec_flags(p)
     p.add_argument("--merge-ranks", action="store_true",

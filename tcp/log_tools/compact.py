@@ -1,6 +1,8 @@
 """`tcp-log compact`: rewrite a log into a fresh store (reclaiming space left by rewritten tail
 chunks and capacity, rechunking, changing codecs, or merging all ranks into one shard), verify,
-swap it in (replace.py). Compacting a compacted log gives the same entries."""
+swap it in (replace.py). With the log's own options each shard is copied file by file
+(`RankStoreWriter.copy_from`, via rewrite.write_log). Compacting a compacted log gives the same
+entries."""
 
 from __future__ import annotations
 

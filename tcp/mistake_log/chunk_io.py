@@ -1,4 +1,4 @@
-"""Direct chunk writes: the shard writer's whole-chunk writes without Zarr's codec pipeline.
+"""Direct chunk I/O: whole-chunk writes, reads and verbatim copies without Zarr's codec pipeline.
 
 `RankStoreWriter` only ever writes whole chunks (the open tail chunk is rewritten whole from
 RAM, never read back), so for the plain codec chains it encodes them itself: bytes
@@ -8,8 +8,11 @@ level and checksum flag) -> crc32c (CRC32C appended as 4 little-endian bytes, as
 Zarr's `setitem` writes (tests/unit/test_chunk_io.py checks every chain handled) and land at
 the key Zarr uses, through a temp file and a rename, from a small thread pool (zstd releases
 the GIL). Per chunk this skips Zarr's asyncio tasks, thread hand-offs and buffer copies, which
-were most of the writer's time. Sharded arrays, filters (BitRound) and blosc stay on Zarr's
-path: `DirectArray.of` returns None for them.
+were most of the writer's time. The reader (`RankStoreReader`) reads chunks the same way
+(`DirectArray.read`: CRC32C, then zstd, on a pool of its own), which keeps the replay sampler's
+Python work, and so its hold on the GIL against the trainer, small. `ChunkWrites.add_copies`
+copies stored files unchanged (compact, merge). Sharded arrays, filters (BitRound) and blosc
+stay on Zarr's path: `DirectArray.of` returns None for them.
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ from zarr.core.metadata.v3 import ArrayV3Metadata
 
 WRITE_THREADS = 4
 """Chunks encoded and written at once (a commit's chunks of all arrays share the pool)."""
+READ_THREADS = 2
+"""Chunks read and decoded at once (zstd releases the GIL)."""
+
+
+class StoredFileCorrupt(ValueError):
+    """A stored chunk file fails its CRC32C, or its copy differs from it."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,10 @@ class DirectArray:
     """Rows per chunk (chunks span the whole trailing shape)."""
     zstd: Zstd | None
     crc32c: bool
+    row_shape: tuple[int, ...] = ()
+    """Trailing shape of one row."""
+    fill_value: Any = 0
+    """What a chunk that was never written holds (Zarr's rule)."""
 
     @staticmethod
     def of(arr: Any) -> DirectArray | None:
@@ -69,7 +82,8 @@ class DirectArray:
         if rest[int(crc):]:
             return None  # blosc, sharding, filters, other orders: Zarr's path
         return DirectArray(arr.path, meta.encode_chunk_key, len(meta.shape),
-                           np.dtype(arr.dtype), chunks[0], zstd, crc)
+                           np.dtype(arr.dtype), chunks[0], zstd, crc, tuple(chunks[1:]),
+                           arr.fill_value)
 
     def key(self, chunk: int) -> str:
         """Store key of chunk `chunk` (its row block)."""
@@ -84,6 +98,33 @@ class DirectArray:
             data = self.zstd.encode(data)
         crc = google_crc32c.value(data).to_bytes(4, "little") if self.crc32c else b""
         return data, crc
+
+    def decode(self, data: bytes, where: Path | str = "") -> np.ndarray:
+        """A stored chunk's rows (the inverse of `encode`): CRC32C checked, then decoded."""
+        if self.crc32c:
+            if len(data) < 4 or google_crc32c.value(data[:-4]) != \
+                    int.from_bytes(data[-4:], "little"):
+                raise StoredFileCorrupt(f"{where}: stored chunk fails its CRC32C")
+            data = data[:-4]
+        try:
+            raw: Any = self.zstd.decode(data) if self.zstd is not None else data
+        except RuntimeError as e:  # numcodecs' error for a damaged zstd frame
+            raise StoredFileCorrupt(f"{where}: stored chunk does not decode ({e})") from None
+        out = np.frombuffer(raw, dtype=self.dtype)
+        if out.size != self.rows * int(np.prod(self.row_shape, dtype=np.int64)):
+            raise StoredFileCorrupt(f"{where}: chunk decodes to {out.size} values, not "
+                                    f"{self.rows} rows of {self.row_shape}")
+        return out.reshape(self.rows, *self.row_shape)
+
+    def read(self, root: Path, chunk: int) -> np.ndarray:
+        """Chunk `chunk` of the array in the store at `root` (a chunk never written: the fill
+        value, as Zarr reads it)."""
+        path = root / self.key(chunk)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return np.full((self.rows, *self.row_shape), self.fill_value, dtype=self.dtype)
+        return self.decode(data, path)
 
     def jobs(self, first_row: int, rows: np.ndarray) -> list[tuple[DirectArray, str, np.ndarray]]:
         """Split rows [first_row, first_row + len(rows)) (whole chunks) into chunk writes."""
@@ -107,10 +148,6 @@ def has_crc32c(arr: Any) -> bool:
     meta = arr.metadata
     return isinstance(meta, ArrayV3Metadata) and bool(meta.codecs) and \
         isinstance(meta.codecs[-1], Crc32cCodec)
-
-
-class StoredFileCorrupt(ValueError):
-    """A stored chunk file fails its CRC32C, or its copy differs from it."""
 
 
 def _copy_one(src: Path, root: Path, key: str, crc32c: bool, fsync: bool) -> int:
@@ -166,7 +203,15 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="tcp-mlog-chunks")
 
 
+@functools.cache
+def read_pool() -> ThreadPoolExecutor:
+    """Chunk reads and decodes (readers', apart from the writer's pool so that neither waits
+    behind the other's queue)."""
+    return ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tcp-mlog-read")
+
+
 os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child starts its own pool
+os.register_at_fork(after_in_child=read_pool.cache_clear)
 
 
 class ChunkWrites:

@@ -4,6 +4,7 @@ an LRU of decoded chunks; the step index that the replay sampler (`sampler.py`) 
 from __future__ import annotations
 
 from collections import OrderedDict
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 import zarr
 from zarr.core.sync import sync as zarr_sync
 
+from tcp.mistake_log.chunk_io import DirectArray, read_pool
 from tcp.mistake_log.format import (
     ALL_ARRAYS,
     ENTRY_ARRAYS,
@@ -44,6 +46,8 @@ class RankStoreReader:
         self.schema = Schema.from_attrs(dict(g.attrs), self.root)
         self.manifest = Manifest(rank=rank)
         self.arrays: dict[str, Any] = {}
+        self._direct: dict[str, DirectArray | None] = {}
+        """Arrays whose chunks are read and decoded here (chunk_io.py), not through Zarr."""
         self.refresh()
 
     def reset(self) -> Manifest:
@@ -67,6 +71,7 @@ class RankStoreReader:
         if not self.arrays or any(self.arrays[n].shape[0] < m.rows(n) for n in ALL_ARRAYS):
             g = zarr.open_group(self.root / rank_group(self.rank), mode="r", zarr_format=3)
             self.arrays = {n: g[n] for n in ALL_ARRAYS}
+            self._direct = {n: DirectArray.of(a) for n, a in self.arrays.items()}
             for n in ALL_ARRAYS:
                 if self.arrays[n].shape[0] < m.rows(n):
                     raise MistakeLogCorrupt(f"{self.dir}/{n}: {self.arrays[n].shape[0]} rows "
@@ -131,8 +136,9 @@ class RankStoreReader:
         )
 
     def _rows(self, requests: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Rows of several arrays. Whole chunks are read (all missing ones concurrently, in one
-        round trip to Zarr's event loop) and kept in an LRU of decoded chunks bounded by
+        """Rows of several arrays. Whole chunks are read, all missing ones concurrently (plain
+        codecs: read and decoded on a small thread pool, chunk_io.py; others: in one round trip
+        to Zarr's event loop), and kept in an LRU of decoded chunks bounded by
         `cache_mib`. A chunk's committed rows never change, so a cached chunk serves every
         row it holds; the open tail chunk is re-read only for rows committed since."""
         plan: dict[str, tuple[int, np.ndarray]] = {}
@@ -141,6 +147,7 @@ class RankStoreReader:
         # Every chunk this call uses is held here until it returns: the fetches below may evict
         # a cache hit from the LRU (a cache smaller than one call's chunks is slow, not wrong).
         held: dict[tuple[str, int], np.ndarray] = {}
+        direct: list[tuple[tuple[str, int], Future[np.ndarray]]] = []
         for name, rows in requests.items():
             arr, c = self.arrays[name], int(self.arrays[name].chunks[0])
             which = rows // c
@@ -150,14 +157,24 @@ class RankStoreReader:
                 cached = self._cache.get((name, ci))
                 need = int(rows[which == ci].max()) - ci * c
                 if cached is None or cached.shape[0] <= need:
-                    jobs.append(arr.async_array.getitem(slice(ci * c, min((ci + 1) * c, n))))
-                    keys.append((name, ci))
+                    da = self._direct.get(name)
+                    if da is not None:  # plain codecs: read and decode it ourselves
+                        direct.append(((name, ci), read_pool().submit(da.read, self.dir, ci)))
+                    else:
+                        jobs.append(arr.async_array.getitem(slice(ci * c,
+                                                                  min((ci + 1) * c, n))))
+                        keys.append((name, ci))
                 else:
                     held[(name, ci)] = cached
                     self._cache.move_to_end((name, ci))
-        for key, res in zip(keys, zarr_sync(gather_jobs(jobs)), strict=True):
+        fetched = zarr_sync(gather_jobs(jobs)) if jobs else []
+        for key, res in zip(keys, fetched, strict=True):
             held[key] = np.asarray(res)
             self._cache_put(key, held[key])
+        for (name, ci), fut in direct:
+            n = self.manifest.rows(name) - ci * int(self.arrays[name].chunks[0])
+            held[(name, ci)] = fut.result()[:n]  # committed rows only, like Zarr's slice
+            self._cache_put((name, ci), held[(name, ci)])
         out = {}
         for name, rows in requests.items():
             c, which = plan[name]

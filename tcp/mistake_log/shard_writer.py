@@ -178,13 +178,14 @@ class RankStoreWriter:
         # Chunks are encoded and written concurrently: ours (chunk_io.py) in a thread pool as
         # soon as planned, Zarr's (sharded, blosc, filtered arrays) on its event loop.
         writes = ChunkWrites(self.store, fsync=self.cfg.fsync)
+        new_rows: dict[str, np.ndarray] = {}
         try:
             for name in ALL_ARRAYS:
                 tail, pending = self._tail[name], self._pending[name]
                 # The open unit's tail and the new rows in one buffer (one copy).
                 buf = np.concatenate([tail, *pending]) if tail.shape[0] or len(pending) > 1 \
                     else np.ascontiguousarray(pending[0])
-                m.digests[name] = zlib.crc32(buf[tail.shape[0]:].data, m.digests[name])
+                new_rows[name] = buf[tail.shape[0]:]
                 da = self._direct[name]
                 for rows0, rows in self._write_rows(name, m.rows(name), buf):
                     if da is not None:
@@ -194,8 +195,11 @@ class RankStoreWriter:
                             slice(rows0, rows0 + rows.shape[0]), rows))
             if jobs:
                 zarr_sync(gather_jobs(jobs))
+            # While the pool encodes (zlib releases the GIL on large buffers).
+            digests = {n: zlib.crc32(r.data, m.digests[n]) for n, r in new_rows.items()}
         finally:
             writes.finish()
+        m.digests.update(digests)
         self.store.sync(self.cfg.fsync)
         m.entries += self._pending_rows["step"]
         m.tokens += self._pending_rows["h"]

@@ -4,11 +4,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from tcp.config import ZarrStoreConfig
-from tcp.mistake_log.chunk_io import ChunkWrites, DirectArray
+from tcp.mistake_log.chunk_io import ChunkWrites, DirectArray, StoredFileCorrupt
 from tcp.mistake_log.format import TrackingStore
 from tcp.mistake_log.store import RankStoreReader, RankStoreWriter, Schema
 from tests.helpers import fake_entries
@@ -126,3 +127,51 @@ def test_shard_writer_store_identical_either_path(tmp_path, monkeypatch, name, d
     assert rd.num_entries == 4 * 40
     g = zarr.open_group(tmp_path / "True", mode="r")["rank00000"]
     np.testing.assert_array_equal(g["step"][:160], rd.read_range(0, 160).step.numpy())
+
+
+@pytest.mark.parametrize("name", sorted(CFGS))
+def test_reader_direct_path_reads_what_zarr_reads(tmp_path, monkeypatch, name):
+    """RankStoreReader decodes plain-codec chunks itself: every entry equals the read through
+    Zarr, the open tail chunk included, also while the writer keeps committing."""
+    root = tmp_path / "log"
+    w = RankStoreWriter(root, 0, Schema(16, 3, "float32"), CFGS[name])
+    readers = {}
+    for direct in (True, False):
+        rd = RankStoreReader(root, 0, cache_mib=0.01)  # tiny cache: most reads are fetches
+        if not direct:
+            rd._direct = dict.fromkeys(rd._direct)  # type: ignore[assignment]
+        readers[direct] = rd
+    assert any(readers[True]._direct.values()) or CFGS[name].lossy_keepbits is not None
+    for s in range(30):
+        w.append(fake_entries(s))
+        w.commit()
+        if s % 7 == 6:
+            for rd in readers.values():
+                rd.refresh()
+            idx = np.arange(readers[True].num_entries)
+            a, b = readers[True].read(idx), readers[False].read(idx)
+            for f in ("x_tilde", "h", "labels", "topk_ids", "topk_probs", "residual", "step",
+                      "sample_id", "loss", "x_offsets", "y_offsets"):
+                assert torch.equal(getattr(a, f), getattr(b, f)), f
+
+
+def test_direct_read_detects_damage_and_fills_missing_chunks(tmp_path):
+    root = tmp_path / "log"
+    w = RankStoreWriter(root, 0, Schema(16, 3, "float32"), ZarrStoreConfig(chunk_mib=SMALL))
+    for s in range(12):
+        w.append(fake_entries(s))
+    w.commit()
+    rd = RankStoreReader(root, 0)
+    da = rd._direct["h"]
+    assert da is not None
+    np.testing.assert_array_equal(da.read(rd.dir, 0), np.asarray(rd.arrays["h"][:da.rows]))
+    missing = da.read(rd.dir, 10_000)  # never written: the fill value, as Zarr reads it
+    assert missing.shape == (da.rows, 16) and (missing == rd.arrays["h"].fill_value).all()
+    chunk = rd.dir / da.key(0)
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(StoredFileCorrupt, match="CRC32C"):
+        da.read(rd.dir, 0)
+    with pytest.raises(ValueError):  # what readers of a damaged log catch
+        RankStoreReader(root, 0, cache_mib=0).read(np.arange(4))
