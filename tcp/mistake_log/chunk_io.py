@@ -241,6 +241,6 @@ class ChunkWrites:
         errors = [e for _, f in started if (e := f.exception()) is not None]
         for key, fut in started:
             if fut.exception() is None:
-                self.store.note_written(key, fut.result())
+                self.store.note_written(key, fut.result(), synced=self.fsync)
         if errors:
             raise errors[0]

@@ -218,16 +218,22 @@ class TrackingStore(LocalStore):
         self.total = 0
         """Sum of `sizes`, kept current so a commit does not re-add every key."""
         self.unsynced: set[str] = set()
+        """Keys whose files the next `sync` fsyncs."""
+        self.moved: set[str] = set()
+        """Keys whose folders the next `sync` fsyncs (every key written since)."""
 
     def note_existing(self, key: str, size: int) -> None:
         """Account for a file written before this store was opened (a reopened shard)."""
         self.total += size - self.sizes.get(key, 0)
         self.sizes[key] = size
 
-    def note_written(self, key: str, size: int) -> None:
-        """Account for a file just written (`size` bytes; the next `sync` fsyncs it)."""
+    def note_written(self, key: str, size: int, *, synced: bool = False) -> None:
+        """Account for a file just written (`size` bytes): the next `sync` fsyncs it (unless
+        its writer already did, `synced`) and its folders."""
         self.note_existing(key, size)
-        self.unsynced.add(key)
+        self.moved.add(key)
+        if not synced:
+            self.unsynced.add(key)
 
     async def set(self, key: str, value: Buffer) -> None:
         await super().set(key, value)
@@ -237,19 +243,20 @@ class TrackingStore(LocalStore):
         return TrackingStore(self.root, read_only=read_only)
 
     def sync(self, fsync: bool) -> None:
-        """fsync every file written since the last call, then their folders and those folders'
+        """fsync every file written since the last call (but those their writer fsynced before
+        renaming them in: the direct chunk writes), then their folders and those folders'
         parents (Zarr's 2-D chunk keys `c/N/0` create a folder `c/N` per chunk row, whose entry
         lives in `c`; folders further up also hold a file written with them, zarr.json). The
-        fsyncs
-        of one step run concurrently (FSYNC_THREADS): each waits on the disk, not the CPU, and
-        one at a time they were most of a commit's cost (~7 ms a file here)."""
+        fsyncs of one step run concurrently (FSYNC_THREADS): each waits on the disk, not the
+        CPU, and one at a time they were most of a commit's cost (~7 ms a file here)."""
         keys, self.unsynced = self.unsynced, set()
-        if not fsync or not keys:
+        moved, self.moved = self.moved, set()
+        if not fsync or not moved:
             return
         root = Path(self.root)
-        files = [root / k for k in keys]
-        fsync_all(files, {d for p in files for d in (p.parent, p.parent.parent)
-                          if d.is_relative_to(root)})
+        fsync_all([root / k for k in keys],
+                  {d for k in moved for d in ((root / k).parent, (root / k).parent.parent)
+                   if d.is_relative_to(root)})
 
 
 # ---------------------------------------------------------------------- manifest
