@@ -34,6 +34,7 @@ from tcp.mistake_log.sampler import StreamingSampler
 from tcp.mistake_log.store import RankStoreReader
 from tcp.offline_source import OfflineError, SourceRun, offline_seed, open_source
 from tcp.progress import Progress
+from tcp.read_marks import ReadMark
 from tcp.run_folder import agree, claim_paths
 from tcp.tracking import Tracker
 from tcp.train import History, copilot_update, join_entries, save_config, write_json
@@ -119,13 +120,18 @@ def prepare(cfg: RunConfig, *, rank: int,
     from tcp.eval_cli import load_eval_data
 
     src = data = stream = None
+    marks: list[ReadMark] = []
     error: BaseException | None = None
     try:
         src = open_source(cfg, world=world)
         if cfg.eval.enabled:
             data = load_eval_data(src.path, cfg, pilot_from=None, limit=None)
+        # Marked while read: tcp-log and runs refuse to change them meanwhile (tcp.read_marks).
+        for folder in dict.fromkeys([src.path, src.log]):
+            marks.append(ReadMark(folder).acquire(
+                why="wait for it to finish, then train offline from its log"))
         stream = RecordedStream(src.log, rank=rank,
-                                cfg=data.cfg if data is not None else cfg)
+                                cfg=data.cfg if data is not None else cfg, marks=marks)
     except Exception as e:  # reported as one line on every rank
         error = e
     try:
@@ -133,6 +139,8 @@ def prepare(cfg: RunConfig, *, rank: int,
     except BaseException:
         if stream is not None:
             stream.close()
+        for mark in marks:
+            mark.release()
         raise
     assert src is not None and stream is not None
     return src, data, stream
@@ -188,9 +196,12 @@ class RecordedStream:
     step t the step's own entries (`mistake_log.include_current`) and the sampler's replay
     draw, a pure function of (seed, t, rank) and the log (tcp.mistake_log.sampler)."""
 
-    def __init__(self, root: Path, *, rank: int, cfg: RunConfig) -> None:
+    def __init__(self, root: Path, *, rank: int, cfg: RunConfig,
+                 marks: list[ReadMark] | None = None) -> None:
+        """`marks`: this process's read marks on the source, released by `close`."""
         ml, st = cfg.mistake_log, cfg.mistake_log.store
         self.root, self.include_current = root, ml.include_current
+        self.marks = list(marks or [])
         self.reader = RankStoreReader(root, rank, cache_mib=st.read_cache_mib)
         # A second reader for the step's own entries: the sampler's prefetch thread uses the
         # first one (a reader is not shared between threads).
@@ -212,6 +223,8 @@ class RecordedStream:
 
     def close(self) -> None:
         self.sampler.close()
+        for mark in self.marks:
+            mark.release()
 
 
 class OfflineTrainer:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tcp.collective import distributed
 from tcp.config import RunConfig
 from tcp.errors import RunError
+from tcp.read_marks import refuse_if_read
 from tcp.run_lock import LOCK_NAME, LockError, RunLock, read_owner
 
 
@@ -79,6 +80,8 @@ def claim_paths(folders: list[Path], *, rank: int, what: str = "run") -> RunFold
             for folder in folders:
                 lock = RunLock(folder, what=what).acquire().start_heartbeat()
                 held.locks.append(lock)
+                refuse_if_read(folder, what_to_do="wait for it to finish, or use another "
+                                                  "output_dir (or mistake_log.store.path)")
                 if lock.took_over is not None:
                     print(f"[tcp] took over the stale lock on {folder} "
                           f"({lock.took_over.describe()}): that job is gone", flush=True)

@@ -2,7 +2,8 @@
 complete and verified.
 
 1. Finish or clean up what an interrupted run left (`swap.recover_missing`, `swap.cleanup`).
-2. Lock the log (`RunLock(path, what="log tool")`): a live training run's lock refuses it.
+2. Lock the log (`RunLock(path, what="log tool")`): a live training run's lock refuses it; so
+   does a live reader's mark (an offline Copilot job reading it, tcp.read_marks).
 3. Read the per-entry facts, let the caller choose the entries and options, check free space.
 4. Write the new store beside the log (`<PATH>.tcp-compact/`), verify it (every
    chunk decoded, digests, counts; for a plain compact the manifests' digests must equal the
@@ -41,6 +42,7 @@ from tcp.log_tools.tables import READ_ERRORS, LogTables, load_tables
 from tcp.mistake_log.format import fsync_all
 from tcp.mistake_log.maintenance import verify
 from tcp.mistake_log.store import Manifest
+from tcp.read_marks import READERS, refuse_if_read
 from tcp.run_lock import LOCK_NAME, RunLock
 
 Build = Callable[[LogTables], tuple[list[OutShard], ZarrStoreConfig, dict[str, Any]]]
@@ -77,6 +79,8 @@ def rewrite_in_place(path: Path | str, build: Build, *, say: Callable[[str], Non
             say(f"took over the stale lock on {path} ({lock.took_over.describe()})")
     lock.start_heartbeat()  # a run on another host must not judge a long rewrite's lock stale
     try:
+        refuse_if_read(path, what_to_do="wait until it finishes (a swapped-in log would change "
+                                        "its entries under it); nothing was changed")
         swap.cleanup(path, say)
         tables = load_tables(path, mistakes=mistakes)
         shards, cfg, record = build(tables)
@@ -167,7 +171,7 @@ def _check(tmp: Path, tables: LogTables, shards: list[OutShard], manifests: list
                            "it was removed and the original is unchanged")
 
 
-_STORE_ENTRY = re.compile(r"^(zarr\.json|rank\d+|\.tcp\.lock.*)$")
+_STORE_ENTRY = re.compile(rf"^(zarr\.json|rank\d+|\.tcp\.lock.*|{re.escape(READERS)})$")
 
 
 def _carry_other_files(path: Path, tmp: Path) -> None:
