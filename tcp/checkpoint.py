@@ -447,12 +447,14 @@ class CheckpointManager:
 
     def _fsync_mine(self, path: Path) -> None:
         """fsync the files this rank wrote (DeepSpeed names per-rank files zero_pp_rank_{r}_*;
-        rank 0 also takes the shared ones), then their folders."""
+        rank 0 also takes the shared ones), then their folders. Another rank's trainer file and
+        any temp file are never touched: a rank's atomic save renames its temp file away at
+        any moment (rank 0 once failed here with ENOENT under load)."""
         mine = re.compile(rf"(^|_)rank_{self.rank}_")
-        other = re.compile(r"(^|_)rank_\d+_")
+        other = re.compile(r"(^|_)rank_\d+_|^trainer_rank\d+\.pt$")
         dirs = set()
         for f in path.rglob("*"):
-            if not f.is_file():
+            if f.name.endswith(".tmp") or not f.is_file():
                 continue
             if mine.search(f.name) or (self.rank == 0 and not other.search(f.name)) or \
                     f.name == trainer_file(self.rank):

@@ -277,3 +277,25 @@ def test_write_failure_causes_in_words(tmp_path, monkeypatch):
     cause, _ = WriteFailure(f, OSError(27, "File too large"), plenty).cause()
     assert cause.endswith("per file, File too large [EFBIG]")
     assert len(one_line(RuntimeError("a\n" * 500))) == 200
+
+
+def test_rank_0_fsyncs_only_its_own_and_shared_files(tmp_path, monkeypatch):
+    """Another rank's trainer file (and its temp file, renamed away at any moment: rank 0 once
+    failed with ENOENT here) is that rank's to fsync, never rank 0's."""
+    names = ["trainer_rank0.pt", "trainer_rank1.pt", ".trainer_rank1.pt.tmp", "latest",
+             "pilot/step_1/zero_pp_rank_0_mp_rank_00_model_states.pt",
+             "pilot/step_1/zero_pp_rank_1_mp_rank_00_model_states.pt"]
+    for n in names:
+        (tmp_path / n).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / n).write_text("x")
+    synced: dict[int, set[str]] = {}
+    for rank in (0, 1):
+        seen: set[str] = set()
+        monkeypatch.setattr("tcp.checkpoint.fsync_path",
+                            lambda p, seen=seen: seen.add(str(p.relative_to(tmp_path))))
+        CheckpointManager(CheckpointConfig(), tmp_path, rank=rank, world=2)._fsync_mine(tmp_path)
+        synced[rank] = {s for s in seen if (tmp_path / s).is_file()}
+    assert synced[0] == {"trainer_rank0.pt", "latest",
+                         "pilot/step_1/zero_pp_rank_0_mp_rank_00_model_states.pt"}
+    assert synced[1] == {"trainer_rank1.pt",
+                         "pilot/step_1/zero_pp_rank_1_mp_rank_00_model_states.pt"}
