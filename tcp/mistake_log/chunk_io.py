@@ -43,6 +43,13 @@ class StoredFileCorrupt(ValueError):
     """A stored chunk file fails its CRC32C, or its copy differs from it."""
 
 
+def check_crc32c(data: bytes, where: Path | str) -> None:
+    """Raise StoredFileCorrupt unless `data` ends in the CRC32C of the rest (Zarr's crc32c
+    codec: 4 bytes, little-endian)."""
+    if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
+        raise StoredFileCorrupt(f"{where}: stored chunk fails its CRC32C")
+
+
 @dataclass(frozen=True)
 class DirectArray:
     """What it takes to write whole chunks of one (non-sharded, unfiltered) Zarr v3 array."""
@@ -102,9 +109,7 @@ class DirectArray:
     def decode(self, data: bytes, where: Path | str = "") -> np.ndarray:
         """A stored chunk's rows (the inverse of `encode`): CRC32C checked, then decoded."""
         if self.crc32c:
-            if len(data) < 4 or google_crc32c.value(data[:-4]) != \
-                    int.from_bytes(data[-4:], "little"):
-                raise StoredFileCorrupt(f"{where}: stored chunk fails its CRC32C")
+            check_crc32c(data, where)
             data = data[:-4]
         try:
             raw: Any = self.zstd.decode(data) if self.zstd is not None else data
@@ -155,9 +160,8 @@ def _copy_one(src: Path, root: Path, key: str, crc32c: bool, fsync: bool) -> int
     `crc32c` the bytes read must match their CRC32C trailer. The copy is read back and
     compared. Returns its size."""
     data = src.read_bytes()
-    if crc32c and (len(data) < 4 or google_crc32c.value(data[:-4]) !=
-                   int.from_bytes(data[-4:], "little")):
-        raise StoredFileCorrupt(f"{src}: stored chunk fails its CRC32C")
+    if crc32c:
+        check_crc32c(data, src)
     path = root / key
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
