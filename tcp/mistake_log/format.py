@@ -32,6 +32,7 @@ import copy
 import functools
 import json
 import os
+import uuid
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -191,6 +192,23 @@ def atomic_write_json(path: Path, obj: Any, *, fsync: bool) -> None:
         fsync_path(path.parent)
 
 
+def durable_put(path: Path, data: bytes) -> None:
+    """Write `data` at `path` through a temp file that is fsynced before the rename: the file
+    is the old or the new one, never partial, also across a power cut (with the folder's fsync
+    at the commit)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 @functools.cache
 def _fsync_pool() -> ThreadPoolExecutor:
     """One pool per process, shared by every shard's commits (threads start on first use)."""
@@ -212,8 +230,12 @@ class TrackingStore(LocalStore):
     """A LocalStore that remembers what it wrote: stored bytes per key, and the keys a commit
     must fsync. (LocalStore already writes each key through a temp file and a rename.)"""
 
-    def __init__(self, root: Path | str, *, read_only: bool = False) -> None:
+    def __init__(self, root: Path | str, *, read_only: bool = False,
+                 durable: bool = False) -> None:
+        """`durable`: every file Zarr writes is fsynced before it is renamed into place (see
+        `set`); the shard writer sets it when `mistake_log.store.fsync` is on."""
         super().__init__(root, read_only=read_only)
+        self.durable = durable
         self.sizes: dict[str, int] = {}
         self.total = 0
         """Sum of `sizes`, kept current so a commit does not re-add every key."""
@@ -236,11 +258,22 @@ class TrackingStore(LocalStore):
             self.unsynced.add(key)
 
     async def set(self, key: str, value: Buffer) -> None:
-        await super().set(key, value)
-        self.note_written(key, len(value))
+        """Zarr's writes (metadata; sharded, blosc and lossy arrays' chunks). LocalStore writes
+        a temp file and renames it without an fsync in between, so after a power cut the rename
+        may be on disk and the data not: a rewritten open chunk holding committed rows would
+        come back empty. `durable` stores fsync the temp file first, as the direct chunk writes
+        do (chunk_io.py)."""
+        if not self.durable:
+            await super().set(key, value)
+            self.note_written(key, len(value))
+            return
+        if self.read_only:
+            raise ValueError(f"{self.root} was opened read-only; cannot write {key}")
+        await asyncio.to_thread(durable_put, Path(self.root) / key, value.to_bytes())
+        self.note_written(key, len(value), synced=True)
 
     def with_read_only(self, read_only: bool = False) -> TrackingStore:
-        return TrackingStore(self.root, read_only=read_only)
+        return TrackingStore(self.root, read_only=read_only, durable=self.durable)
 
     def sync(self, fsync: bool) -> None:
         """fsync every file written since the last call (but those their writer fsynced before

@@ -47,7 +47,7 @@ class RankStoreWriter:
     def __init__(self, root: Path | str, rank: int, schema: Schema, cfg: ZarrStoreConfig) -> None:
         self.root, self.rank, self.schema, self.cfg = Path(root), rank, schema, cfg
         self.dir = self.root / rank_group(rank)
-        self.store = TrackingStore(self.root)
+        self.store = TrackingStore(self.root, durable=cfg.fsync)
         g = create_root(self.store, schema)
         self.group = g.require_group(rank_group(rank))
         self.arrays: dict[str, Any] = {}

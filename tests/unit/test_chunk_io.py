@@ -1,5 +1,6 @@
 """Direct chunk writes (chunk_io.py): byte-identical to Zarr's own writes, readable by Zarr."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,33 @@ def test_direct_read_detects_damage_and_fills_missing_chunks(tmp_path):
         da.read(rd.dir, 0)
     with pytest.raises(ValueError):  # what readers of a damaged log catch
         RankStoreReader(root, 0, cache_mib=0).read(np.arange(4))
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_zarr_path_fsyncs_each_file_before_renaming_it_in(tmp_path, monkeypatch, fsync):
+    """Blosc (Zarr's own write path): with fsync on, every file renamed into place was fsynced
+    first (a power cut cannot leave a renamed-in empty chunk where committed rows were)."""
+    synced: set[str] = set()
+    renamed: list[tuple[str, bool]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync_(fd):
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace_(src, dst):
+        renamed.append((str(dst), os.path.realpath(src) in synced))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync_)
+    monkeypatch.setattr(os, "replace", replace_)
+    cfg = ZarrStoreConfig(chunk_mib=SMALL, compressor="blosc", fsync=fsync)
+    w = RankStoreWriter(tmp_path, 0, Schema(16, 3, "float32"), cfg)
+    for s in range(6):
+        w.append(fake_entries(s))
+        w.commit()  # the open chunk of every array is rewritten, committed rows and all
+    chunks = [(d, ok) for d, ok in renamed if "/c/" in d]
+    assert len(chunks) >= 6 * 13
+    assert all(ok for _, ok in chunks) if fsync else not any(ok for _, ok in chunks)
+    np.testing.assert_array_equal(RankStoreReader(tmp_path, 0).read_range(0, 24).step.numpy(),
+                                  np.repeat(np.arange(6), 4))
