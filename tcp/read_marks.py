@@ -26,7 +26,15 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-from tcp.run_lock import HEARTBEAT_S, STALE_AFTER_S, LockError, Owner, check_not_in_use
+from tcp.run_lock import (
+    HEARTBEAT_S,
+    STALE_AFTER_S,
+    LockError,
+    Owner,
+    check_not_in_use,
+    server_now,
+    touch_every,
+)
 
 READERS = ".tcp.readers"
 """The folder, inside a marked folder, that holds one file per reading process."""
@@ -63,16 +71,8 @@ class ReadMark:
         except BaseException:
             self.release()
             raise
-        threading.Thread(target=self._beat, name="tcp-read-mark", daemon=True).start()
+        touch_every(path, HEARTBEAT_S, until=self._stop, name="tcp-read-mark")
         return self
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                if self.path is not None:
-                    os.utime(self.path)
-            except OSError:
-                pass  # a hiccup of the file server: the next beat tries again
 
     def release(self) -> None:
         """Remove the mark. Idempotent."""
@@ -91,7 +91,7 @@ def live_readers(folder: Path | str) -> list[Owner]:
         return []
     if not marks:
         return []
-    now = _server_now(d)
+    now = server_now(d)
     live = []
     for mark in marks:
         try:
@@ -117,15 +117,3 @@ def refuse_if_read(folder: Path | str, *, what_to_do: str) -> None:
         more = f" and {len(readers) - 1} more" if len(readers) > 1 else ""
         raise LockError(f"{folder} is being read by a tcp {r.what} ({r.describe()}){more}; "
                         f"{what_to_do}")
-
-
-def _server_now(d: Path) -> float | None:
-    """The file server's current time (a probe file's mtime); None if it cannot be written."""
-    probe = d / f".clock.{socket.gethostname()}.{os.getpid()}"
-    try:
-        probe.write_text("")
-        return probe.stat().st_mtime
-    except OSError:
-        return None
-    finally:
-        probe.unlink(missing_ok=True)

@@ -111,6 +111,32 @@ def _proc_start(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def touch_every(path: Path, interval_s: float, *, until: threading.Event, name: str) -> None:
+    """Touch `path` every `interval_s` from a daemon thread until `until` is set: the heartbeat
+    that tells other hosts the holder of a lock (or a read mark) is alive."""
+    def beat() -> None:
+        while not until.wait(interval_s):
+            try:
+                os.utime(path)
+            except OSError:
+                pass  # a hiccup of the file server (or the file is gone): try again later
+
+    threading.Thread(target=beat, name=name, daemon=True).start()
+
+
+def server_now(folder: Path) -> float | None:
+    """The file server's current time (the mtime of a probe file written in `folder`), so that
+    ages of files written by other hosts do not depend on clock skew; None if it cannot write."""
+    probe = folder / f".tcp.lock.clock.{socket.gethostname()}.{os.getpid()}"
+    try:
+        probe.write_text("")
+        return probe.stat().st_mtime
+    except OSError:
+        return None
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def read_owner(path: Path) -> Owner | None:
     """The owner recorded in a lock file; None if it is missing or unreadable (half-written)."""
     try:
@@ -187,31 +213,19 @@ class RunLock:
         raise LockError(f"could not lock {self.folder}: another job keeps taking it")
 
     def heartbeat_age(self) -> float | None:
-        """Seconds since the lock file was last touched, on the file server's clock (a probe
-        file's mtime); None when it cannot be measured."""
-        probe = self.folder / f".tcp.lock.clock.{socket.gethostname()}.{os.getpid()}"
+        """Seconds since the lock file was last touched, on the file server's clock; None when
+        it cannot be measured."""
+        now = server_now(self.folder)
         try:
-            probe.write_text("")
-            now = probe.stat().st_mtime
-            return now - self.path.stat().st_mtime
+            return None if now is None else now - self.path.stat().st_mtime
         except OSError:
             return None
-        finally:
-            probe.unlink(missing_ok=True)
 
     def start_heartbeat(self, interval_s: float = HEARTBEAT_S) -> RunLock:
         """Touch the lock every `interval_s` while it is ours (a daemon thread), so another
         host can tell a live holder from a lost one. Stopped by `release`."""
         self._beating.clear()
-
-        def beat() -> None:
-            while not self._beating.wait(interval_s):
-                try:
-                    os.utime(self.path)
-                except OSError:
-                    pass  # a hiccup of the file server: the next beat tries again
-
-        threading.Thread(target=beat, name="tcp-lock-heartbeat", daemon=True).start()
+        touch_every(self.path, interval_s, until=self._beating, name="tcp-lock-heartbeat")
         return self
 
     def release(self) -> None:

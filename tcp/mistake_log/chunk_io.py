@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ import numpy as np
 from numcodecs import Zstd
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.core.metadata.v3 import ArrayV3Metadata
+
+from tcp.mistake_log.format import replace_file
 
 WRITE_THREADS = 4
 """Chunks encoded and written at once (a commit's chunks of all arrays share the pool)."""
@@ -180,25 +181,7 @@ def _write_one(root: Path, job: tuple[DirectArray, str, np.ndarray], fsync: bool
     that also holds rows the previous commit published, so the rename must never reach the
     disk ahead of the new file's data (a power cut would leave an empty chunk there)."""
     da, key, rows = job
-    data, crc = da.encode(rows)
-    path = root / key
-    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
-    try:
-        f = open(tmp, "wb")
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(tmp, "wb")
-    try:
-        with f:
-            n = f.write(data) + f.write(crc)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return n
+    return replace_file(root / key, da.encode(rows), fsync=fsync)
 
 
 @functools.cache

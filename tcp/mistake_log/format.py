@@ -192,21 +192,28 @@ def atomic_write_json(path: Path, obj: Any, *, fsync: bool) -> None:
         fsync_path(path.parent)
 
 
-def durable_put(path: Path, data: bytes) -> None:
-    """Write `data` at `path` through a temp file that is fsynced before the rename: the file
-    is the old or the new one, never partial, also across a power cut (with the folder's fsync
-    at the commit)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def replace_file(path: Path, parts: Iterable[Any], *, fsync: bool) -> int:
+    """Write `parts` (bytes-like, in order) at `path` through a temp file `<path>.<id>.partial`
+    renamed into place, so the file is the old or the new one, never partial; with `fsync` the
+    data is on disk before the rename, also across a power cut (the folder is fsynced at the
+    commit). Creates missing folders. Returns the bytes written."""
     tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        f = open(tmp, "wb")
+    except FileNotFoundError:  # a new chunk's folder (c/N): created on first use only
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(tmp, "wb")
+    try:
+        with f:
+            n = sum(f.write(part) for part in parts)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return n
 
 
 @functools.cache
@@ -262,14 +269,15 @@ class TrackingStore(LocalStore):
         a temp file and renames it without an fsync in between, so after a power cut the rename
         may be on disk and the data not: a rewritten open chunk holding committed rows would
         come back empty. `durable` stores fsync the temp file first, as the direct chunk writes
-        do (chunk_io.py)."""
+        do (chunk_io.py), through the same `replace_file`."""
         if not self.durable:
             await super().set(key, value)
             self.note_written(key, len(value))
             return
         if self.read_only:
             raise ValueError(f"{self.root} was opened read-only; cannot write {key}")
-        await asyncio.to_thread(durable_put, Path(self.root) / key, value.to_bytes())
+        await asyncio.to_thread(replace_file, Path(self.root) / key, [value.to_bytes()],
+                                fsync=True)
         self.note_written(key, len(value), synced=True)
 
     def with_read_only(self, read_only: bool = False) -> TrackingStore:
