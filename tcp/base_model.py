@@ -26,14 +26,21 @@ from tcp.progress import Progress
 
 def base_dir(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Path:
     """Cache folder of the base model this config needs (content-addressed)."""
+    # The task's data.max_length is not part of it: the corpus is cut at the model's context
+    # (`corpus_max_length`), so every task (arithmetic and the families) shares one base model.
     key = json.dumps({"arch": to_dict(cfg.model.arch),
                       "base": {k: v for k, v in to_dict(cfg.base).items() if k != "cache_dir"},
-                      "vocab": tokenizer.get_vocab(), "max_length": cfg.data.max_length},
+                      "vocab": tokenizer.get_vocab()},
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = Path(cfg.base.cache_dir) if cfg.base.cache_dir else Path(cfg.output_dir).parent / \
         "base-cache"
     return root / digest
+
+
+def corpus_max_length(cfg: RunConfig) -> int:
+    """Longest base-corpus sample kept, in tokens: the model's context."""
+    return cfg.model.arch.max_position_embeddings
 
 
 def ensure_base_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, *, rank: int,
@@ -45,8 +52,8 @@ def ensure_base_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, *, ran
             print(f"[tcp] base model: reusing {path}", flush=True)
         return path
     b = cfg.base
-    records = arithmetic.generate(b.seed, "base", b.corpus_size)
-    samples, report = tokenize_records(records, tokenizer, max_length=cfg.data.max_length,
+    records = arithmetic.generate(b.seed, "base", b.corpus_size, base_formats=tuple(b.formats))
+    samples, report = tokenize_records(records, tokenizer, max_length=corpus_max_length(cfg),
                                        overlength="skip")
     model = build_llama(cfg.model.arch, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,
                         bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id, seed=b.seed)

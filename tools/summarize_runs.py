@@ -22,9 +22,14 @@ Pooling treats every (run, example) as its own example: runs of different seeds 
 test split repeat the same questions, so the pooled interval is narrower than the evidence for
 "another test set" warrants; it answers "across these runs, is the difference noise?".
 
---json prints {"runs": [...], "pooled": {...}} instead: per run its path, seed, n, accuracies,
-λ and "paired" (the format of results.json["paired"], tcp.stats); pooled the mean and sd of
-both accuracies and the pooled "paired".
+Runs of several tasks (the built-in families, or user data) are also pooled **per task**: the
+task of a run is its config.yaml's `data.source` (for jsonl/parquet/hf data: the training
+file's or dataset's name), and a last table gives, per task, the runs and seeds, both
+accuracies as mean ± sd, and the paired test over that task's pooled examples.
+
+--json prints {"runs": [...], "pooled": {...}, "tasks": {...}} instead: per run its path, task,
+seed, n, accuracies, λ and "paired" (the format of results.json["paired"], tcp.stats); pooled
+the mean and sd of both accuracies and the pooled "paired", over all runs and per task.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class Run:
     name: str
     path: Path
     """The results JSON file."""
+    task: str
+    """`task_of` the run."""
     results: dict[str, Any]
     predictions: Path | None
     flags: tuple[list[bool], list[bool]] | None
@@ -87,16 +94,34 @@ def run_name(path: Path) -> str:
     return f"{path.parent.parent.name}:{path.stem}" if path.parent.name == "eval" else path.stem
 
 
+def run_config(path: Path) -> dict[str, Any]:
+    """The config.yaml of the run `path` belongs to (results.json beside it, a tcp-eval result
+    in its eval/ folder); {} when there is none."""
+    for cfg in (path.parent / "config.yaml", path.parent.parent / "config.yaml"):
+        if cfg.is_file():
+            import yaml
+
+            return yaml.safe_load(cfg.read_text()) or {}
+    return {}
+
+
 def seed_of(path: Path, results: dict[str, Any]) -> Any:
     """results.json's seed, else (tcp-eval results) the seed in the run's config.yaml."""
     if "seed" in results:
         return results["seed"]
-    cfg = path.parent.parent / "config.yaml"
-    if cfg.is_file():
-        import yaml
+    return run_config(path).get("seed")
 
-        return (yaml.safe_load(cfg.read_text()) or {}).get("seed")
-    return None
+
+def task_of(path: Path) -> str:
+    """The run's task: `data.source` for a built-in task, else the training data's name
+    (file stem or dataset name); "unknown" without a config.yaml."""
+    data = run_config(path).get("data") or {}
+    source = data.get("source")
+    if source is None:
+        return "unknown"
+    if source in ("jsonl", "parquet", "hf") and data.get("train_path"):
+        return f"{source}:{Path(str(data['train_path'])).stem}"
+    return str(source)
 
 
 def load(path: Path) -> Run:
@@ -105,7 +130,8 @@ def load(path: Path) -> Run:
     res.setdefault("seed", seed_of(path, res))
     preds = predictions_for(path, res)
     flags = read_paired_flags(preds, res["pilot+copilot"]["lambda"]) if preds else None
-    run = Run(name=run_name(path), path=path, results=res, predictions=preds, flags=flags)
+    run = Run(name=run_name(path), path=path, task=task_of(path), results=res, predictions=preds,
+              flags=flags)
     if flags is not None:
         n = len(flags[0])
         got = (n, sum(flags[0]), sum(flags[1]))
@@ -131,19 +157,13 @@ def mean_sd(xs: list[float]) -> dict[str, float | None]:
     return {"mean": statistics.mean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else None}
 
 
-def summarize(runs: list[Run], *, resamples: int, seed: int) -> dict[str, Any]:
-    """Per run and pooled numbers (the --json output)."""
-    per_run = [{"run": r.name, "path": str(r.path), "seed": r.results.get("seed"),
-                "n": r.results["test_size"], "pilot_accuracy": r.results["pilot"]["accuracy"],
-                "copilot_accuracy": r.results["pilot+copilot"]["accuracy"],
-                "lambda": r.results["pilot+copilot"]["lambda"],
-                "copilot_off": r.results["pilot+copilot"]["copilot_off"],
-                "predictions": str(r.predictions) if r.predictions else None,
-                "paired": paired_of(r, resamples=resamples, seed=seed)} for r in runs]
+def pool(runs: list[Run], per_run: list[dict[str, Any]], *, resamples: int,
+         seed: int) -> dict[str, Any]:
+    """Both accuracies' mean and sd over `runs`, and one paired test over their examples."""
     with_flags = [r for r in runs if r.flags is not None]
     pilot = [f for r in with_flags for f in r.flags[0]]  # type: ignore[index]
     fused = [f for r in with_flags for f in r.flags[1]]  # type: ignore[index]
-    pooled = {
+    return {
         "runs": len(runs), "seeds": [r["seed"] for r in per_run],
         "pilot_accuracy": mean_sd([r["pilot_accuracy"] for r in per_run]),
         "copilot_accuracy": mean_sd([r["copilot_accuracy"] for r in per_run]),
@@ -151,7 +171,24 @@ def summarize(runs: list[Run], *, resamples: int, seed: int) -> dict[str, Any]:
         "paired": (paired_comparison(pilot, fused, resamples=resamples, seed=seed).to_dict()
                    if with_flags else None),
     }
-    return {"runs": per_run, "pooled": pooled}
+
+
+def summarize(runs: list[Run], *, resamples: int, seed: int) -> dict[str, Any]:
+    """Per run, pooled and per-task numbers (the --json output)."""
+    per_run = [{"run": r.name, "path": str(r.path), "task": r.task, "seed": r.results.get("seed"),
+                "n": r.results["test_size"], "pilot_accuracy": r.results["pilot"]["accuracy"],
+                "copilot_accuracy": r.results["pilot+copilot"]["accuracy"],
+                "lambda": r.results["pilot+copilot"]["lambda"],
+                "copilot_off": r.results["pilot+copilot"]["copilot_off"],
+                "predictions": str(r.predictions) if r.predictions else None,
+                "paired": paired_of(r, resamples=resamples, seed=seed)} for r in runs]
+    tasks: dict[str, Any] = {}
+    for task in dict.fromkeys(r.task for r in runs):  # first-seen order
+        idx = [i for i, r in enumerate(runs) if r.task == task]
+        tasks[task] = pool([runs[i] for i in idx], [per_run[i] for i in idx],
+                           resamples=resamples, seed=seed)
+    return {"runs": per_run, "pooled": pool(runs, per_run, resamples=resamples, seed=seed),
+            "tasks": tasks}
 
 
 def _runs(k: int) -> str:
@@ -190,6 +227,26 @@ def print_paired(summary: dict[str, Any]) -> None:
                                                     "predictions.jsonl left out" if left_out
                                                     else "")
           + f"): {format_paired(pool['paired'])}")
+
+
+def print_tasks(summary: dict[str, Any]) -> None:
+    """Per task: runs, seeds, both accuracies (mean ± sd over runs) and the pooled paired test."""
+    print("\nPer task, pooled over its runs (Δ = Pilot+Copilot − Pilot, paired over the pooled "
+          "test examples):\n")
+    print("| task | runs (seeds) | Pilot | Pilot+Copilot | relative | Δ points [95% CI] | "
+          "McNemar p | b | c | n |")
+    print("|" + "---|" * 10)
+    for task, t in summary["tasks"].items():
+        p = t["paired"]
+        pilot, fused = t["pilot_accuracy"]["mean"], t["copilot_accuracy"]["mean"]
+        rel = f"{100 * (fused - pilot) / pilot:+.1f}%" if pilot else "n/a"
+        cells = (["n/a (no predictions.jsonl)", "", "", "", ""] if p is None else
+                 [f"{100 * p['diff']:+.1f} [{100 * p['diff_ci95'][0]:+.1f}, "
+                  f"{100 * p['diff_ci95'][1]:+.1f}]", f"{p['mcnemar_p']:.3g}", p["b"], p["c"],
+                  p["n"]])
+        print(f"| {task} | {t['runs']} ({', '.join(map(str, t['seeds']))}) | "
+              f"{_pm(t['pilot_accuracy'])} | {_pm(t['copilot_accuracy'])} | {rel} | "
+              + " | ".join(map(str, cells)) + " |")
 
 
 def row(run: Run) -> dict[str, Any]:
@@ -278,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [row(r) for r in runs]
     print_diagnostics(rows)
     print_paired(summary)
+    print_tasks(summary)
     print("\nteacher-forced fixes / breaks per λ (validation):")
     for r in rows:
         print(f"- {r['run']}: " + ", ".join(f"λ={k}: +{r['fixes'][k]}/-{r['breaks'][k]}"

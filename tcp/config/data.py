@@ -7,14 +7,21 @@ from typing import Literal
 
 from tcp.config.schema import _check
 
+BUILTIN = ("arithmetic", "multistep", "choice", "yesno")
+"""`data.source` values generated in-process (tcp.data.families); they need no paths."""
+
 
 @dataclass
 class DataConfig:
     """Where samples come from and how they become token sequences."""
 
-    source: Literal["arithmetic", "jsonl", "parquet", "hf"] = "arithmetic"
-    """'arithmetic' = the embedded generator; 'jsonl'/'parquet' = local files; 'hf' = a dataset
-    name for datasets.load_dataset (needs network or a local cache)."""
+    source: Literal["arithmetic", "multistep", "choice", "yesno", "jsonl", "parquet",
+                    "hf"] = "arithmetic"
+    """'arithmetic' = the embedded default task; 'multistep' | 'choice' | 'yesno' = the built-in
+    families (tcp.data.families: worked multi-step problems, multiple choice answered
+    "the correct answer is answerN", yes/no); all four are generated, nothing downloaded.
+    'jsonl'/'parquet' = local files; 'hf' = a dataset name for datasets.load_dataset (needs
+    network or a local cache)."""
     train_path: str | None = None
     """jsonl/parquet: training file; hf: dataset name (e.g. 'gsm8k')."""
     val_path: str | None = None
@@ -38,11 +45,11 @@ class DataConfig:
     answer_template: str | None = None
     """Python format string over record fields for the answer, e.g. '{answer}'."""
     train_size: int = 20000
-    """arithmetic: number of generated training problems."""
+    """Built-in tasks: number of generated training problems."""
     val_size: int = 400
-    """arithmetic: validation problems (lambda is chosen here)."""
+    """Built-in tasks: validation problems (lambda is chosen here)."""
     test_size: int = 800
-    """arithmetic: test problems (scored once)."""
+    """Built-in tasks: test problems (scored once)."""
     max_length: int | Literal["auto"] = "auto"
     """Longest [BOS]+prompt+answer+EOS in tokens. 'auto': the 99.5th percentile of the training
     split's lengths rounded up to a multiple of 8, capped by the Pilot's context; resolved once

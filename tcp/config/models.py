@@ -8,6 +8,13 @@ from typing import Any, Literal
 
 from tcp.config.schema import _check
 
+BASE_FORMATS = ("equation", "word", "choice", "yesno")
+"""Sample formats of the base corpus (`base.formats`): a plain equation "34+25=" -> "59"; a word
+problem in a base phrasing; the equation with four near-miss options, answered "the correct
+answer is answerN"; a claimed equation "Is 34+25=59?" -> "yes"/"no". None uses the tasks'
+wording, as a pretrained model has seen arithmetic, multiple choice and yes/no questions, but not
+the fine-tuning task."""
+
 
 def _check_block_shape(cfg: Any) -> None:
     """Positive sizes, and a width that splits evenly into heads (Pilot arch and Copilot)."""
@@ -122,6 +129,11 @@ class BaseConfig:
     seed: int = 1234
     """Seed of the base model and corpus; independent of the run seed, so runs with different
     seeds share one base model, as runs of a real model share one pretrained checkpoint."""
+    formats: list[str] = field(default_factory=lambda: ["equation", "word"])
+    """Sample formats of the base corpus, drawn with equal odds (tcp.data.arithmetic
+    BASE_FORMATS): 'equation' ("34+25=" -> "59"), 'word' (word problems in phrasings the tasks
+    do not use), 'choice' (an equation with four options, answered "the correct answer is
+    answerN"), 'yesno' ("Is 34+25=59?" -> "yes"/"no")."""
     cache_dir: str | None = None
     """Where finished base models are cached by content hash; None: `<output_dir>/../base-cache`."""
 
@@ -131,6 +143,9 @@ class BaseConfig:
         _check(self.micro_batch_size > 0, "micro_batch_size", "must be > 0")
         _check(self.corpus_size > 0, "corpus_size", "must be > 0")
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        bad = [f for f in self.formats if f not in BASE_FORMATS]
+        _check(bool(self.formats) and not bad, "formats",
+               f"must be a non-empty list of {', '.join(BASE_FORMATS)} (got {self.formats})")
 
 
 @dataclass

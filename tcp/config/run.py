@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from tcp.config.data import DataConfig
+from tcp.config.data import BUILTIN, DataConfig
 from tcp.config.eval import EvalConfig
 from tcp.config.mistake_log import MistakeLogConfig
 from tcp.config.models import BaseConfig, CopilotConfig, ModelConfig, PilotConfig
@@ -83,7 +83,7 @@ class RunConfig:
                 "init_from=base copies base blocks, so hidden_size, num_heads and "
                 "intermediate_size must equal model.arch's and num_layers <= model.arch.num_layers",
             )
-        if self.data.source == "arithmetic" and self.model.name_or_path is None:
+        if self.data.source in BUILTIN and self.model.name_or_path is None:
             _check(
                 self.data.tokenizer is None,
                 "data.tokenizer",

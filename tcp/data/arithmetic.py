@@ -28,6 +28,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tcp.config.models import BASE_FORMATS  # noqa: F401  (re-exported: the base corpus formats)
+
 NAMES = ["Ann", "Bob", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jo", "Kim", "Lea"]
 ITEMS = ["apple", "coin", "book", "card", "pen", "shell", "stamp", "egg", "rock", "cup"]
 SPLIT_OFFSET = {"train": 0, "validation": 1_000_003, "test": 2_000_003, "base": 3_000_017}
@@ -46,9 +48,18 @@ class Problem:
     prompt: str
     answer: str
     op: str
+    key: str = ""
+    """What a split owns and may not repeat (`owner`); empty: the prompt. A task whose prompt
+    adds options or a claim to a question keys by the question, so one question never lands in
+    two splits with different options."""
+
+    @property
+    def owner_key(self) -> str:
+        """The text `owner` hashes and a split deduplicates: `key`, else the prompt."""
+        return self.key or self.prompt
 
 
-def _operands(rng: random.Random, op: str) -> tuple[int, ...]:
+def operands(rng: random.Random, op: str) -> tuple[int, ...]:
     if op == "add":
         return rng.randint(2, 99), rng.randint(2, 99)
     if op == "sub":
@@ -65,7 +76,7 @@ def _operands(rng: random.Random, op: str) -> tuple[int, ...]:
     raise ValueError(f"unknown op {op!r}")
 
 
-def _result(op: str, xs: tuple[int, ...]) -> int:
+def result(op: str, xs: tuple[int, ...]) -> int:
     return {
         "add": lambda: xs[0] + xs[1],
         "sub": lambda: xs[0] - xs[1],
@@ -98,24 +109,56 @@ SYMBOL = {"add": "{0}+{1}", "sub": "{0}-{1}", "mul": "{0}*{1}", "div": "{0}/{1}"
 OPS = list(TASK)
 
 
-def make_problem(seed: int, split: str, index: int, draw: int = 0) -> Problem:
+def make_problem(seed: int, split: str, index: int, draw: int = 0, *,
+                 base_formats: tuple[str, ...] = ("equation", "word")) -> Problem:
     """Draw `draw` of problem `index` of `split` ('train' | 'validation' | 'test' | 'base') for
     `seed`. Every draw of an index has the same operation; draw 0 is the problem before splits
-    were deduplicated, later draws replace it when it is rejected (`generate`)."""
+    were deduplicated, later draws replace it when it is rejected (`generate`). A 'base' problem
+    takes one of `base_formats` (`BASE_FORMATS`) with equal odds."""
     if split not in SPLIT_OFFSET:
         raise ValueError(f"split must be one of {sorted(SPLIT_OFFSET)}, got {split!r}")
     rng = random.Random(f"{seed}/{SPLIT_OFFSET[split] + index}")
     op = rng.choice(OPS)
     if draw:
         rng = random.Random(f"{seed}/{SPLIT_OFFSET[split] + index}/{draw}")
-    xs = _operands(rng, op)
-    answer = str(_result(op, xs))
+    xs = operands(rng, op)
+    answer = str(result(op, xs))
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     if split == "base":
-        # Half plain equations, half word problems in the base phrasings.
-        text = SYMBOL[op].format(*xs) + "=" if rng.random() < 0.5 else BASE[op](name, item, xs)
-        return Problem(prompt=f"Q: {text}\nA: ", answer=answer, op=op)
+        fmt = base_formats[int(rng.random() * len(base_formats))]
+        equation = SYMBOL[op].format(*xs) + "="
+        if fmt == "word":
+            return Problem(prompt=f"Q: {BASE[op](name, item, xs)}\nA: ", answer=answer, op=op)
+        if fmt == "choice":
+            options = near_misses(rng, int(answer), 3)
+            pos = rng.randrange(4)
+            options.insert(pos, int(answer))
+            listed = "\n".join(f"answer{i + 1}: {v}" for i, v in enumerate(options))
+            return Problem(prompt=f"Q: {equation}?\n{listed}\nA: ",
+                           answer=f"the correct answer is answer{pos + 1}", op=op)
+        if fmt == "yesno":
+            yes = rng.random() < 0.5
+            claim = int(answer) if yes else near_misses(rng, int(answer), 1)[0]
+            return Problem(prompt=f"Q: Is {equation}{claim}?\nA: ", answer="yes" if yes else "no",
+                           op=op)
+        return Problem(prompt=f"Q: {equation}\nA: ", answer=answer, op=op)
     return Problem(prompt=f"Q: {TASK[op](name, item, xs)}\nA: ", answer=answer, op=op)
+
+
+def near_misses(rng: random.Random, gold: int, k: int) -> list[int]:
+    """`k` distinct positive numbers near `gold` (±1, ±2, ±10, digits swapped), none equal to
+    it, in random order: wrong options and false claims that only a right answer rules out."""
+    cands = {gold + 1, gold - 1, gold + 2, gold - 2, gold + 10, gold - 10}
+    if gold >= 10 and int(str(gold)[::-1]) != gold:
+        cands.add(int(str(gold)[::-1]))
+    pool = sorted(c for c in cands if c > 0 and c != gold)
+    rng.shuffle(pool)
+    extra = gold + 3
+    while len(pool) < k:  # tiny golds: fall back to larger misses
+        if extra not in pool:
+            pool.append(extra)
+        extra += 1
+    return pool[:k]
 
 
 def owner(seed: int, prompt: str) -> str:
@@ -136,9 +179,9 @@ def owner(seed: int, prompt: str) -> str:
 
 def distinct_prompts(op: str) -> int:
     """How many different task prompts operation `op` can produce (names x items x operands)."""
-    operands = {"add": 98 * 98, "sub": sum(range(10, 100)), "mul": 8 * 28, "div": 8 * 11,
-                "two_step": sum(a + b for a in range(2, 61) for b in range(2, 41))}[op]
-    return operands * len(NAMES) * len(ITEMS)
+    counts = {"add": 98 * 98, "sub": sum(range(10, 100)), "mul": 8 * 28, "div": 8 * 11,
+             "two_step": sum(a + b for a in range(2, 61) for b in range(2, 41))}[op]
+    return counts * len(NAMES) * len(ITEMS)
 
 
 def max_distinct(split: str) -> int:
@@ -147,7 +190,8 @@ def max_distinct(split: str) -> int:
     return min(int(distinct_prompts(op) * OWNER_SHARE[split]) for op in OPS) * len(OPS)
 
 
-def generate(seed: int, split: str, size: int) -> list[dict[str, str]]:
+def generate(seed: int, split: str, size: int, *,
+             base_formats: tuple[str, ...] = ("equation", "word")) -> list[dict[str, str]]:
     """`size` problems of `split` as records {'prompt', 'answer', 'op'}.
 
     Task splits are disjoint by prompt and free of repeats (module docstring); 'base' (the base
@@ -155,29 +199,39 @@ def generate(seed: int, split: str, size: int) -> list[dict[str, str]]:
     `size` distinct prompts.
     """
     if split == "base":
-        return [_record(make_problem(seed, split, i)) for i in range(size)]
+        return [_record(make_problem(seed, split, i, base_formats=base_formats))
+                for i in range(size)]
+    return [_record(p) for p in distinct_split(make_problem, seed, split, size, task="arithmetic")]
+
+
+Maker = Callable[[int, str, int, int], Problem]
+"""make(seed, split, index, draw) -> Problem: a task's generator (`make_problem`)."""
+
+
+def distinct_split(make: Maker, seed: int, split: str, size: int, *, task: str) -> list[Problem]:
+    """`size` problems of `split` from `make`, each the first draw of its index that `split`
+    owns (`owner` of its `owner_key`) and has not used yet: disjoint splits, no repeats.
+    Raises ValueError naming the size key to lower when the split's share runs out."""
     seen: set[str] = set()
     out = []
-    for i in range(size):
-        p = _distinct_problem(seed, split, i, seen)
-        seen.add(p.prompt)
-        out.append(_record(p))
+    for index in range(size):
+        for draw in range(MAX_DRAWS):
+            p = make(seed, split, index, draw)
+            if p.owner_key not in seen and owner(seed, p.owner_key) == split:
+                break
+        else:
+            key = {"train": "train_size", "validation": "val_size", "test": "test_size"}[split]
+            why = (f"its {p.op} questions have {distinct_prompts(p.op)} distinct forms, "
+                   f"{OWNER_SHARE[split]:.0%} of them reserved for {split}, so at most about "
+                   f"{max_distinct(split)} {split} problems can differ" if p.op in TASK else
+                   f"{OWNER_SHARE[split]:.0%} of its questions are reserved for {split} and "
+                   f"{MAX_DRAWS} draws found no unused one")
+            raise ValueError(
+                f"the {task} task cannot give {split} problem {index} (seed {seed}) a question "
+                f"no other split and no earlier {split} problem has: {why}; lower data.{key}")
+        seen.add(p.owner_key)
+        out.append(p)
     return out
-
-
-def _distinct_problem(seed: int, split: str, index: int, seen: set[str]) -> Problem:
-    """The first draw of problem `index` that `split` owns and has not used yet."""
-    for draw in range(MAX_DRAWS):
-        p = make_problem(seed, split, index, draw)
-        if p.prompt not in seen and owner(seed, p.prompt) == split:
-            return p
-    key = {"train": "train_size", "validation": "val_size", "test": "test_size"}[split]
-    raise ValueError(
-        f"the arithmetic task cannot give {split} problem {index} (seed {seed}) a prompt no other "
-        f"split and no earlier {split} problem has: its {p.op} problems have "
-        f"{distinct_prompts(p.op)} distinct prompts, {OWNER_SHARE[split]:.0%} of them reserved "
-        f"for {split}, so at most about {max_distinct(split)} {split} problems can differ; "
-        f"lower data.{key}")
 
 
 def _record(p: Problem) -> dict[str, str]:

@@ -18,7 +18,8 @@ import string
 from typing import Any
 
 from tcp.config import DataConfig
-from tcp.data import arithmetic
+from tcp.config.data import BUILTIN
+from tcp.data import families
 from tcp.errors import RunError
 
 Record = dict[str, str]
@@ -39,13 +40,16 @@ def load_split_located(cfg: DataConfig, split: str, *,
                        seed: int) -> tuple[list[Record], list[str]]:
     """Records of `split` and where each came from ('file:line', 'file row i'), so a later
     check (over-long, unknown tokens) can name the sample."""
-    if cfg.source == "arithmetic":
-        size = {"train": cfg.train_size, "validation": cfg.val_size, "test": cfg.test_size}[split]
-        recs = [{"prompt": r["prompt"], "answer": r["answer"]}
-                for r in arithmetic.generate(seed, split, size)]
-        return recs, [f"arithmetic {split} row {i}" for i in range(size)]
     rows: list[tuple[str, dict[str, Any]]]
-    if cfg.source == "hf":
+    if cfg.source in BUILTIN:
+        # Generated records take the user-data path below (fields or templates, the same checks).
+        size = {"train": cfg.train_size, "validation": cfg.val_size, "test": cfg.test_size}[split]
+        try:
+            raw = families.generate(cfg.source, seed, split, size)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        rows = [(f"{cfg.source} {split} row {i}", r) for i, r in enumerate(raw)]
+    elif cfg.source == "hf":
         assert cfg.train_path is not None  # validated in DataConfig
         hf_split = {"train": cfg.hf_train_split, "validation": cfg.hf_val_split,
                     "test": cfg.hf_test_split}[split]

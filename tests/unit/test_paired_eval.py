@@ -255,6 +255,35 @@ def test_summarize_runs_pools_seeds(evaluated, tmp_path, capsys):
         summarize.main([str(tmp_path / "seed*")])
 
 
+def test_summarize_runs_pools_each_task_apart(evaluated, tmp_path, capsys):
+    T, F = True, False
+    runs = {"c0": ("choice", 0, [T, F, F], [T, T, F]),      # b=0, c=1
+            "y0": ("yesno", 0, [T, T], [F, T]),             # b=1, c=0
+            "c1": ("choice", 1, [F, F], [T, T]),            # b=0, c=2
+            "u0": ("jsonl", 0, [T], [T])}
+    for name, (source, seed, pilot, fused) in runs.items():
+        _write_run(tmp_path / name, evaluated[0], seed=seed, lam=0.5, pilot=pilot, fused=fused)
+        data = {"source": source} | ({"train_path": "/data/my_set.jsonl"}
+                                     if source == "jsonl" else {})
+        (tmp_path / name / "config.yaml").write_text(json.dumps({"seed": seed, "data": data}))
+    summarize = _summarize_module()
+    summarize.main([str(tmp_path / n) for n in runs] + ["--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert [r["task"] for r in out["runs"]] == ["choice", "yesno", "choice", "jsonl:my_set"]
+    tasks = out["tasks"]
+    assert list(tasks) == ["choice", "yesno", "jsonl:my_set"]
+    ch = tasks["choice"]
+    assert ch["seeds"] == [0, 1] and ch["paired_runs"] == ["c0", "c1"]
+    assert (ch["paired"]["n"], ch["paired"]["b"], ch["paired"]["c"]) == (5, 0, 3)
+    assert ch["pilot_accuracy"]["mean"] == pytest.approx((1 / 3 + 0) / 2)
+    assert (tasks["yesno"]["paired"]["b"], tasks["yesno"]["paired"]["c"]) == (1, 0)
+    assert out["pooled"]["paired"]["n"] == 8  # all tasks together
+    summarize.main([str(tmp_path / n) for n in runs])
+    text = capsys.readouterr().out
+    assert "| choice | 2 (0, 1) | 0.1667 ± 0.2357 | 0.8333 ± 0.2357 | +400.0% | +60.0 [" in text
+    assert "| 0.25 | 0 | 3 | 5 |" in text  # exact McNemar p = 2 * (1/2)^3, b, c, n
+
+
 def test_summarize_runs_without_predictions_uses_results_and_skips_pooling(evaluated,
                                                                          tmp_path, capsys):
     _write_run(tmp_path / "a", evaluated[0], seed=3, lam=0.0, pilot=[True, False],

@@ -1,0 +1,128 @@
+"""Built-in task families beyond the default arithmetic word problems (issue 18).
+
+Each is a generator like `tcp.data.arithmetic` (nothing downloaded; a pure function of seed,
+split and size) and is loaded through the same path as a user's JSONL records
+(`tcp.data.loaders`: `data.source: multistep | choice | yesno`, or export them with
+`tools/export_task.py` and train on the files with `data.source: jsonl`):
+
+- **multistep**: word problems of two or three operations whose answer writes out every
+  intermediate quantity, GSM8K style: "3*12=36. 20+36=56. 56-9=47. #### 47" (numeric format:
+  the number after "####" is scored).
+- **choice**: an arithmetic word problem with four numeric options in the prompt and the paper's
+  answer format, "the correct answer is answer2". The gold position cycles with the problem's
+  index, so every position holds the gold for a quarter of a split (to within one). Distractors
+  are near misses (±1, ±2, ±10, a digit swap), so guessing from an option's look does not work.
+- **yesno**: an arithmetic word problem followed by a claimed answer, "Is the answer 59?", gold
+  "yes" or "no" alternating with the index (half each); a false claim is a near miss.
+
+Splits are disjoint by *question*: choice and yesno key each problem by its arithmetic question
+(`Problem.key`), so the same question never appears in two splits with other options or another
+claim (`arithmetic.distinct_split`).
+"""
+
+from __future__ import annotations
+
+import random
+
+from tcp.data import arithmetic
+from tcp.data.arithmetic import ITEMS, NAMES, SPLIT_OFFSET, TASK, Problem
+
+FAMILIES = ("multistep", "choice", "yesno")
+"""The built-in families; with "arithmetic", the values of `data.source` generated here."""
+CHOICES = 4
+"""Options per multiple-choice problem."""
+
+
+def _rng(family: str, seed: int, split: str, index: int, draw: int) -> random.Random:
+    """The random stream of one draw; the family name keeps families' streams apart."""
+    if split not in SPLIT_OFFSET or split == "base":
+        raise ValueError(f"split must be train, validation or test, got {split!r}")
+    key = f"{family}/{seed}/{SPLIT_OFFSET[split] + index}"
+    return random.Random(f"{key}/{draw}" if draw else key)
+
+
+# ------------------------------------------------------------------ multistep
+def _multistep(rng: random.Random) -> tuple[str, str, str]:
+    """(question, worked answer, form) of one multi-step problem."""
+    n, it = rng.choice(NAMES), rng.choice(ITEMS)
+    form = rng.choice(("buy_give", "pool_split", "box_use_get"))
+    if form == "buy_give":
+        a, b, c = rng.randint(2, 50), rng.randint(2, 5), rng.randint(2, 12)
+        s = a + b * c
+        d = rng.randint(1, s - 1)
+        q = (f"{n} has {a} {it}s, buys {b} bags of {c} {it}s, then gives away {d}. "
+             f"How many {it}s now?")
+        steps = [f"{b}*{c}={b * c}", f"{a}+{b * c}={s}", f"{s}-{d}={s - d}"]
+    elif form == "pool_split":
+        c, per = rng.randint(2, 6), rng.randint(2, 12)
+        total = c * per
+        a = rng.randint(1, total - 1)
+        q = (f"{n} has {a} {it}s and gets {total - a} more, then splits them into {c} equal "
+             f"piles. How many per pile?")
+        steps = [f"{a}+{total - a}={total}", f"{total}/{c}={per}"]
+    else:
+        b, c = rng.randint(2, 6), rng.randint(2, 12)
+        d = rng.randint(1, b * c - 1)
+        e = rng.randint(2, 40)
+        q = (f"{n} buys {b} boxes of {c} {it}s, uses {d}, then gets {e} more. "
+             f"How many {it}s now?")
+        steps = [f"{b}*{c}={b * c}", f"{b * c}-{d}={b * c - d}", f"{b * c - d}+{e}={b * c - d + e}"]
+    final = steps[-1].rsplit("=", 1)[1]
+    return q, ". ".join(steps) + f". #### {final}", form
+
+
+def make_multistep(seed: int, split: str, index: int, draw: int = 0) -> Problem:
+    """Draw `draw` of multistep problem `index` of `split`."""
+    q, answer, op = _multistep(_rng("multistep", seed, split, index, draw))
+    return Problem(prompt=f"Q: {q}\nA: ", answer=answer, op=op)
+
+
+# ------------------------------------------------------------------ choice / yesno
+def _question(rng: random.Random) -> tuple[str, int, str]:
+    """(question, result, op) of one single-operation arithmetic word problem (the default
+    task's templates)."""
+    op = rng.choice(arithmetic.OPS)
+    xs = arithmetic.operands(rng, op)
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    return TASK[op](name, item, xs), arithmetic.result(op, xs), op
+
+
+def make_choice(seed: int, split: str, index: int, draw: int = 0) -> Problem:
+    """Draw `draw` of multiple-choice problem `index` of `split`; the gold is option
+    `index % CHOICES + 1` whatever the draw (balanced positions)."""
+    rng = _rng("choice", seed, split, index, draw)
+    q, gold, op = _question(rng)
+    options = arithmetic.near_misses(rng, gold, CHOICES - 1)
+    pos = index % CHOICES
+    options.insert(pos, gold)
+    listed = "\n".join(f"answer{i + 1}: {v}" for i, v in enumerate(options))
+    return Problem(prompt=f"Q: {q}\n{listed}\nA: ", answer=f"the correct answer is answer{pos + 1}",
+                   op=op, key=q)
+
+
+def make_yesno(seed: int, split: str, index: int, draw: int = 0) -> Problem:
+    """Draw `draw` of yes/no problem `index` of `split`; even indices claim the right answer
+    ("yes"), odd ones a near miss ("no")."""
+    rng = _rng("yesno", seed, split, index, draw)
+    q, gold, op = _question(rng)
+    yes = index % 2 == 0
+    claim = gold if yes else arithmetic.near_misses(rng, gold, 1)[0]
+    return Problem(prompt=f"Q: {q} Is the answer {claim}?\nA: ", answer="yes" if yes else "no",
+                   op=op, key=q)
+
+
+MAKERS: dict[str, arithmetic.Maker] = {
+    "multistep": make_multistep, "choice": make_choice, "yesno": make_yesno,
+}
+
+
+def generate(family: str, seed: int, split: str, size: int) -> list[dict[str, str]]:
+    """`size` problems of `family`'s `split` as records {'prompt', 'answer', 'op'}; splits are
+    disjoint by question (module docstring)."""
+    if family == "arithmetic":
+        return arithmetic.generate(seed, split, size)
+    if family not in MAKERS:
+        raise ValueError(f"unknown task family {family!r}; one of arithmetic, "
+                         f"{', '.join(FAMILIES)}")
+    problems = arithmetic.distinct_split(MAKERS[family], seed, split, size, task=family)
+    return [{"prompt": p.prompt, "answer": p.answer, "op": p.op} for p in problems]
