@@ -37,6 +37,13 @@ def export(task: str, out: Path, *, seed: int, sizes: dict[str, int]) -> dict[st
     return files
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (got {n})")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     d = DataConfig()
     ap = argparse.ArgumentParser(description=__doc__,
@@ -44,18 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("task", choices=BUILTIN, help="the built-in task")
     ap.add_argument("--out", type=Path, required=True, help="folder for the .jsonl files")
     ap.add_argument("--seed", type=int, default=0, help="the run seed (default %(default)s)")
-    ap.add_argument("--train-size", type=int, default=d.train_size,
+    ap.add_argument("--train-size", type=_positive, default=d.train_size,
                     help="training problems (default %(default)s, as data.train_size)")
-    ap.add_argument("--val-size", type=int, default=d.val_size,
+    ap.add_argument("--val-size", type=_positive, default=d.val_size,
                     help="validation problems (default %(default)s)")
-    ap.add_argument("--test-size", type=int, default=d.test_size,
+    ap.add_argument("--test-size", type=_positive, default=d.test_size,
                     help="test problems (default %(default)s)")
     args = ap.parse_args(argv)
     sizes = {"train": args.train_size, "validation": args.val_size, "test": args.test_size}
     try:
         files = export(args.task, args.out, seed=args.seed, sizes=sizes)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = str(e).replace("data.train_size", "--train-size").replace(
+            "data.val_size", "--val-size").replace("data.test_size", "--test-size")
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     for split, path in files.items():
         print(f"{split}: {sizes[split]} records -> {path}")

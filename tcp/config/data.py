@@ -74,6 +74,11 @@ class DataConfig:
             _check(0 <= getattr(self, k) <= 1, k, f"must be in [0, 1] (got {getattr(self, k)})")
         for k in ("train_size", "val_size", "test_size"):
             _check(getattr(self, k) > 0, k, f"must be > 0 (got {getattr(self, k)})")
+        if self.source in BUILTIN:
+            for k in ("train_path", "val_path", "test_path"):
+                _check(getattr(self, k) is None, k,
+                       f"is set, but data.source={self.source} generates its data; unset it, or "
+                       "set data.source=jsonl (or parquet) to train on files")
         if self.source in ("jsonl", "parquet"):
             _check(
                 self.train_path is not None,

@@ -28,7 +28,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tcp.config.models import BASE_FORMATS  # noqa: F401  (re-exported: the base corpus formats)
+from tcp.config.models import BASE_FORMATS
 
 NAMES = ["Ann", "Bob", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jo", "Kim", "Lea"]
 ITEMS = ["apple", "coin", "book", "card", "pen", "shell", "stamp", "egg", "rock", "cup"]
@@ -60,6 +60,7 @@ class Problem:
 
 
 def operands(rng: random.Random, op: str) -> tuple[int, ...]:
+    """Random operands of operation `op` (results stay small non-negative integers)."""
     if op == "add":
         return rng.randint(2, 99), rng.randint(2, 99)
     if op == "sub":
@@ -77,6 +78,7 @@ def operands(rng: random.Random, op: str) -> tuple[int, ...]:
 
 
 def result(op: str, xs: tuple[int, ...]) -> int:
+    """The answer of `op` applied to `xs`."""
     return {
         "add": lambda: xs[0] + xs[1],
         "sub": lambda: xs[0] - xs[1],
@@ -141,24 +143,29 @@ def make_problem(seed: int, split: str, index: int, draw: int = 0, *,
             claim = int(answer) if yes else near_misses(rng, int(answer), 1)[0]
             return Problem(prompt=f"Q: Is {equation}{claim}?\nA: ", answer="yes" if yes else "no",
                            op=op)
+        if fmt != "equation":
+            raise ValueError(f"unknown base corpus format {fmt!r}; one of {BASE_FORMATS}")
         return Problem(prompt=f"Q: {equation}\nA: ", answer=answer, op=op)
     return Problem(prompt=f"Q: {TASK[op](name, item, xs)}\nA: ", answer=answer, op=op)
 
 
+MISS_STEPS = (1, 2, 10)
+"""Spacings of the near misses (`near_misses`): off by one, by two, by ten."""
+
+
 def near_misses(rng: random.Random, gold: int, k: int) -> list[int]:
-    """`k` distinct positive numbers near `gold` (±1, ±2, ±10, digits swapped), none equal to
-    it, in random order: wrong options and false claims that only a right answer rules out."""
-    cands = {gold + 1, gold - 1, gold + 2, gold - 2, gold + 10, gold - 10}
-    if gold >= 10 and int(str(gold)[::-1]) != gold:
-        cands.add(int(str(gold)[::-1]))
-    pool = sorted(c for c in cands if c > 0 and c != gold)
-    rng.shuffle(pool)
-    extra = gold + 3
-    while len(pool) < k:  # tiny golds: fall back to larger misses
-        if extra not in pool:
-            pool.append(extra)
-        extra += 1
-    return pool[:k]
+    """`k` wrong answers near `gold`, in random order: with `gold` they form an evenly spaced
+    run (spacing 1, 2 or 10) in which `gold` takes a random place, so the values alone do not
+    single out the right one (it is not always the middle), and only the right answer rules
+    the others out. All are >= 0: the spacing is drawn from those that let `gold` take any
+    place (only golds below `k` sit low in their run more often)."""
+    fits = [s for s in MISS_STEPS if gold - k * s >= 0]
+    step = rng.choice(fits) if fits else MISS_STEPS[0]
+    places = [j for j in range(k + 1) if gold - j * step >= 0]  # gold's rank in the run
+    start = gold - rng.choice(places) * step
+    misses = [start + i * step for i in range(k + 1) if start + i * step != gold]
+    rng.shuffle(misses)
+    return misses
 
 
 def owner(seed: int, prompt: str) -> str:
@@ -199,9 +206,9 @@ def generate(seed: int, split: str, size: int, *,
     `size` distinct prompts.
     """
     if split == "base":
-        return [_record(make_problem(seed, split, i, base_formats=base_formats))
+        return [record(make_problem(seed, split, i, base_formats=base_formats))
                 for i in range(size)]
-    return [_record(p) for p in distinct_split(make_problem, seed, split, size, task="arithmetic")]
+    return [record(p) for p in distinct_split(make_problem, seed, split, size, task="arithmetic")]
 
 
 Maker = Callable[[int, str, int, int], Problem]
@@ -234,5 +241,6 @@ def distinct_split(make: Maker, seed: int, split: str, size: int, *, task: str) 
     return out
 
 
-def _record(p: Problem) -> dict[str, str]:
+def record(p: Problem) -> dict[str, str]:
+    """`p` as a data record {'prompt', 'answer', 'op'}."""
     return {"prompt": p.prompt, "answer": p.answer, "op": p.op}

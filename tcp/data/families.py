@@ -10,10 +10,11 @@ split and size) and is loaded through the same path as a user's JSONL records
   the number after "####" is scored).
 - **choice**: an arithmetic word problem with four numeric options in the prompt and the paper's
   answer format, "the correct answer is answer2". The gold position cycles with the problem's
-  index, so every position holds the gold for a quarter of a split (to within one). Distractors
-  are near misses (±1, ±2, ±10, a digit swap), so guessing from an option's look does not work.
+  index, so every position holds the gold for a quarter of a split (to within one). The options
+  are an evenly spaced run (spacing 1, 2 or 10) with the gold at a random place in it
+  (`arithmetic.near_misses`), so the values alone do not tell which one is right.
 - **yesno**: an arithmetic word problem followed by a claimed answer, "Is the answer 59?", gold
-  "yes" or "no" alternating with the index (half each); a false claim is a near miss.
+  "yes" or "no" alternating with the index (half each); a false claim is off by 1, 2 or 10.
 
 Splits are disjoint by *question*: choice and yesno key each problem by its arithmetic question
 (`Problem.key`), so the same question never appears in two splits with other options or another
@@ -78,20 +79,24 @@ def make_multistep(seed: int, split: str, index: int, draw: int = 0) -> Problem:
 
 
 # ------------------------------------------------------------------ choice / yesno
-def _question(rng: random.Random) -> tuple[str, int, str]:
-    """(question, result, op) of one single-operation arithmetic word problem (the default
-    task's templates)."""
-    op = rng.choice(arithmetic.OPS)
+def _question(family: str, seed: int, split: str, index: int,
+              draw: int) -> tuple[random.Random, str, int, str]:
+    """(the draw's random stream, question, result, op) of one single-operation arithmetic word
+    problem (the default task's templates). As in the default task, the operation is drawn
+    from the index alone, so a redraw keeps it and a split keeps the operation mix."""
+    op = _rng(family, seed, split, index, 0).choice(arithmetic.OPS)
+    rng = _rng(family, seed, split, index, draw)
+    if not draw:
+        rng.choice(arithmetic.OPS)  # the draw-0 stream already gave the operation
     xs = arithmetic.operands(rng, op)
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    return TASK[op](name, item, xs), arithmetic.result(op, xs), op
+    return rng, TASK[op](name, item, xs), arithmetic.result(op, xs), op
 
 
 def make_choice(seed: int, split: str, index: int, draw: int = 0) -> Problem:
     """Draw `draw` of multiple-choice problem `index` of `split`; the gold is option
     `index % CHOICES + 1` whatever the draw (balanced positions)."""
-    rng = _rng("choice", seed, split, index, draw)
-    q, gold, op = _question(rng)
+    rng, q, gold, op = _question("choice", seed, split, index, draw)
     options = arithmetic.near_misses(rng, gold, CHOICES - 1)
     pos = index % CHOICES
     options.insert(pos, gold)
@@ -103,8 +108,7 @@ def make_choice(seed: int, split: str, index: int, draw: int = 0) -> Problem:
 def make_yesno(seed: int, split: str, index: int, draw: int = 0) -> Problem:
     """Draw `draw` of yes/no problem `index` of `split`; even indices claim the right answer
     ("yes"), odd ones a near miss ("no")."""
-    rng = _rng("yesno", seed, split, index, draw)
-    q, gold, op = _question(rng)
+    rng, q, gold, op = _question("yesno", seed, split, index, draw)
     yes = index % 2 == 0
     claim = gold if yes else arithmetic.near_misses(rng, gold, 1)[0]
     return Problem(prompt=f"Q: {q} Is the answer {claim}?\nA: ", answer="yes" if yes else "no",
@@ -125,4 +129,4 @@ def generate(family: str, seed: int, split: str, size: int) -> list[dict[str, st
         raise ValueError(f"unknown task family {family!r}; one of arithmetic, "
                          f"{', '.join(FAMILIES)}")
     problems = arithmetic.distinct_split(MAKERS[family], seed, split, size, task=family)
-    return [{"prompt": p.prompt, "answer": p.answer, "op": p.op} for p in problems]
+    return [arithmetic.record(p) for p in problems]

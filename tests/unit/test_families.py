@@ -68,6 +68,26 @@ def test_choice_positions_are_balanced_and_the_gold_option_is_right():
             assert gold == _solve(_question("choice", r["prompt"]))
 
 
+@pytest.mark.parametrize("task", ["choice", "yesno"])
+def test_options_and_claims_do_not_give_the_answer_away(task):
+    """The gold's rank among the options is about uniform, a false claim is as often above the
+    answer as below it, and a split keeps the default task's operation mix however often its
+    draws are rejected."""
+    rs = families.generate(task, 0, "train", 4000)
+    if task == "choice":
+        ranks = collections.Counter()
+        for r in rs:
+            values = [int(v) for v in re.findall(r"^answer\d: (\d+)$", r["prompt"], re.M)]
+            ranks[sorted(values).index(values[parse_choice(r["answer"]) - 1])] += 1
+        assert all(0.2 < ranks[k] / len(rs) < 0.3 for k in range(4)), ranks
+    else:
+        above = [int(re.search(r"answer (\d+)\?", r["prompt"]).group(1))
+                 > _solve(_question("yesno", r["prompt"])) for r in rs if r["answer"] == "no"]
+        assert 0.4 < sum(above) / len(above) < 0.6
+    ops = collections.Counter(r["op"] for r in rs)
+    assert all(0.17 < ops[op] / len(rs) < 0.23 for op in arithmetic.OPS), ops
+
+
 def test_yesno_answers_are_balanced_and_true():
     for split, rs in _splits("yesno").items():
         counts = collections.Counter(r["answer"] for r in rs)
@@ -136,6 +156,17 @@ def test_a_split_too_large_is_a_data_error_naming_the_key():
         load_split(cfg.data, "validation", seed=0)
 
 
+def test_builtin_sources_are_the_default_task_and_the_families():
+    from typing import get_args, get_type_hints
+
+    from tcp.config.data import BUILTIN, DataConfig
+
+    assert BUILTIN == ("arithmetic", *families.FAMILIES)
+    assert set(BUILTIN) <= set(get_args(get_type_hints(DataConfig)["source"]))
+    with pytest.raises(Exception, match=r"data\.train_path.* data.source=choice generates"):
+        load_config(ROOT / "configs" / "choice.yaml", ["data.train_path=x.jsonl"])
+
+
 def test_base_corpus_formats():
     recs = arithmetic.generate(1234, "base", 400, base_formats=arithmetic.BASE_FORMATS)
     kinds = collections.Counter(
@@ -147,7 +178,7 @@ def test_base_corpus_formats():
         if r["answer"] in ("yes", "no"):
             eq = re.fullmatch(r"Q: Is (.+)=(-?\d+)\?\nA: ", r["prompt"])
             assert (Fraction(eval(eq.group(1))) == int(eq.group(2))) == (r["answer"] == "yes")
-    # the two-format corpus is the one base models were trained on before `base.formats`
+    # the default two formats: equations and base phrasings only
     old = arithmetic.generate(1234, "base", 50)
     assert all(not r["answer"].startswith("the") and r["answer"] not in ("yes", "no")
                for r in old)
