@@ -96,7 +96,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The 2-rank joint test run (tests/distributed/conftest.py: joint_run): a base phase, 24 joint
 # steps, evaluation on 32 + 32 examples.
-SMALL = ("base.steps=30", "base.corpus_size=2000", "data.train_size=1000", "data.val_size=32",
+# The base phase keeps its short pre-2026-12-02 shape (warmup 30, equations and word problems),
+# so the test runs' cost and behaviour do not follow the default's 3000-step base phase.
+SMALL = ("base.steps=30", "base.warmup_steps=30", "base.formats=[equation,word]",
+         "base.corpus_size=2000", "data.train_size=1000", "data.val_size=32",
          "data.test_size=32", "train.steps=24", "train.log_every=6", "eval.batch_size=16",
          "eval.lambdas=[0.5,1.0]", "train.pilot.lr=1e-3", "train.pilot.warmup_steps=2",
          "train.copilot.warmup_steps=2", "train.pilot.micro_batch_size=8",

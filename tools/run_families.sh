@@ -14,8 +14,8 @@ tasks=(${TCP_TASKS:-default multistep choice yesno})
 # shellcheck disable=SC2206
 extra=(${TCP_OVERRIDES:-})
 port=29700
-for task in "${tasks[@]}"; do
-  for s in "${seeds[@]}"; do
+for s in "${seeds[@]}"; do
+  for task in "${tasks[@]}"; do
     dir="$out/$task-seed$s"
     if [ -f "$dir/results.json" ]; then echo "[run_families] $dir done, skipped"; continue; fi
     port=$((port + 1))
