@@ -59,13 +59,15 @@ def test_choice_positions_are_balanced_and_the_gold_option_is_right():
         assert set(counts) == {1, 2, 3, 4}
         assert max(counts.values()) - min(counts.values()) <= 1, (split, counts)
         for r in rs:
-            assert r["answer"] == f"the correct answer is answer{parse_choice(r['answer'])}"
+            stated, pos = re.fullmatch(r"(\d+), so the correct answer is answer(\d)",
+                                       r["answer"]).groups()
+            assert int(pos) == parse_choice(r["answer"])
             options = re.findall(r"^answer(\d): (-?\d+)$", r["prompt"], re.M)
             assert [int(i) for i, _ in options] == [1, 2, 3, 4]
             values = [int(v) for _, v in options]
             assert len(set(values)) == 4 and all(v >= 0 for v in values)
-            gold = values[parse_choice(r["answer"]) - 1]
-            assert gold == _solve(_question("choice", r["prompt"]))
+            gold = values[int(pos) - 1]
+            assert gold == int(stated) == _solve(_question("choice", r["prompt"]))
 
 
 @pytest.mark.parametrize("task", ["choice", "yesno"])
