@@ -128,13 +128,15 @@ class FormatDecision:
 
 def looks_like(fmt: str, gold: str) -> bool:
     """Whether `gold` is written as an answer of `fmt` ('numeric' | 'yesno' | 'choice'), not just
-    parseable in it: "42", "#### 42"; "Yes."; "answer2", "(B)", "the correct answer is answer2".
+    parseable in it: "42", "#### 42"; "Yes.", "59, so no" (a sentence ending in its only yes/no
+    word); "answer2", "(B)", "the correct answer is answer2".
     """
     g = gold.strip()
     if fmt == "numeric":
         return _is_bare_number(g) or _GSM8K_FINAL.search(g) is not None
     if fmt == "yesno":
-        return g.strip(".").lower() in ("yes", "no", "true", "false")
+        words = _YESNO.findall(g)
+        return len(words) == 1 and g.rstrip(".!").lower().endswith(words[0].lower())
     g = g.rstrip(".!")
     return (_BARE.fullmatch(g) is not None or _ENDS_IN_OPTION.search(g) is not None
             or any(m.end() == len(g) for m in _CHOICE_WORD.finditer(g)))

@@ -19,7 +19,9 @@ split and size) and is loaded through the same path as a user's JSONL records
   are an evenly spaced run (spacing 1, 2 or 10) with the gold at a random place in it
   (`arithmetic.near_misses`), so the values alone do not tell which one is right.
 - **yesno**: an arithmetic word problem followed by a claimed answer, "Is the answer 59?", gold
-  "yes" or "no" alternating with the index (half each); a false claim is off by 1, 2 or 10.
+  "59, so yes" or "58, so no" alternating with the index (half each; the yes/no format scores
+  the yes/no word); a false claim is off by 1, 2 or 10. As with choice, a bare "yes"/"no" left
+  the Pilot answering one word to everything (50.0% on seed 0).
 
 Splits are disjoint by *question*: choice and yesno key each problem by its arithmetic question
 (`Problem.key`), so the same question never appears in two splits with other options or another
@@ -116,8 +118,8 @@ def make_yesno(seed: int, split: str, index: int, draw: int = 0) -> Problem:
     rng, q, gold, op = _question("yesno", seed, split, index, draw)
     yes = index % 2 == 0
     claim = gold if yes else arithmetic.near_misses(rng, gold, 1)[0]
-    return Problem(prompt=f"Q: {q} Is the answer {claim}?\nA: ", answer="yes" if yes else "no",
-                   op=op, key=q)
+    return Problem(prompt=f"Q: {q} Is the answer {claim}?\nA: ",
+                   answer=f"{gold}, so {'yes' if yes else 'no'}", op=op, key=q)
 
 
 MAKERS: dict[str, arithmetic.Maker] = {

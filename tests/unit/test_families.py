@@ -84,7 +84,8 @@ def test_options_and_claims_do_not_give_the_answer_away(task):
         assert all(0.2 < ranks[k] / len(rs) < 0.3 for k in range(4)), ranks
     else:
         above = [int(re.search(r"answer (\d+)\?", r["prompt"]).group(1))
-                 > _solve(_question("yesno", r["prompt"])) for r in rs if r["answer"] == "no"]
+                 > _solve(_question("yesno", r["prompt"])) for r in rs
+                 if r["answer"].endswith("no")]
         assert 0.4 < sum(above) / len(above) < 0.6
     ops = collections.Counter(r["op"] for r in rs)
     assert all(0.17 < ops[op] / len(rs) < 0.23 for op in arithmetic.OPS), ops
@@ -92,11 +93,12 @@ def test_options_and_claims_do_not_give_the_answer_away(task):
 
 def test_yesno_answers_are_balanced_and_true():
     for split, rs in _splits("yesno").items():
-        counts = collections.Counter(r["answer"] for r in rs)
-        assert abs(counts["yes"] - counts["no"]) <= 1, (split, counts)
+        counts = collections.Counter(parse_yesno(r["answer"]) for r in rs)
+        assert abs(counts[True] - counts[False]) <= 1, (split, counts)
         for r in rs:
             claim = int(re.search(r"Is the answer (-?\d+)\?", r["prompt"]).group(1))
             truth = _solve(_question("yesno", r["prompt"]))
+            assert r["answer"] == f"{truth}, so {'yes' if claim == truth else 'no'}"
             assert parse_yesno(r["answer"]) == (claim == truth)
 
 
