@@ -8,16 +8,18 @@ split and size) and is loaded through the same path as a user's JSONL records
 - **multistep**: word problems of two or three operations whose answer writes out every
   intermediate quantity, GSM8K style: "3*12=36. 20+36=56. 56-9=47. #### 47" (numeric format:
   the number after "####" is scored).
-- **choice**: an arithmetic word problem with four numeric options in the prompt, answered in
-  the paper's format after the value it picks: "59, so the correct answer is answer2" (the
-  choice format scores the last "answerN"). With the bare "the correct answer is answer2" the
-  default Pilot collapsed onto one option (25.0% on seed 0, every answer the same position):
-  picking an option in one token means computing the answer and matching it at once, which a
-  4-layer model did not learn in the budget; stating the value first splits it into the two
-  steps the model can do (docs/results.md). The gold position cycles with the problem's
-  index, so every position holds the gold for a quarter of a split (to within one). The options
-  are an evenly spaced run (spacing 1, 2 or 10) with the gold at a random place in it
-  (`arithmetic.near_misses`), so the values alone do not tell which one is right.
+- **choice**: an arithmetic word problem with four numeric options in the prompt, one per line
+  ("59 is answer2"), answered by restating the option it picks, then the paper's format:
+  "59 is answer2, so the correct answer is answer2" (the choice format scores the last
+  "answerN"). With the bare "the correct answer is answer2" the default Pilot collapsed onto one
+  option (25.0% on seed 0); stating the value first with options listed "answer2: 59" left it
+  at 25.1% (it stated the right value 29% of the time, but matched values to options at chance:
+  finding the label *before* a value is a lookup it did not learn). Listed value-first, the
+  option's label follows the value the model has just written, as it does in the prompt. The
+  gold position cycles with the problem's index, so every position holds the gold for a
+  quarter of a split (to within one). The options are an evenly spaced run (spacing 1, 2 or
+  10) with the gold at a random place in it (`arithmetic.near_misses`), so the values alone do
+  not tell which one is right.
 - **yesno**: an arithmetic word problem followed by a claimed answer, "Is the answer 59?", gold
   "59, so yes" or "58, so no" alternating with the index (half each; the yes/no format scores
   the yes/no word); a false claim is off by 1, 2 or 10. As with choice, a bare "yes"/"no" left
@@ -107,9 +109,10 @@ def make_choice(seed: int, split: str, index: int, draw: int = 0) -> Problem:
     options = arithmetic.near_misses(rng, gold, CHOICES - 1)
     pos = index % CHOICES
     options.insert(pos, gold)
-    listed = "\n".join(f"answer{i + 1}: {v}" for i, v in enumerate(options))
+    listed = "\n".join(f"{v} is answer{i + 1}" for i, v in enumerate(options))
     return Problem(prompt=f"Q: {q}\n{listed}\nA: ",
-                   answer=f"{gold}, so the correct answer is answer{pos + 1}", op=op, key=q)
+                   answer=f"{gold} is answer{pos + 1}, so the correct answer is answer{pos + 1}",
+                   op=op, key=q)
 
 
 def make_yesno(seed: int, split: str, index: int, draw: int = 0) -> Problem:

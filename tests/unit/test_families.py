@@ -59,12 +59,12 @@ def test_choice_positions_are_balanced_and_the_gold_option_is_right():
         assert set(counts) == {1, 2, 3, 4}
         assert max(counts.values()) - min(counts.values()) <= 1, (split, counts)
         for r in rs:
-            stated, pos = re.fullmatch(r"(\d+), so the correct answer is answer(\d)",
-                                       r["answer"]).groups()
-            assert int(pos) == parse_choice(r["answer"])
-            options = re.findall(r"^answer(\d): (-?\d+)$", r["prompt"], re.M)
-            assert [int(i) for i, _ in options] == [1, 2, 3, 4]
-            values = [int(v) for _, v in options]
+            stated, pos, again = re.fullmatch(
+                r"(\d+) is answer(\d), so the correct answer is answer(\d)", r["answer"]).groups()
+            assert int(pos) == int(again) == parse_choice(r["answer"])
+            options = re.findall(r"^(-?\d+) is answer(\d)$", r["prompt"], re.M)
+            assert [int(i) for _, i in options] == [1, 2, 3, 4]
+            values = [int(v) for v, _ in options]
             assert len(set(values)) == 4 and all(v >= 0 for v in values)
             gold = values[int(pos) - 1]
             assert gold == int(stated) == _solve(_question("choice", r["prompt"]))
@@ -79,7 +79,7 @@ def test_options_and_claims_do_not_give_the_answer_away(task):
     if task == "choice":
         ranks = collections.Counter()
         for r in rs:
-            values = [int(v) for v in re.findall(r"^answer\d: (\d+)$", r["prompt"], re.M)]
+            values = [int(v) for v in re.findall(r"^(\d+) is answer\d$", r["prompt"], re.M)]
             ranks[sorted(values).index(values[parse_choice(r["answer"]) - 1])] += 1
         assert all(0.2 < ranks[k] / len(rs) < 0.3 for k in range(4)), ranks
     else:
