@@ -2,8 +2,9 @@
 
 The paper fine-tunes pretrained Pilots and initialises Copilots from pretrained same-family
 decoders. Nothing can be downloaded here, so the default first pre-trains a small LLaMA on a broad
-generated corpus (plain equations and word problems in phrasings the task does not use), caches it
-by content hash, fine-tunes the Pilot from it and copies its blocks into the Copilot.
+generated corpus (plain equations, word problems in phrasings no task uses, and with
+`base.formats` the equations as multiple-choice and yes/no questions), caches it by content hash,
+fine-tunes the Pilot from it and copies its blocks into the Copilot.
 """
 
 from __future__ import annotations

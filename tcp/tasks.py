@@ -135,8 +135,8 @@ def looks_like(fmt: str, gold: str) -> bool:
     if fmt == "numeric":
         return _is_bare_number(g) or _GSM8K_FINAL.search(g) is not None
     if fmt == "yesno":
-        words = _YESNO.findall(g)
-        return len(words) == 1 and g.rstrip(".!").lower().endswith(words[0].lower())
+        words = list(_YESNO.finditer(g))
+        return len(words) == 1 and words[0].end() == len(g.rstrip(".!"))
     g = g.rstrip(".!")
     return (_BARE.fullmatch(g) is not None or _ENDS_IN_OPTION.search(g) is not None
             or any(m.end() == len(g) for m in _CHOICE_WORD.finditer(g)))

@@ -24,8 +24,9 @@ test split repeat the same questions, so the pooled interval is narrower than th
 
 Runs of several tasks (the built-in families, or user data) are also pooled **per task**: the
 task of a run is its config.yaml's `data.source` (for jsonl/parquet/hf data: the training
-file's or dataset's name), and a last table gives, per task, the runs and seeds, both
-accuracies as mean ± sd, and the paired test over that task's pooled examples.
+file's path, or the dataset's name and config), and a last table gives, per task, the runs and
+seeds, both accuracies as mean ± sd, and the paired test over that task's pooled examples.
+`--matched` runs are paired by seed only: give them with runs of the task they were trained on.
 
 --json prints {"runs": [...], "pooled": {...}, "tasks": {...}} instead: per run its path, task,
 seed, n, accuracies, λ and "paired" (the format of results.json["paired"], tcp.stats); pooled
@@ -113,14 +114,15 @@ def seed_of(path: Path, results: dict[str, Any]) -> Any:
 
 
 def task_of(path: Path) -> str:
-    """The run's task: `data.source` for a built-in task, else the training data's name
-    (file stem or dataset name); "unknown" without a config.yaml."""
+    """The run's task: `data.source` for a built-in task, else the training data (file path, or
+    dataset name and config); "unknown" without a config.yaml."""
     data = run_config(path).get("data") or {}
     source = data.get("source")
     if source is None:
         return "unknown"
     if source in ("jsonl", "parquet", "hf") and data.get("train_path"):
-        return f"{source}:{Path(str(data['train_path'])).stem}"
+        config = f"[{data['hf_config']}]" if source == "hf" and data.get("hf_config") else ""
+        return f"{source}:{data['train_path']}{config}"
     return str(source)
 
 

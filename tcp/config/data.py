@@ -18,8 +18,9 @@ class DataConfig:
     source: Literal["arithmetic", "multistep", "choice", "yesno", "jsonl", "parquet",
                     "hf"] = "arithmetic"
     """'arithmetic' = the embedded default task; 'multistep' | 'choice' | 'yesno' = the built-in
-    families (tcp.data.families: worked multi-step problems, multiple choice answered
-    "the correct answer is answerN", yes/no); all four are generated, nothing downloaded.
+    families (tcp.data.families: worked multi-step problems; multiple choice answered
+    "59 is answer2, so the correct answer is answer2"; yes/no answered "59, so yes"); all four
+    are generated, nothing downloaded.
     'jsonl'/'parquet' = local files; 'hf' = a dataset name for datasets.load_dataset (needs
     network or a local cache)."""
     train_path: str | None = None

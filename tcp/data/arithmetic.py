@@ -4,8 +4,10 @@ Two distributions share one generator:
 - the **task** (what the Pilot is fine-tuned and evaluated on): word problems in the `TASK`
   templates, with train/validation/test splits that share no prompt (`generate`);
 - the **base corpus** (what the base model of the default regime is pre-trained on): plain
-  equations for every operation plus word problems in *other* phrasings (`BASE` templates), so
-  the base model knows arithmetic and English-ish text but not the task's exact wording.
+  equations for every operation plus word problems in *other* phrasings (`BASE` templates), and
+  with `base.formats` the equations as multiple-choice ("answerN: v" options, bare "the correct
+  answer is answerN" gold) and yes/no questions, so the base model knows arithmetic and
+  English-ish text but not the tasks' exact wording.
 
 Everything is a pure function of (seed, split, size): the same seed gives the same problems on
 every rank and every machine, and a split's first n problems do not depend on its size.

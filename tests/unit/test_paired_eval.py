@@ -269,9 +269,10 @@ def test_summarize_runs_pools_each_task_apart(evaluated, tmp_path, capsys):
     summarize = _summarize_module()
     summarize.main([str(tmp_path / n) for n in runs] + ["--json"])
     out = json.loads(capsys.readouterr().out)
-    assert [r["task"] for r in out["runs"]] == ["choice", "yesno", "choice", "jsonl:my_set"]
+    mine = "jsonl:/data/my_set.jsonl"
+    assert [r["task"] for r in out["runs"]] == ["choice", "yesno", "choice", mine]
     tasks = out["tasks"]
-    assert list(tasks) == ["choice", "yesno", "jsonl:my_set"]
+    assert list(tasks) == ["choice", "yesno", mine]
     ch = tasks["choice"]
     assert ch["seeds"] == [0, 1] and ch["paired_runs"] == ["c0", "c1"]
     assert (ch["paired"]["n"], ch["paired"]["b"], ch["paired"]["c"]) == (5, 0, 3)

@@ -67,6 +67,8 @@ def test_infer_format_picks_the_shape_of_the_golds():
     assert infer_format(["yes", "No"]) == "yesno"
     assert infer_format(["59, so yes", "12, so no."]) == "yesno"  # reasoning, then the word
     assert infer_format(["no, it is yes", "yes"]) == "exact"  # two answers in one gold
+    assert infer_format(["No, it is in Reno.", "Yes, she closed her eyes"]) == "exact"
+    assert infer_format(["It rained all day.", "The cat sat, so no"]) == "exact"  # 50% < 95%
     assert infer_format(["answer1", "answer3"]) == "choice"
     assert infer_format(["B", "(C)"]) == "choice"
     assert infer_format(["Paris", "Rome"]) == "exact"
