@@ -30,6 +30,9 @@ import torch.distributed as dist
 from tcp.models.copilot import CopilotCache
 from tcp.models.pilot import PilotTap, logits_at
 
+FEEDBACK = ("prediction", "realised")
+"""`DecodeOptions.copilot_feedback` values."""
+
 
 @dataclass
 class DecodeOptions:
@@ -50,12 +53,18 @@ class DecodeOptions:
     search runs to EOS or the budget. Callers cut texts with `cut_at_stop` either way."""
     seed: int = 0
     """Sampling seed (each rank draws from seed + rank)."""
+    copilot_feedback: str = "prediction"
+    """The Copilot's input for the previous position: 'prediction' (its own f, the paper) or
+    'realised' (onehot(emitted token) - p_hat, as in training); `eval.copilot_feedback`."""
 
     def __post_init__(self) -> None:
         if self.strategy not in ("greedy", "sample", "beam"):
             raise ValueError(f"strategy must be greedy|sample|beam, got {self.strategy!r}")
         if self.fusion not in ("probs", "logits"):
             raise ValueError(f"fusion must be probs|logits, got {self.fusion!r}")
+        if self.copilot_feedback not in FEEDBACK:
+            raise ValueError(f"copilot_feedback must be prediction|realised, got "
+                             f"{self.copilot_feedback!r}")
 
 
 @dataclass
@@ -178,12 +187,18 @@ class FusedState:
     `start` runs the prompts, `advance` feeds one token per row; both return (z, f) for the next
     token, (R, V) fp32. With `copilot=None` f is zero and the Copilot costs nothing (Pilot-only
     decoding, for baselines and benchmarks). `FusedState.create` picks the decoder-only or the
-    encoder-decoder variant for the Pilot.
+    encoder-decoder variant for the Pilot. `feedback` ('prediction' | 'realised',
+    `DecodeOptions.copilot_feedback`) is what the Copilot reads as the previous error: its own f,
+    or onehot(the token `advance` feeds) - the Pilot's p_hat that chose it.
     """
 
     def __init__(self, pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module | None,
-                 device: torch.device) -> None:
+                 device: torch.device, feedback: str = "prediction") -> None:
         self.pilot, self.tap, self.copilot, self.device = pilot, tap, copilot, device
+        assert feedback in FEEDBACK, feedback
+        self.realised = feedback == "realised" and copilot is not None
+        self.p_hat: torch.Tensor | None = None
+        """(R, V) the Pilot's distribution for the next token (kept for 'realised' feedback)."""
         self.d = tap.embed.embedding_dim
         self.past: Any = None
         self.cache_kw = cache_keyword(pilot)
@@ -198,9 +213,9 @@ class FusedState:
 
     @staticmethod
     def create(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module | None,
-               device: torch.device) -> FusedState:
+               device: torch.device, feedback: str = "prediction") -> FusedState:
         cls = Seq2SeqFusedState if tap.encoder_decoder else DecoderOnlyFusedState
-        return cls(pilot, tap, copilot, device)
+        return cls(pilot, tap, copilot, device, feedback)
 
     def start(self, prompts: Sequence[Sequence[int]], pad_id: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,9 +233,18 @@ class FusedState:
             x_tilde = torch.zeros(R, P, self.d, dtype=cap.x_tilde.dtype, device=self.device)
             x_tilde[valid] = cap.x_tilde
             self.cache = self.copilot(prefix=(x_tilde, valid, x_pos))
-        return z, self._copilot_step(cap.pooled)
+        return z, self._copilot_step(cap.pooled, z)
 
-    def _copilot_step(self, pooled: torch.Tensor | None) -> torch.Tensor:
+    def _feed_back(self, tokens: torch.Tensor) -> None:
+        """With 'realised' feedback: the previous error is onehot(`tokens`) - p_hat, the error the
+        Pilot made on the tokens being fed (training's ell with the emitted token as label)."""
+        if self.realised:
+            assert self.p_hat is not None
+            err = -self.p_hat
+            err[torch.arange(err.shape[0], device=err.device), tokens] += 1.0
+            self.prev_f = err
+
+    def _copilot_step(self, pooled: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
         if self.copilot is None:
             if self.prev_f is None:  # one zero f, shared by every step
                 self.prev_f = torch.zeros(self.rows, self.vocab, device=self.device)
@@ -228,6 +252,8 @@ class FusedState:
         assert pooled is not None
         f = self.copilot(cache=self.cache, prev_f=self.prev_f, h_new=pooled, pos=self.pos).float()
         self.prev_f = f
+        if self.realised:
+            self.p_hat = torch.softmax(z.float(), dim=-1)
         return f
 
     def _capture_step(self, R: int) -> Any:
@@ -249,6 +275,8 @@ class FusedState:
             self.cache.reorder(index)
         if self.prev_f is not None:
             self.prev_f = self.prev_f[index]
+        if self.p_hat is not None:
+            self.p_hat = self.p_hat[index]
 
 
 class DecoderOnlyFusedState(FusedState):
@@ -277,6 +305,7 @@ class DecoderOnlyFusedState(FusedState):
     def advance(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         R, dev = tokens.shape[0], self.device
         assert self.pos is not None
+        self._feed_back(tokens)
         self.mask = torch.cat([self.mask, torch.ones(R, 1, dtype=self.mask.dtype, device=dev)],
                               dim=1)
         self.pos = self.pos + 1
@@ -285,7 +314,8 @@ class DecoderOnlyFusedState(FusedState):
                              position_ids=self.pos[:, None], use_cache=True,
                              **{self.cache_kw: self.past})
         self.past = _returned_cache(out)
-        return out.logits[:, -1].float(), self._copilot_step(cap.pooled)
+        z = out.logits[:, -1].float()
+        return z, self._copilot_step(cap.pooled, z)
 
     def reorder(self, index: torch.Tensor) -> None:
         super().reorder(index)
@@ -323,13 +353,15 @@ class Seq2SeqFusedState(FusedState):
         from transformers.modeling_outputs import BaseModelOutput
 
         assert self.pos is not None
+        self._feed_back(tokens)
         self.pos = self.pos + 1
         with self._capture_step(tokens.shape[0]) as cap:
             out = self.pilot(encoder_outputs=BaseModelOutput(last_hidden_state=self.enc_out),
                              attention_mask=self.enc_mask, decoder_input_ids=tokens[:, None],
                              use_cache=True, **{self.cache_kw: self.past})
         self.past = _returned_cache(out)
-        return out.logits[:, -1].float(), self._copilot_step(cap.pooled)
+        z = out.logits[:, -1].float()
+        return z, self._copilot_step(cap.pooled, z)
 
     def reorder(self, index: torch.Tensor) -> None:
         super().reorder(index)
@@ -399,7 +431,7 @@ def fused_generate(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Modu
     R = len(rows)
     lam = torch.tensor([lv for lv in lambdas for _ in prompts], dtype=torch.float32,
                        device=device)
-    state = FusedState.create(pilot, tap, copilot, device)
+    state = FusedState.create(pilot, tap, copilot, device, opts.copilot_feedback)
     z, f = state.start(rows, pad_id)
     gen = None
     if opts.strategy == "sample":
@@ -453,7 +485,7 @@ def _beam_search(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module
     rows = [p for _ in lambdas for p in prompts for _ in range(K)]
     lam = torch.tensor([lv for lv in lambdas for _ in prompts for _ in range(K)],
                        dtype=torch.float32, device=device)
-    state = FusedState.create(pilot, tap, copilot, device)
+    state = FusedState.create(pilot, tap, copilot, device, opts.copilot_feedback)
     z, f = state.start(rows, pad_id)
     scores = torch.full((G, K), -math.inf, device=device)
     scores[:, 0] = 0.0  # identical beams at start: only the first one may expand

@@ -353,7 +353,8 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
                            "pilot_margin_median": val.pilot_margin_median},
         },
         "fusion": ev.fusion,
-        "decoding": {"strategy": ev.strategy, "answer_format": test.answer_format,
+        "decoding": {"strategy": ev.strategy, "copilot_feedback": ev.copilot_feedback,
+                     "answer_format": test.answer_format,
                      "max_new_tokens": budget.tokens, "budget": budget.to_dict()},
         "answer_format": fmt_decision.to_dict(),
         "truncation": truncation_summary({"validation": val, "test": test}, ev,
@@ -376,7 +377,8 @@ def decode_options(cfg: RunConfig, *, max_new_tokens: int | None = None) -> Deco
     return DecodeOptions(max_new_tokens=max_new_tokens, strategy=ev.strategy,
                          fusion=ev.fusion, num_beams=ev.num_beams,
                          length_penalty=ev.length_penalty, temperature=ev.temperature,
-                         top_k=ev.top_k, top_p=ev.top_p, stop=list(ev.stop), seed=cfg.seed)
+                         top_k=ev.top_k, top_p=ev.top_p, stop=list(ev.stop), seed=cfg.seed,
+                         copilot_feedback=ev.copilot_feedback)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -16,6 +16,11 @@ class EvalConfig:
     """lambda grid tried on validation; the best is used once on test."""
     fusion: Literal["probs", "logits"] = "probs"
     """'probs': p~ = p_hat + lambda f; 'logits': z + lambda f."""
+    copilot_feedback: Literal["prediction", "realised"] = "prediction"
+    """What the Copilot reads as the previous position's error while decoding. 'prediction'
+    (the paper): its own previous output f_{i-1}. 'realised': the error the Pilot made on the
+    token actually emitted, onehot(y_{i-1}) - p_hat_{i-1}, the same quantity it was trained on
+    (where y is the teacher-forced token); a dense (rows, V) tensor like f itself."""
     max_new_tokens: int | Literal["auto"] = "auto"
     """Decoding budget per answer. 'auto' sizes it from the tokenized training and validation
     answers (the longest, plus the longest stop string's tokens and 1 for EOS), capped by the

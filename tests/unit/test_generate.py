@@ -196,3 +196,37 @@ def test_decoding_passes_the_cache_by_its_current_name():
         warnings.simplefilter("ignore", FutureWarning)
         peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     assert cache_keyword(peft) == cache_keyword(model)
+
+
+@pytest.mark.parametrize("feedback", ["prediction", "realised"])
+def test_copilot_feedback_is_its_own_f_or_the_realised_error(feedback):
+    """What the Copilot reads as the previous error at each decoding step: its own previous f
+    (the paper), or onehot(emitted token) - the Pilot's p_hat that emitted it (training's ell);
+    reordering (beam search) keeps it with its row."""
+    model, tok = tiny_pilot(seed=3)
+    tap = PilotTap(model)
+    cop = tiny_copilot(model.config.vocab_size, model.config.hidden_size, randomize_head=True)
+    seen: list = []
+    step = cop.forward
+
+    def spy(*args, **kw):  # the real Copilot, recording the prev_f each step is given
+        if "prev_f" in kw:
+            seen.append(None if kw["prev_f"] is None else kw["prev_f"].clone())
+        return step(*args, **kw)
+
+    cop.forward = spy
+    state = FusedState.create(model, tap, cop, CPU, feedback)
+    z, f = state.start(sample_prompts(tok)[:2], tok.pad_token_id)
+    for toks in ([20, 21], [22, 23]):
+        want = (torch.nn.functional.one_hot(torch.tensor(toks), z.shape[-1]).float()
+                - torch.softmax(z, -1)) if feedback == "realised" else f
+        z, f = state.advance(torch.tensor(toks))
+        torch.testing.assert_close(seen[-1], want)
+    assert seen[0] is None and len(seen) == 3
+    state.reorder(torch.tensor([1, 0]))
+    want = (torch.nn.functional.one_hot(torch.tensor([24, 25]), z.shape[-1]).float()
+            - torch.softmax(z, -1)[[1, 0]]) if feedback == "realised" else f[[1, 0]]
+    state.advance(torch.tensor([24, 25]))
+    torch.testing.assert_close(seen[-1], want)
+    with pytest.raises(ValueError, match=r"copilot_feedback must be prediction\|realised"):
+        DecodeOptions(copilot_feedback="label")
