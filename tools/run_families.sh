@@ -22,8 +22,8 @@ for s in "${seeds[@]}"; do
     echo "[run_families] $task seed $s -> $dir"
     .venv/bin/deepspeed --num_gpus 2 --master_port "$port" launcher/train.py \
       --config "configs/$task.yaml" "seed=$s" "output_dir=$dir" resume=auto \
-      "${extra[@]}" > "$dir.log" 2>&1 || { echo "[run_families] $dir failed: see $dir.log"; exit 1; }
-    rm -f /dev/shm/deepspeed_allreduce_buffer_* 2>/dev/null || true
+      ${extra[@]+"${extra[@]}"} >> "$dir.log" 2>&1 \
+      || { echo "[run_families] $dir failed: see $dir.log"; exit 1; }
   done
 done
 .venv/bin/python tools/summarize_runs.py "$out"/*-seed*/
