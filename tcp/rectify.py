@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tcp.data.collate import encode_prompt
-from tcp.generate import FusedState, all_ranks_done, fuse, fused_generate
+from tcp.generate import DecodeOptions, FusedState, all_ranks_done, fuse, fused_generate
 from tcp.models.pilot import PilotTap
 from tcp.tasks import AnswerScorer
 
@@ -59,14 +59,15 @@ class Rectification:
 def pick_example(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module,
                  records: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, *, lam: float,
                  fusion: str, max_new_tokens: int, device: torch.device, scan: int = 64,
-                 answer_format: str = "auto") -> int:
+                 answer_format: str = "auto", feedback: str = "prediction") -> int:
     """Index of the first of `records[:scan]` whose greedy answer the Copilot changes (0 if
     none does): prefers a change that fixes the answer, then any change."""
     recs = records[:scan]
     prompts = [encode_prompt(tokenizer, r["prompt"]) for r in recs]
     toks, _ = fused_generate(pilot, tap, copilot, prompts, lambdas=[0.0, lam], fusion=fusion,
                              max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
-                             pad_id=tokenizer.pad_token_id, device=device)
+                             pad_id=tokenizer.pad_token_id, device=device,
+                             opts=DecodeOptions(copilot_feedback=feedback))
     changed = [b for b in range(len(recs)) if toks[0][b] != toks[1][b]]
     scorer = AnswerScorer.for_golds(answer_format, [r["answer"] for r in recs])
     fixed = [b for b in changed if scorer.correct(tokenizer.decode(toks[1][b]), recs[b]["answer"])]
@@ -77,10 +78,11 @@ def pick_example(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module
 def trace_rectification(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Module,
                         prompt: str, tokenizer: PreTrainedTokenizerBase, *, lam: float,
                         fusion: str, max_new_tokens: int, device: torch.device, top_n: int = 4,
-                        gold: str | None = None) -> Rectification:
-    """Greedy fused decoding of `prompt` at `lam` (rows: Pilot alone, fused), every step kept."""
+                        gold: str | None = None, feedback: str = "prediction") -> Rectification:
+    """Greedy fused decoding of `prompt` at `lam` (rows: Pilot alone, fused), every step kept;
+    `feedback`: `DecodeOptions.copilot_feedback`."""
     ids = encode_prompt(tokenizer, prompt)
-    state = FusedState.create(pilot, tap, copilot, device)
+    state = FusedState.create(pilot, tap, copilot, device, feedback)
     z, f = state.start([ids, ids], tokenizer.pad_token_id)
     lams = torch.tensor([0.0, lam], device=device)
     out = Rectification(prompt=prompt, lam=lam, fusion=fusion, gold=gold)

@@ -323,7 +323,7 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
     # With the Copilot off, trace what the best lambda > 0 would have changed.
     trace_lam = lam or (best_positive_lambda(val) or (ev.lambdas[0], 0.0))[0]
     trace_kw = dict(lam=trace_lam, fusion=ev.fusion, max_new_tokens=budget.tokens,
-                    device=device)
+                    device=device, feedback=ev.copilot_feedback)
     ex = pick_example(pilot, tap, copilot, val_records, tokenizer, answer_format=fmt,
                       **trace_kw)
     rect = trace_rectification(pilot, tap, copilot, val_records[ex]["prompt"], tokenizer,
