@@ -93,10 +93,10 @@ def _question(family: str, seed: int, split: str, index: int,
     """(the draw's random stream, question, result, op) of one single-operation arithmetic word
     problem (the default task's templates). As in the default task, the operation is drawn
     from the index alone, so a redraw keeps it and a split keeps the operation mix."""
-    op = _rng(family, seed, split, index, 0).choice(arithmetic.OPS)
-    rng = _rng(family, seed, split, index, draw)
-    if not draw:
-        rng.choice(arithmetic.OPS)  # the draw-0 stream already gave the operation
+    rng = _rng(family, seed, split, index, 0)
+    op = rng.choice(arithmetic.OPS)
+    if draw:
+        rng = _rng(family, seed, split, index, draw)
     xs = arithmetic.operands(rng, op)
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     return rng, TASK[op](name, item, xs), arithmetic.result(op, xs), op
