@@ -2,14 +2,22 @@
 interpreter when there is no GPU."""
 
 import os
+import sys
+from pathlib import Path
+
+# `python -m pytest` puts the repository root first on sys.path, where our `kernels/` folder would
+# shadow the `kernels` distribution that transformers imports when it is installed (transformers
+# >= 5.x requires it). The root stays importable (`tests.helpers`), after site-packages.
+_ROOT = str(Path(__file__).resolve().parents[1])
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _ROOT] + [_ROOT]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest
-import torch
+import pytest  # noqa: E402  (after the path and environment above)
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # Triton kernels run in the interpreter on CPU tensors. Set before any test module imports

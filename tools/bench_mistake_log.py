@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: kernels/
 
 from tcp.build import build_engines, load_tokenizer
 from tcp.config import ZarrStoreConfig, load_config

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+# The repository root after site-packages, so `tests.helpers` imports and our `kernels/` folder
+# never shadows the `kernels` distribution transformers imports (tests/conftest.py).
+sys.path.append(str(Path(__file__).resolve().parents[2]))
 
 import deepspeed
 import torch

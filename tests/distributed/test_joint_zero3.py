@@ -122,7 +122,7 @@ def check_mistake_log(run: Path, res: dict, *, steps: int, micro_batch_size: int
 
 def test_local_pretrained_pilot_and_jsonl_data(tmp_path):
     """The `model.name_or_path` path (as for meta-llama/... on a cluster) with a local folder."""
-    sys.path.insert(0, str(ROOT))
+    sys.path.append(str(ROOT))  # after site-packages (tests/conftest.py)
     from tests.helpers import tiny_pilot
 
     model, tok = tiny_pilot(d=32, layers=2)

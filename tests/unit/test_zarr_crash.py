@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = """
 import sys, time
-sys.path.insert(0, {root!r})
+sys.path.append({root!r})
 from tcp.config import ZarrStoreConfig
 from tcp.mistake_log.store import RankStoreWriter, Schema
 from tcp.mistake_log.writer import AsyncWriter
