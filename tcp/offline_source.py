@@ -161,7 +161,7 @@ def open_source(cfg: RunConfig, *, world: int) -> SourceRun:
         raise OfflineError(f"{root} stores the top-{schema.topk} of p_hat; set "
                            f"mistake_log.topk={schema.topk} (it was {cfg.mistake_log.topk})")
     steps = recorded_steps(first=first, last=last, start=cfg.train.copilot_start_step,
-                           stop=cfg.train.steps)
+                           stop=cfg.train.total_steps)
     tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")
     run = SourceRun(path=src, log=root, pilot_dir=pilot_dir, tokenizer=tokenizer, vocab=vocab,
                     d_pilot=d_pilot,
@@ -194,15 +194,18 @@ def offline_seed(cfg: RunConfig) -> int:
 
 def recorded_steps(*, first: int, last: int, start: int, stop: int) -> range:
     """The steps an offline Copilot trains on: from `train.copilot_start_step` (`start`), or
-    the log's first step when it was pruned past it, up to `train.steps` (`stop`, exclusive),
-    which the log must hold (it holds steps `first`..`last`)."""
+    the log's first step when it was pruned past it, up to `train.steps` +
+    `train.copilot_tail_steps` (`stop`, exclusive), which the log must hold (it holds steps
+    `first`..`last`)."""
     if stop - 1 > last:
-        raise OfflineError(f"train.steps={stop} needs steps up to {stop - 1}, the log holds "
-                           f"{first}..{last}; set train.steps <= {last + 1}")
+        raise OfflineError(f"train.steps + train.copilot_tail_steps = {stop} needs steps up "
+                           f"to {stop - 1}, the log holds {first}..{last}; set their sum "
+                           f"<= {last + 1}")
     lo = max(start, first)
     if lo >= stop:
         raise OfflineError(f"no steps to train on: the log holds {first}..{last}, "
-                           f"train.copilot_start_step={start}, train.steps={stop}")
+                           f"train.copilot_start_step={start}, train.steps + "
+                           f"train.copilot_tail_steps = {stop}")
     return range(lo, stop)
 
 

@@ -6,6 +6,7 @@ log append -> `copilot_step()`; then `evaluate_and_report()`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -91,13 +92,15 @@ class Trainer:
         `checkpoint.every`; stops early (all ranks after the same step) on SIGTERM/SIGINT."""
         c = self.cfg.train
         every = self.cfg.checkpoint.every
-        bar = Progress(total=c.steps, desc="joint", enabled=self.rank == 0, initial=self.step)
+        total = c.total_steps
+        bar = Progress(total=total, desc="joint" if not c.copilot_tail_steps else "joint+tail",
+                       enabled=self.rank == 0, initial=self.step)
         window: list[StepMetrics] = []
         t0 = time.time()
-        while self.step < c.steps:
+        while self.step < total:
             window.append(self.train_step())
             self.step += 1
-            if self.step % c.log_every == 0 or self.step == c.steps:
+            if self.step % c.log_every == 0 or self.step in (c.steps, total):
                 row = self._reduce(window, time.time() - t0)
                 self.history.rows.append(row)
                 self.tracker.metrics({k: v for k, v in row.items() if k != "step"},
@@ -111,7 +114,7 @@ class Trainer:
                 self.stopped_by = self.stop.should_stop(self.device)
                 if self.stopped_by:
                     break
-            if every and self.step % every == 0 and self.step < c.steps:
+            if every and self.step % every == 0 and self.step < total:
                 self.save_checkpoint()
         bar.close()
         return self.history
@@ -133,19 +136,25 @@ class Trainer:
         return path
 
     def train_step(self) -> StepMetrics:
-        """One joint step: Pilot forward/log/backward/step, then a Copilot update."""
+        """One joint step: Pilot forward/log/backward/step, then a Copilot update. In the
+        Copilot tail (steps from `train.steps` on) the Pilot runs forward only: logged, never
+        updated."""
         batch = self._batch(self.step)
         k = self.cfg.kernels
-        out = pilot_forward(self.pilot, self.tap, batch, pooled_dtype=self.storage_dtype,
-                            head=HeadOptions(topk=self.cfg.mistake_log.topk, fused=k.fused,
-                                             impl=k.impl, chunk_mib=k.chunk_mib))
+        tail = self.step >= self.cfg.train.steps
+        with torch.no_grad() if tail else contextlib.nullcontext():
+            out = pilot_forward(self.pilot, self.tap, batch, pooled_dtype=self.storage_dtype,
+                                head=HeadOptions(topk=self.cfg.mistake_log.topk,
+                                                 fused=k.fused, impl=k.impl,
+                                                 chunk_mib=k.chunk_mib))
         entries = collect(out, topk=self.cfg.mistake_log.topk, step=self.step, rank=self.rank,
                           sample_id=batch["sample_id"], storage_dtype=self.storage_dtype,
                           device=self.device)
         self.log.append(entries)  # asynchronous: the write overlaps the Pilot's backward
         fault_point("step", step=self.step, rank=self.rank)
-        self.pilot.backward(out.loss)
-        self.pilot.step()
+        if not tail:
+            self.pilot.backward(out.loss)
+            self.pilot.step()
         m = StepMetrics(pilot_loss=float(out.loss.detach()),
                         tokens=int(batch["attention_mask"].sum()),
                         residual=float(entries.residual.float().mean())

@@ -101,7 +101,8 @@ def render_deepspeed(cfg: RunConfig, engine: Literal["pilot", "copilot", "base"]
                      world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict of one engine (each engine gets its own)."""
     e = engine_config(cfg, engine)
-    micro_steps = cfg.base.steps if engine == "base" else cfg.train.steps
+    micro_steps = {"base": cfg.base.steps, "pilot": cfg.train.steps,
+                   "copilot": cfg.train.total_steps}[engine]
     # DeepSpeed steps the scheduler once per optimizer step, i.e. every grad_accum_steps
     # micro steps (one joint step = one micro step).
     steps = math.ceil(micro_steps / e.grad_accum_steps)

@@ -28,6 +28,12 @@ class TrainConfig:
     """The Copilot's engine."""
     copilot_start_step: int = 0
     """Joint step at which Copilot updates begin (entries are logged from step 0)."""
+    copilot_tail_steps: int = 0
+    """Copilot-only steps after the joint ones. The Pilot is final and no longer updated, but
+    keeps running forward on the next training batches and logging its errors; the Copilot
+    goes on training on them (current + replay, as in the joint steps). Errors that stop
+    moving are easier to learn than those of a Pilot that is still being fine-tuned
+    (docs/method.md, "Copilot tail"). The Copilot's schedule spans steps + tail."""
     collective_timeout_s: float = 1800.0
     """Seconds a collective may wait for the other ranks before it fails with an error (so a
     rank that died takes the job down instead of leaving the others waiting forever)."""
@@ -39,6 +45,13 @@ class TrainConfig:
         _check(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0 seconds")
         _check(self.log_every > 0, "log_every", "must be > 0")
         _check(self.copilot_start_step >= 0, "copilot_start_step", "must be >= 0")
+        _check(self.copilot_tail_steps >= 0, "copilot_tail_steps",
+               f"must be >= 0 (got {self.copilot_tail_steps}); 0: joint steps only")
+
+    @property
+    def total_steps(self) -> int:
+        """Every step of the loop: the joint ones, then the Copilot-only tail."""
+        return self.steps + self.copilot_tail_steps
 
 
 

@@ -192,3 +192,34 @@ def test_lora_run_resumes_exactly_from_adapter_only_checkpoints(tmp_path):
     for f in states:
         st = torch.load(f, map_location="cpu", weights_only=False)
         assert st.get("frozen_param_fragments") is None  # the base was not written
+
+
+def test_copilot_tail_trains_the_copilot_against_a_pilot_that_no_longer_moves(tmp_path):
+    """train.copilot_tail_steps: after the joint steps the Pilot runs forward only (its weights
+    and optimizer state stay those of the last joint step) while its errors are still logged
+    and the Copilot keeps training on them, on its own schedule over both phases."""
+    run = tmp_path / "run"
+    launch(run, *TINY, NO_MLFLOW, "train.steps=4", "train.copilot_tail_steps=4")
+    res = json.loads((run / "results.json").read_text())
+    assert [r["step"] for r in res["history"]] == [2, 4, 6, 8]
+    assert all("copilot_rmse" in r for r in res["history"])
+    ds = json.loads((run / "deepspeed.json").read_text())
+    assert ds["pilot"]["scheduler"]["params"]["total_num_steps"] == 4
+    assert ds["copilot"]["scheduler"]["params"]["total_num_steps"] == 8
+    ckpt = run / "checkpoints"
+    for engine, same in (("pilot", True), ("copilot", False)):
+        files = sorted((ckpt / "step_00000004" / engine / "step_00000004").glob("*.pt"))
+        assert len(files) >= 2, engine
+        diffs = 0
+        for fa in files:
+            fb = ckpt / "step_00000008" / engine / "step_00000008" / fa.name
+            ta = dict(tensors(torch.load(fa, map_location="cpu", weights_only=False)))
+            tb = dict(tensors(torch.load(fb, map_location="cpu", weights_only=False)))
+            assert ta.keys() == tb.keys(), fa.name
+            diffs += sum(not torch.equal(ta[k], tb[k]) for k in ta)
+        assert (diffs == 0) == same, (engine, diffs)
+    from tcp.mistake_log.store import RankStoreReader
+
+    for rank in (0, 1):  # the tail's errors are logged like the joint steps'
+        r = RankStoreReader(run / "mistake_log", rank)
+        assert sorted(set(r.read_range(0, r.num_entries).step.tolist())) == list(range(8))

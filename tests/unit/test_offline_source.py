@@ -52,7 +52,7 @@ def test_recorded_steps():
     assert recorded_steps(first=0, last=9, start=0, stop=10) == range(10)
     assert recorded_steps(first=0, last=9, start=3, stop=8) == range(3, 8)
     assert recorded_steps(first=4, last=9, start=0, stop=10) == range(4, 10)  # a pruned log
-    with pytest.raises(OfflineError, match=r"train.steps=12 needs steps up to 11.*<= 10"):
+    with pytest.raises(OfflineError, match=r"copilot_tail_steps = 12 needs steps up to 11.*<= 10"):
         recorded_steps(first=0, last=9, start=0, stop=12)
     with pytest.raises(OfflineError, match="no steps to train on"):
         recorded_steps(first=0, last=9, start=10, stop=10)
@@ -118,7 +118,7 @@ def _unfinish(src: Path) -> None:
     (2, None, _damage_manifest, r"unreadable.*tcp-log verify"),
     (2, None, _unfinish, "is not a finished tcp run"),
     (2, "mistake_log.topk=5", None, r"top-3 of p_hat; set mistake_log.topk=3"),
-    (2, "train.steps=9", None, r"train.steps=9 needs steps up to 8, the log holds 0..5"),
+    (2, "train.steps=9", None, r"copilot_tail_steps = 9 needs steps up to 8, the log holds 0..5"),
     (2, "offline.log_path={tmp}/nowhere", None, "no Mistake Log there"),
 ])
 def test_open_source_refuses(tmp_path, world, override, change, why):
