@@ -98,6 +98,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # steps, evaluation on 32 + 32 examples.
 # The base phase keeps its short pre-2026-12-02 shape (warmup 30, equations and word problems),
 # so the test runs' cost and behaviour do not follow the default's 3000-step base phase.
+JOINT_ONLY = "train.copilot_tail_steps=0"
+"""Test runs train the joint steps only (configs/default.yaml adds a Copilot tail); a test of
+the tail sets it after this."""
+
 SMALL = ("base.steps=30", "base.warmup_steps=30", "base.formats=[equation,word]",
          "base.corpus_size=2000", "data.train_size=1000", "data.val_size=32",
          "data.test_size=32", "train.steps=24", "train.log_every=6", "eval.batch_size=16",
@@ -113,14 +117,15 @@ def launch(run_dir: Path, *overrides: str, env: dict[str, str] | None = None,
            offline_from: Path | None = None,
            ) -> subprocess.CompletedProcess | subprocess.Popen:
     """`deepspeed --num_gpus <ranks> launcher/train.py` on `config` (default: the default
-    config) into `run_dir`, tracking to `<run_dir>.db` unless overridden. `check` asserts exit
+    config; joint steps only, `JOINT_ONLY`) into `run_dir`, tracking to `<run_dir>.db` unless
+    overridden. `check` asserts exit
     code 0; `port`: the master port (default: derived from `run_dir`); `prefix`: a command the
     runner is started under (e.g. tcp-launch); `offline_from`: a finished run to train a
     Copilot from offline (`--offline-from`, in place of `--config`)."""
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     port = str(port or 29500 + (os.getpid() + hash(str(run_dir))) % 1000)
     source = ["--offline-from", str(offline_from)] if offline_from is not None else \
-        ["--config", str(ROOT / config)]
+        ["--config", str(ROOT / config), JOINT_ONLY]
     cmd = [*prefix, deepspeed, "--num_gpus", str(ranks), "--master_port", port,
            str(ROOT / "launcher/train.py"), *source,
            f"output_dir={run_dir}", f"tracking.uri=sqlite:///{run_dir}.db", *overrides]

@@ -26,7 +26,7 @@ import pytest
 
 from tcp.checkpoint import read_complete
 from tests.distributed.test_resume import NO_MLFLOW, TINY
-from tests.helpers import ROOT, launch
+from tests.helpers import JOINT_ONLY, ROOT, launch
 
 MiB = 2**20
 FILE_LIMIT = 3 * MiB
@@ -58,7 +58,7 @@ def launch_limited(run_dir: Path, *overrides: str, limit: int,
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()),
            str(ROOT / "launcher/train.py"), "--config", str(ROOT / "configs/default.yaml"),
-           f"output_dir={run_dir}", f"tracking.uri=sqlite:///{run_dir}.db", *overrides]
+           JOINT_ONLY, f"output_dir={run_dir}", f"tracking.uri=sqlite:///{run_dir}.db", *overrides]
     return subprocess.run(cmd, cwd=run_dir.parent, env=_run_env(), capture_output=True,
                           text=True, timeout=timeout, preexec_fn=lambda: _limit_file_size(limit))
 
@@ -70,7 +70,7 @@ def launch_ranks(run_dir: Path, *overrides: str, limits: dict[int, int],
     given. Returns each rank's completed process."""
     port = str(_free_port())
     cmd = [sys.executable, str(ROOT / "launcher/train.py"), "--config",
-           str(ROOT / "configs/default.yaml"), f"output_dir={run_dir}", *overrides]
+           str(ROOT / "configs/default.yaml"), JOINT_ONLY, f"output_dir={run_dir}", *overrides]
     procs, logs = [], []
     for rank in (0, 1):
         env = {**_run_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",

@@ -29,7 +29,7 @@ import psutil
 import pytest
 
 from tests.distributed.test_resume import STEPS, TINY, assert_same_run
-from tests.helpers import ROOT, launch
+from tests.helpers import JOINT_ONLY, ROOT, launch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -57,7 +57,7 @@ class Node:
         cmd = [deepspeed, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
                "--master_addr", "127.0.0.1", "--master_port", str(port),
                str(ROOT / "launcher/train.py"), "--config", str(ROOT / "configs/default.yaml"),
-               f"output_dir={run}", f"tracking.uri=sqlite:///{run}.db", *overrides]
+               JOINT_ONLY, f"output_dir={run}", f"tracking.uri=sqlite:///{run}.db", *overrides]
         full_env = {k: v for k, v in os.environ.items() if k != "TCP_FAULT_INJECT"}
         full_env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})})
         self.rank, self.log = rank, log

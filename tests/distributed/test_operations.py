@@ -16,7 +16,7 @@ import pytest
 from tcp.checkpoint import read_complete
 from tcp.mistake_log.maintenance import verify
 from tests.distributed.test_resume import NO_MLFLOW, TINY, one_mlflow_run
-from tests.helpers import ROOT, launch
+from tests.helpers import JOINT_ONLY, ROOT, launch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -136,7 +136,7 @@ def test_srun_one_task_per_rank_and_sigterm_to_every_rank(tmp_path):
     launcher) and `scancel` or a preemption signals every one of them."""
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "launcher/train.py"), "--config",
-           str(ROOT / "configs/default.yaml"), f"output_dir={run}",
+           str(ROOT / "configs/default.yaml"), JOINT_ONLY, f"output_dir={run}",
            f"tracking.uri=sqlite:///{run}.db", *LONG]
     base = {**os.environ, "HF_HUB_OFFLINE": "1", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "1",
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29391"}
