@@ -137,11 +137,13 @@ class Trainer:
 
     def train_step(self) -> StepMetrics:
         """One joint step: Pilot forward/log/backward/step, then a Copilot update. In the
-        Copilot tail (steps from `train.steps` on) the Pilot runs forward only: logged, never
-        updated."""
+        Copilot tail (steps from `train.steps` on) the Pilot runs forward only, in eval mode:
+        logged, never updated."""
         batch = self._batch(self.step)
         k = self.cfg.kernels
         tail = self.step >= self.cfg.train.steps
+        if tail and self.pilot.training:
+            self.pilot.eval()  # the final Pilot, as it is evaluated (no dropout)
         with torch.no_grad() if tail else contextlib.nullcontext():
             out = pilot_forward(self.pilot, self.tap, batch, pooled_dtype=self.storage_dtype,
                                 head=HeadOptions(topk=self.cfg.mistake_log.topk,

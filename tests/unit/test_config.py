@@ -129,6 +129,7 @@ def test_matched_size_pilot_has_the_pilot_plus_copilot_parameter_count():
     assert matched.train.pilot == default.train.pilot
     assert matched.train.steps == default.train.steps
     assert matched.train.copilot_start_step >= matched.train.steps
+    assert matched.train.copilot_tail_steps == 0  # no Copilot, so no Copilot tail
 
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).resolve().parents[2] /
