@@ -102,6 +102,26 @@ def test_yesno_answers_are_balanced_and_true():
             assert parse_yesno(r["answer"]) == (claim == truth)
 
 
+def test_false_yesno_claims_are_drawn_like_right_answers_and_rarely_near_them():
+    """A false claim is another problem's answer: per operation as large on average as a right
+    answer (the claim alone tells nothing), and seldom a near miss of the right answer, so a
+    Pilot that copies the claim as its value is wrong on the false claims (with near-miss
+    claims the default Pilot copied on 96% of test problems)."""
+    claims: dict[str, tuple[list[int], list[int]]] = collections.defaultdict(lambda: ([], []))
+    near = false = 0
+    for r in families.generate("yesno", 0, "train", 4000):
+        claim = int(re.search(r"Is the answer (-?\d+)\?", r["prompt"]).group(1))
+        truth = _solve(_question("yesno", r["prompt"]))
+        claims[r["op"]][claim != truth].append(claim)
+        if claim != truth:
+            false += 1
+            near += abs(claim - truth) in arithmetic.MISS_STEPS
+    for op, (right, wrong) in claims.items():
+        mean_right, mean_wrong = sum(right) / len(right), sum(wrong) / len(wrong)
+        assert abs(mean_right - mean_wrong) < 0.15 * mean_right, (op, mean_right, mean_wrong)
+    assert near / false < 0.2, near / false
+
+
 def test_multistep_answers_show_every_step_and_end_in_the_result():
     forms = collections.Counter()
     for r in _splits("multistep")["train"]:
