@@ -16,7 +16,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tcp.data.collate import encode_prompt
-from tcp.generate import DecodeOptions, FusedState, all_ranks_done, fuse, fused_generate
+from tcp.fused_state import FusedState
+from tcp.generate import DecodeOptions, all_ranks_done, fuse, fused_generate
 from tcp.models.pilot import PilotTap
 from tcp.tasks import AnswerScorer
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tcp.evaluate import GenResult, choose_lambda
-from tcp.generate import DecodeOptions, FusedState, cut_at_stop, fused_generate
+from tcp.fused_state import FusedState
+from tcp.generate import DecodeOptions, cut_at_stop, fused_generate
 from tcp.models.pilot import PilotTap
 from tests.helpers import hf_generated, sample_prompts, tiny_copilot, tiny_pilot
 
@@ -181,7 +182,7 @@ def test_decoding_passes_the_cache_by_its_current_name():
 
     from peft import LoraConfig, get_peft_model
 
-    from tcp.generate import cache_keyword
+    from tcp.fused_state import cache_keyword
 
     model, tok = tiny_pilot(seed=3)
     tap = PilotTap(model)

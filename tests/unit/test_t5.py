@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tcp.data.collate import collate
-from tcp.generate import DecodeOptions, FusedState, fused_generate
+from tcp.fused_state import FusedState
+from tcp.generate import DecodeOptions, fused_generate
 from tcp.mistake_log.collect import collect
 from tcp.models.copilot import build_inputs
 from tcp.models.pilot import HeadOptions, PilotTap, pilot_forward, seq2seq_inputs, use_fused_head
