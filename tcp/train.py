@@ -88,8 +88,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> History:
-        """Run joint steps from `self.step` to `train.steps`, checkpointing every
-        `checkpoint.every`; stops early (all ranks after the same step) on SIGTERM/SIGINT."""
+        """Run steps from `self.step` to `train.total_steps` (the joint steps, then the Copilot
+        tail), checkpointing every `checkpoint.every`; stops early (all ranks after the same
+        step) on SIGTERM/SIGINT."""
         c = self.cfg.train
         every = self.cfg.checkpoint.every
         total = c.total_steps
