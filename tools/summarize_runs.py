@@ -10,7 +10,7 @@ file (`tcp-eval`'s <run>/eval/<name>.json, its <name>.predictions.jsonl beside i
 either (quoted, or expanded by the shell).
 
 Prints (markdown): the diagnostics table of each run; with --matched, Pilot | Pilot+Copilot |
-matched-size Pilot per seed (paired by seed) and mean ± sd; then the paired test table: per run
+matched-size Pilot per task and seed and mean ± sd; then the paired test table: per run
 its test n, both accuracies, the chosen λ, Pilot+Copilot − Pilot in points with a 95% bootstrap
 interval, the exact McNemar p and the discordant counts b (only the Pilot right) and c (only
 Pilot+Copilot right), recomputed from predictions.jsonl; then the pooled lines: both accuracies
@@ -26,7 +26,7 @@ Runs of several tasks (the built-in families, or user data) are also pooled **pe
 task of a run is its config.yaml's `data.source` (for jsonl/parquet/hf data: the training
 file's path, or the dataset's name and config), and a last table gives, per task, the runs and
 seeds, both accuracies as mean ± sd, and the paired test over that task's pooled examples.
-`--matched` runs are paired by seed only: give them with runs of the task they were trained on.
+`--matched` runs are paired with the runs of the same task (`data.source`) and seed.
 
 --json prints {"runs": [...], "pooled": {...}, "tasks": {...}} instead: per run its path, task,
 seed, n, accuracies, λ and "paired" (the format of results.json["paired"], tcp.stats); pooled
@@ -285,27 +285,30 @@ def print_diagnostics(rows: list[dict[str, Any]]) -> None:
               f"{r['max_f']:.4f} | {r['margin']:.4f} | {r['seconds']:.0f} |")
 
 
-def print_comparison(runs: list[Run], matched: list[dict]) -> None:
-    """Pilot | Pilot+Copilot | matched-size Pilot, per seed and mean (the paper's Table 2)."""
-    by_seed = {m.get("seed"): m for m in matched}
-    print("| seed | Pilot (params) | Pilot+Copilot (params, λ) | matched-size Pilot (params) |")
-    print("|---|---|---|---|")
+def print_comparison(runs: list[Run], matched: list[Run]) -> None:
+    """Pilot | Pilot+Copilot | matched-size Pilot, per seed and mean (the paper's Table 2): a
+    run is paired with the matched-size run of its task and seed; runs without one are left
+    out."""
+    by_key = {(m.task, m.results.get("seed")): m.results for m in matched}
+    print("| task | seed | Pilot (params) | Pilot+Copilot (params, λ) | "
+          "matched-size Pilot (params) |")
+    print("|---|---|---|---|---|")
     trio = []
     for run in runs:
         res = run.results
-        m = by_seed.get(res.get("seed"))
+        m = by_key.get((run.task, res.get("seed")))
         if m is None or "params" not in res:
             continue
         pilot, fused = res["pilot"]["accuracy"], res["pilot+copilot"]["accuracy"]
         n_p, n_c = res["params"]["pilot"], res["params"]["copilot"]
-        print(f"| {res['seed']} | {pilot:.4f} ({n_p / 1e6:.2f}M) | {fused:.4f} "
+        print(f"| {run.task} | {res['seed']} | {pilot:.4f} ({n_p / 1e6:.2f}M) | {fused:.4f} "
               f"({(n_p + n_c) / 1e6:.2f}M, λ={res['pilot+copilot']['lambda']:g}) | "
               f"{m['pilot']['accuracy']:.4f} ({m['params']['pilot'] / 1e6:.2f}M) |")
         trio.append((pilot, fused, m["pilot"]["accuracy"]))
     if trio:
         means = [statistics.mean(t[i] for t in trio) for i in range(3)]
         sds = [statistics.stdev(t[i] for t in trio) if len(trio) > 1 else 0.0 for i in range(3)]
-        print(f"| mean ± sd ({len(trio)} seeds) | {means[0]:.4f} ± {sds[0]:.4f} | "
+        print(f"| | mean ± sd ({len(trio)} runs) | {means[0]:.4f} ± {sds[0]:.4f} | "
               f"{means[1]:.4f} ± {sds[1]:.4f} | {means[2]:.4f} ± {sds[2]:.4f} |")
     print()
 
@@ -315,7 +318,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run directories, results JSON files, or globs")
     ap.add_argument("--matched", nargs="*", default=[],
-                    help="matched-size baseline runs (configs/matched_size.yaml), paired by seed")
+                    help="matched-size baseline runs (configs/matched_size.yaml), paired by "
+                         "task and seed")
     ap.add_argument("--json", action="store_true",
                     help="print the per-run and pooled numbers as JSON instead of markdown")
     ap.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES,
@@ -333,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(summary, indent=2))
         return
     if args.matched:
-        print_comparison(runs, [json.loads(p.read_text()) for p in expand(args.matched)])
+        print_comparison(runs, [load(p) for p in expand(args.matched)])
     rows = [row(r) for r in runs]
     print_diagnostics(rows)
     print_paired(summary)

@@ -285,6 +285,26 @@ def test_summarize_runs_pools_each_task_apart(evaluated, tmp_path, capsys):
     assert "| 0.25 | 0 | 3 | 5 |" in text  # exact McNemar p = 2 * (1/2)^3, b, c, n
 
 
+def test_summarize_runs_pairs_a_matched_size_pilot_with_runs_of_its_task_and_seed(
+        evaluated, tmp_path, capsys):
+    T, F = True, False
+    runs = {"a0": ("arithmetic", 0, [T, F], [T, T]), "a1": ("arithmetic", 1, [F, F], [T, F]),
+            "c0": ("choice", 0, [T, T], [T, T]), "m0": ("arithmetic", 0, [F, F], [F, F])}
+    for name, (source, seed, pilot, fused) in runs.items():
+        _write_run(tmp_path / name, evaluated[0], seed=seed, lam=0.5, pilot=pilot, fused=fused)
+        (tmp_path / name / "config.yaml").write_text(json.dumps({"seed": seed,
+                                                                 "data": {"source": source}}))
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        res["params"] = {"pilot": 1_650_000 if name == "m0" else 820_000, "copilot": 830_000}
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+    _summarize_module().main([str(tmp_path / n) for n in ("a0", "a1", "c0")]
+                             + ["--matched", str(tmp_path / "m0")])
+    table = capsys.readouterr().out.split("\n\n")[0]
+    assert "| arithmetic | 0 | 0.5000 (0.82M) | 1.0000 (1.65M, λ=0.5) | 0.0000 (1.65M) |" in table
+    assert "choice" not in table and "| arithmetic | 1 |" not in table  # other task, other seed
+    assert "mean ± sd (1 runs)" in table
+
+
 def test_summarize_runs_without_predictions_uses_results_and_skips_pooling(evaluated,
                                                                          tmp_path, capsys):
     _write_run(tmp_path / "a", evaluated[0], seed=3, lam=0.0, pilot=[True, False],
