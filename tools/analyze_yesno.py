@@ -9,9 +9,9 @@ item (claim true / false), and how often the value it wrote is right:
     python tools/analyze_yesno.py runs/families3/yesno-seed0 [more run dirs...]
 
 Prints one markdown table per run: test items by gold word, whether the written value copies
-the claim, whether it is right, and the word said; then the test items whose Pilot+Copilot answer differs from the Pilot's,
-counted by how it changed (towards or away from copying the claim) and whether that fixed or
-broke the item.
+the claim, whether it is right, and the word said; then the test items whose Pilot+Copilot
+answer differs from the Pilot's, counted by how it changed (towards or away from copying the
+claim) and whether that fixed or broke the item.
 """
 
 from __future__ import annotations
