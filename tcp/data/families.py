@@ -23,11 +23,12 @@ split and size) and is loaded through the same path as a user's JSONL records
 - **yesno**: an arithmetic word problem followed by a claimed answer, "Is the answer 59?", gold
   "59, so yes" or "41, so no" alternating with the index (half each; the yes/no format scores
   the yes/no word). A false claim is the answer of another problem of the same operation
-  (`_false_claim`): as large as a right answer, so the claim alone tells nothing, and not close
-  to it, so copying the claim as the value is wrong on every false claim. With false claims off
-  by 1, 2 or 10 (near misses, the first design) the default Pilot copied the claim as its value
-  on 96% of test problems (767 of 800, seed 0) and said "yes" to 83%: copying got most digits
-  right, computing fewer. As with choice, a bare "yes"/"no" left the Pilot answering one word
+  (`_false_claim`): as large as a right answer, so the claim alone tells nothing, and seldom
+  close to it, so a Pilot that copies the claim as its value is far off on most false claims
+  (the default Pilot still copies claims that look plausible: docs/results.md). With false
+  claims off by 1, 2 or 10 (near misses, the first design) the default Pilot copied the claim
+  as its value on 96% of test problems (767 of 800, seed 0) and said "yes" to 83%: copying got
+  most digits right, computing fewer. As with choice, a bare "yes"/"no" left the Pilot answering one word
   to everything (50.0% on seed 0).
 
 Splits are disjoint by *question*: choice and yesno key each problem by its arithmetic question
