@@ -28,8 +28,8 @@ split and size) and is loaded through the same path as a user's JSONL records
   (the default Pilot still copies claims that look plausible: docs/results.md). With false
   claims off by 1, 2 or 10 (near misses, the first design) the default Pilot copied the claim
   as its value on 96% of test problems (767 of 800, seed 0) and said "yes" to 83%: copying got
-  most digits right, computing fewer. As with choice, a bare "yes"/"no" left the Pilot answering one word
-  to everything (50.0% on seed 0).
+  most digits right, computing fewer. As with choice, a bare "yes"/"no" left the Pilot
+  answering one word to everything (50.0% on seed 0).
 
 Splits are disjoint by *question*: choice and yesno key each problem by its arithmetic question
 (`Problem.key`), so the same question never appears in two splits with other options or another
