@@ -54,6 +54,20 @@ def _share(part: dict[str, Any]) -> str:
     return f"{part['share']:.1%} ({part['truncated']}/{part['generations']})"
 
 
+def _off_reason(v: dict[str, Any]) -> str:
+    """Why validation switched the Copilot off: no λ beat the Pilot, or the best one's gain was
+    within noise (eval.lambda_significance)."""
+    sweep = v["sweep"]
+    best = max(sweep, key=lambda s: (s["accuracy"], -s["lambda"]), default=None)
+    if best is None or best["accuracy"] <= v["pilot_accuracy"] or best.get("mcnemar_p") is None:
+        return "the Copilot did not help on validation, so Pilot+Copilot is the Pilot alone"
+    alpha = v.get("lambda_significance")
+    need = f" < {alpha}/{len(sweep)}" if alpha is not None else ""
+    return (f"the best validation gain (λ={best['lambda']:g}: {best['fixes']} fixed, "
+            f"{best['breaks']} broken, McNemar p = {best['mcnemar_p']:.3g}, needs p{need}) is "
+            "within noise (eval.lambda_significance), so Pilot+Copilot is the Pilot alone")
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The human summary printed at the end of the main job (and by `tcp-eval`)."""
     v = results["validation"]
@@ -64,8 +78,8 @@ def format_table(results: dict[str, Any]) -> str:
     lam = format(pc["lambda"], "g")
     paired = paired_line(results)
     if pc["copilot_off"]:
-        why = ("the Copilot did not help on validation, so Pilot+Copilot is the Pilot alone"
-               if v.get("copilot_helped") is False else "the Copilot is off (λ=0 given)")
+        why = ("the Copilot is off (λ=0 given)" if v.get("copilot_helped") is not False
+               else _off_reason(v))
         choice = f"λ=0: {why}"
     else:
         choice = (f"{pc['flips']} test decoding steps flipped, "
@@ -89,21 +103,23 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"WARNING: {t['warning']}")
     lines += [
         "",
-        "validation λ sweep (accuracy of generated answers; teacher-forced token fixes/breaks; "
-        "generations cut at the budget):",
-        f"{'λ':>6} {'accuracy':>9} {'Δ Pilot':>8} {'flips':>6} {'fixes':>6} {'breaks':>7} "
-        f"{'cut':>5}",
-        f"{0:>6g} {v['pilot_accuracy']:>9.4f} {0:>+8.4f} {0:>6} {'':>6} {'':>7} "
-        f"{v.get('pilot_truncated', ''):>5}  Pilot (Copilot off)"
+        "validation λ sweep (accuracy of generated answers; answers fixed/broken against the "
+        "Pilot and McNemar p; teacher-forced token fixes/breaks; generations cut at the budget):",
+        f"{'λ':>6} {'accuracy':>9} {'Δ Pilot':>8} {'fixed':>6} {'broken':>6} {'p':>8} "
+        f"{'flips':>6} {'tf fix':>6} {'tf brk':>6} {'cut':>5}",
+        f"{0:>6g} {v['pilot_accuracy']:>9.4f} {0:>+8.4f} {'':>6} {'':>6} {'':>8} {0:>6} {'':>6} "
+        f"{'':>6} {v.get('pilot_truncated', ''):>5}  Pilot (Copilot off)"
         + ("  <- chosen" if pc["copilot_off"] else ""),
     ]
     for s in v["sweep"]:
         fx = "" if s.get("tf_fixes") is None else s["tf_fixes"]
         br = "" if s.get("tf_breaks") is None else s["tf_breaks"]
         mark = "  <- chosen" if s["lambda"] == pc["lambda"] else ""
+        p = "" if s.get("mcnemar_p") is None else f"{s['mcnemar_p']:.3g}"
         lines.append(f"{s['lambda']:>6g} {s['accuracy']:>9.4f} "
-                     f"{s['accuracy'] - v['pilot_accuracy']:>+8.4f} {s['flips']:>6} {fx:>6} "
-                     f"{br:>7} {s.get('truncated', ''):>5}{mark}")
+                     f"{s['accuracy'] - v['pilot_accuracy']:>+8.4f} {s.get('fixes', ''):>6} "
+                     f"{s.get('breaks', ''):>6} {p:>8} {s['flips']:>6} {fx:>6} "
+                     f"{br:>6} {s.get('truncated', ''):>5}{mark}")
     lines += [
         "",
         f"Copilot RMSE {tf['copilot_rmse']:.4f} vs zero baseline {tf['zero_rmse']:.4f} "

@@ -17,6 +17,7 @@ from tcp.eval_shards import shard_batches, sum_across_ranks
 from tcp.generate import DecodeOptions, cut_at_stop, fused_generate
 from tcp.models.pilot import PilotTap
 from tcp.predictions import prediction_row
+from tcp.stats import mcnemar_exact
 from tcp.tasks import AnswerScorer
 
 
@@ -41,6 +42,10 @@ class GenResult:
     """Generations that ended on the budget without EOS or a stop string, per lambda."""
     rows: list[dict[str, Any]] = field(default_factory=list)
     """This rank's predictions.jsonl rows (tcp.predictions), when asked for."""
+    fixes: list[int] = field(default_factory=list)
+    """Answers right with this lambda and wrong with the Pilot alone (index 0), per lambda."""
+    breaks: list[int] = field(default_factory=list)
+    """Answers wrong with this lambda and right with the Pilot alone (index 0), per lambda."""
 
 
 @torch.no_grad()
@@ -58,6 +63,7 @@ def generation_eval(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Mod
     L = len(lambdas)
     correct = [0.0] * L
     flips, frows, frows_ok, cut = [0.0] * L, [0.0] * L, [0.0] * L, [0.0] * L
+    fixes, breaks = [0.0] * L, [0.0] * L
     rows: list[dict[str, Any]] = []
     n_total = 0.0
     fmax, margins = [], []
@@ -72,12 +78,17 @@ def generation_eval(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Mod
         flips_rows = st.flips.view(L, B).cpu()
         assert st.hit_budget is not None
         hit = st.hit_budget.view(L, B).cpu()
+        pilot_ok: list[bool] = []
         for li in range(L):
             for b in range(n_real):
                 raw = str(decode(toks[li][b]))
                 text = cut_at_stop(raw, opts.stop)
                 ok = scorer.correct(text, items[b][1]["answer"])
                 correct[li] += ok
+                if li == 0:
+                    pilot_ok.append(ok)
+                fixes[li] += ok and not pilot_ok[b]
+                breaks[li] += pilot_ok[b] and not ok
                 cut[li] += bool(hit[li, b])
                 if predictions_split is not None:
                     rows.append(prediction_row(
@@ -92,15 +103,18 @@ def generation_eval(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Mod
         if n_real:
             fmax += st.max_abs_f
             margins += st.margin
-    tot = sum_across_ranks([n_total, *correct, *flips, *frows, *frows_ok, *cut], device)
+    tot = sum_across_ranks([n_total, *correct, *flips, *frows, *frows_ok, *cut, *fixes, *breaks],
+                           device)
     n = tot[0]
     acc = [c / max(n, 1) for c in tot[1:1 + L]]
     fl = [int(x) for x in tot[1 + L:1 + 2 * L]]
     fr = [int(x) for x in tot[1 + 2 * L:1 + 3 * L]]
     fro = [int(x) for x in tot[1 + 3 * L:1 + 4 * L]]
     tr = [int(x) for x in tot[1 + 4 * L:1 + 5 * L]]
+    fx = [int(x) for x in tot[1 + 5 * L:1 + 6 * L]]
+    br = [int(x) for x in tot[1 + 6 * L:1 + 7 * L]]
     return GenResult(lambdas=list(lambdas), accuracy=acc, flips=fl, flipped_rows=fr,
-                     flipped_rows_correct=fro,
+                     flipped_rows_correct=fro, fixes=fx, breaks=br,
                      max_abs_f_median=_median(fmax), pilot_margin_median=_median(margins),
                      n=int(n), answer_format=scorer.format, truncated=tr, rows=rows)
 
@@ -118,14 +132,30 @@ def best_positive_lambda(val: GenResult) -> tuple[float, float] | None:
     return val.lambdas[best], val.accuracy[best]
 
 
-def choose_lambda(val: GenResult) -> tuple[float, float]:
+def lambda_p_value(val: GenResult, i: int) -> float | None:
+    """Exact McNemar p of lambda `i` against the Pilot alone on `val` (its fixes and breaks);
+    None when they were not counted."""
+    if i >= len(val.fixes) or i >= len(val.breaks):
+        return None
+    return mcnemar_exact(val.breaks[i], val.fixes[i])
+
+
+def choose_lambda(val: GenResult, significance: float | None = None) -> tuple[float, float]:
     """The lambda to test with, chosen on validation; index 0 is the Pilot alone (lambda 0).
 
     lambda 0 ("Copilot off") is a candidate: it is chosen unless some lambda > 0 is strictly
     more accurate than the Pilot. Among lambdas > 0 ties go to the smaller: the smaller
-    correction that does as well. Returns (lambda, its validation accuracy).
+    correction that does as well. With `significance` (eval.lambda_significance) the best
+    lambda must also beat the Pilot beyond validation noise: its exact McNemar p (its fixes
+    against its breaks) below `significance` divided by the number of lambdas > 0 tried (the
+    best of several is picked, so each is held to the Bonferroni share). Returns (lambda, its
+    validation accuracy).
     """
     best = best_positive_lambda(val)
     if best is None or best[1] <= val.accuracy[0]:
         return 0.0, val.accuracy[0]
+    if significance is not None:
+        p = lambda_p_value(val, val.lambdas.index(best[0]))
+        if p is None or p >= significance / (len(val.lambdas) - 1):
+            return 0.0, val.accuracy[0]
     return best

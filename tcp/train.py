@@ -28,7 +28,12 @@ from tcp.config import (
 )
 from tcp.data.collate import TokenizedSample, batch_indices, collate
 from tcp.diagnostics import teacher_forced_diagnostics
-from tcp.evaluate import best_positive_lambda, choose_lambda, generation_eval
+from tcp.evaluate import (
+    best_positive_lambda,
+    choose_lambda,
+    generation_eval,
+    lambda_p_value,
+)
 from tcp.faults import fault_point
 from tcp.generate import DecodeOptions
 from tcp.mistake_log.base import MistakeLog
@@ -320,7 +325,7 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
                           lambdas=[0.0, *sweep_lams], **common)
     helped = None
     if lam is None:
-        lam, _ = choose_lambda(val)
+        lam, _ = choose_lambda(val, ev.lambda_significance)
         helped = lam > 0
     test = generation_eval(pilot, tap, copilot, test_records, tokenizer,
                            lambdas=[0.0, lam] if lam > 0 else [0.0],
@@ -355,11 +360,13 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
             "copilot_helped": helped,
             "sweep": [{"lambda": lv, "accuracy": a, "flips": fl, "flipped_answers": fr,
                        "flipped_answers_correct": fo, "truncated": tr,
-                       "tf_fixes": tf_fixes.get(str(lv)), "tf_breaks": tf_breaks.get(str(lv))}
-                      for lv, a, fl, fr, fo, tr in zip(
+                       "tf_fixes": tf_fixes.get(str(lv)), "tf_breaks": tf_breaks.get(str(lv)),
+                       "fixes": fx, "breaks": bk, "mcnemar_p": lambda_p_value(val, i)}
+                      for i, (lv, a, fl, fr, fo, tr, fx, bk) in enumerate(zip(
                           val.lambdas[1:], val.accuracy[1:], val.flips[1:],
                           val.flipped_rows[1:], val.flipped_rows_correct[1:], val.truncated[1:],
-                          strict=True)],
+                          val.fixes[1:], val.breaks[1:], strict=True), start=1)],
+            "lambda_significance": ev.lambda_significance,
             "teacher_forced": diag,
             "generation": {"max_abs_f_median": val.max_abs_f_median,
                            "pilot_margin_median": val.pilot_margin_median},

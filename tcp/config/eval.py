@@ -14,6 +14,12 @@ class EvalConfig:
 
     lambdas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0])
     """lambda grid tried on validation; the best is used once on test."""
+    lambda_significance: float | None = 0.05
+    """The best lambda is used on test only if it beats the Pilot on validation beyond noise:
+    exact McNemar p of its fixes against its breaks below this value divided by the number of
+    lambdas tried (Bonferroni: the best of the grid is picked); otherwise the Copilot is off
+    (lambda 0). null: the most accurate lambda whenever it beats the Pilot by one answer (on a
+    few hundred validation examples that lets noise turn on a Copilot that hurts)."""
     fusion: Literal["probs", "logits"] = "probs"
     """'probs': p~ = p_hat + lambda f; 'logits': z + lambda f."""
     copilot_feedback: Literal["prediction", "realised"] = "prediction"
@@ -60,6 +66,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check(len(self.lambdas) > 0, "lambdas", "must list at least one value, e.g. [0.5, 1.0]")
         _check(all(x > 0 for x in self.lambdas), "lambdas", "values must be > 0")
+        _check(self.lambda_significance is None or 0 < self.lambda_significance <= 1,
+               "lambda_significance",
+               f"must be in (0, 1] or null (got {self.lambda_significance!r}), e.g. 0.05")
         _check(self.max_new_tokens == "auto" or self.max_new_tokens > 0, "max_new_tokens",
                f"must be > 0 or 'auto' (got {self.max_new_tokens!r})")
         _check(0 <= self.truncation_warn_frac <= 1, "truncation_warn_frac",

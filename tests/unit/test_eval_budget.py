@@ -12,6 +12,7 @@ from tcp.config import ConfigError, RunConfig, load_config
 from tcp.data.collate import collate, encode_prompt, tokenize_records
 from tcp.eval_report import format_table
 from tcp.evaluate import GenResult, choose_lambda
+from tcp.stats import mcnemar_exact
 from tcp.generate import DecodeOptions, fused_generate
 from tcp.models.pilot import PilotTap
 from tcp.tasks import AnswerScorer
@@ -224,6 +225,29 @@ def _gen(lambdas, accuracy):
                      pilot_margin_median=0, n=10)
 
 
+def _counted(lambdas, accuracy, fixes, breaks):
+    g = _gen(lambdas, accuracy)
+    g.fixes, g.breaks = fixes, breaks
+    return g
+
+
+def test_choose_lambda_needs_a_gain_beyond_noise_with_lambda_significance():
+    # +2 answers of 10 (2 fixed, 0 broken): McNemar p = 0.5, noise
+    few = _counted([0.0, 0.5], [0.5, 0.7], [0, 2], [0, 0])
+    assert choose_lambda(few) == (0.5, 0.7)  # the old rule takes any gain
+    assert choose_lambda(few, 0.05) == (0.0, 0.5)
+    # 20 fixed, 0 broken: p = 1.9e-6, well below 0.05 / 2
+    many = _counted([0.0, 0.5, 1.0], [0.5, 0.7, 0.6], [0, 20, 10], [0, 0, 0])
+    assert choose_lambda(many, 0.05) == (0.5, 0.7)
+    # 8 fixed, 1 broken: p = 0.039 < 0.05, but two lambdas were tried: needs p < 0.025 ...
+    mid = _counted([0.0, 0.5, 1.0], [0.5, 0.57, 0.5], [0, 8, 0], [0, 1, 0])
+    assert choose_lambda(mid, 0.05) == (0.0, 0.5)
+    # ... while with one lambda tried p < 0.05 is enough
+    assert choose_lambda(_counted([0.0, 0.5], [0.5, 0.57], [0, 8], [0, 1]), 0.05) == (0.5, 0.57)
+    # uncounted fixes/breaks cannot show significance: off
+    assert choose_lambda(_gen([0.0, 0.5], [0.5, 0.9]), 0.05) == (0.0, 0.5)
+
+
 def test_choose_lambda_switches_the_copilot_off_unless_it_helps():
     assert choose_lambda(_gen([0.0, 0.5, 1.0], [0.8, 0.7, 0.6])) == (0.0, 0.8)  # only hurts
     assert choose_lambda(_gen([0.0, 0.5, 1.0], [0.8, 0.8, 0.8])) == (0.0, 0.8)  # ties: off
@@ -240,6 +264,9 @@ def test_a_copilot_that_only_hurts_is_switched_off(trained, tmp_path):
     res = _evaluate(_cfg(tmp_path), model, tok, cop, predictions=preds)
     v, pc = res["validation"], res["pilot+copilot"]
     assert v["pilot_accuracy"] == 1.0 and all(s["accuracy"] == 0.0 for s in v["sweep"])
+    # every answer the Pilot got right is broken, none fixed (counted per answer, per lambda)
+    assert all((s["fixes"], s["breaks"]) == (0, v["size"]) for s in v["sweep"])
+    assert all(s["mcnemar_p"] == mcnemar_exact(v["size"], 0) for s in v["sweep"])
     assert pc["lambda"] == 0 and pc["copilot_off"] and v["copilot_helped"] is False
     assert pc["accuracy"] == res["pilot"]["accuracy"] == 1.0 and pc["flips"] == 0
     t = res["truncation"]
@@ -252,6 +279,10 @@ def test_a_copilot_that_only_hurts_is_switched_off(trained, tmp_path):
     assert "the Copilot did not help on validation" in table
     assert "Pilot (Copilot off)  <- chosen" in table and "Pilot+Copilot (λ=0)" in table
     assert res["rectification"]["lambda"] == 0.5  # traced at the best λ > 0 instead
+    # had the best λ gained within noise, the table says so, with its counts and p
+    v["sweep"][0].update(accuracy=1.0 + 1 / 3, fixes=1, breaks=0, mcnemar_p=1.0)
+    assert ("the best validation gain (λ=0.5: 1 fixed, 0 broken, McNemar p = 1, needs "
+            "p < 0.05/2) is within noise") in format_table(res)
 
 
 # ------------------------------------------------------------------ decoding

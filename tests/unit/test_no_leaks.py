@@ -118,8 +118,8 @@ def test_test_split_is_read_only_after_lambda_is_chosen(tmp_path, models, monkey
     events: list[str] = []
     choose = tcp.train.choose_lambda
 
-    def chosen(val):
-        out = choose(val)
+    def chosen(val, significance=None):
+        out = choose(val, significance)
         events.append("lambda chosen")
         return out
 
