@@ -12,9 +12,9 @@ from tcp.config import ConfigError, RunConfig, load_config
 from tcp.data.collate import collate, encode_prompt, tokenize_records
 from tcp.eval_report import format_table
 from tcp.evaluate import GenResult, choose_lambda
-from tcp.stats import mcnemar_exact
 from tcp.generate import DecodeOptions, fused_generate
 from tcp.models.pilot import PilotTap
+from tcp.stats import mcnemar_exact
 from tcp.tasks import AnswerScorer
 from tcp.train import evaluate_and_report
 from tests.helpers import sample_prompts, tiny_copilot, tiny_pilot
