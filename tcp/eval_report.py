@@ -55,17 +55,18 @@ def _share(part: dict[str, Any]) -> str:
 
 
 def _off_reason(v: dict[str, Any]) -> str:
-    """Why validation switched the Copilot off: no λ beat the Pilot, or the best one's gain was
-    within noise (eval.lambda_significance)."""
+    """Why validation switched the Copilot off: no λ beat the Pilot, or none beat it beyond
+    noise (eval.lambda_significance)."""
     sweep = v["sweep"]
     best = max(sweep, key=lambda s: (s["accuracy"], -s["lambda"]), default=None)
     if best is None or best["accuracy"] <= v["pilot_accuracy"] or best.get("mcnemar_p") is None:
         return "the Copilot did not help on validation, so Pilot+Copilot is the Pilot alone"
     alpha = v.get("lambda_significance")
-    need = f" < {alpha}/{len(sweep)}" if alpha is not None else ""
-    return (f"the best validation gain (λ={best['lambda']:g}: {best['fixes']} fixed, "
-            f"{best['breaks']} broken, McNemar p = {best['mcnemar_p']:.3g}, needs p{need}) is "
-            "within noise (eval.lambda_significance), so Pilot+Copilot is the Pilot alone")
+    need = f"; needs p < {alpha}/{len(sweep)}" if alpha is not None else ""
+    return (f"no λ gained beyond noise on validation (the most accurate, λ={best['lambda']:g}: "
+            f"{best['fixes']} fixed, {best['breaks']} broken, McNemar p = "
+            f"{best['mcnemar_p']:.3g}{need}; eval.lambda_significance), so Pilot+Copilot is the "
+            "Pilot alone")
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -144,18 +144,19 @@ def choose_lambda(val: GenResult, significance: float | None = None) -> tuple[fl
     """The lambda to test with, chosen on validation; index 0 is the Pilot alone (lambda 0).
 
     lambda 0 ("Copilot off") is a candidate: it is chosen unless some lambda > 0 is strictly
-    more accurate than the Pilot. Among lambdas > 0 ties go to the smaller: the smaller
-    correction that does as well. With `significance` (eval.lambda_significance) the best
-    lambda must also beat the Pilot beyond validation noise: its exact McNemar p (its fixes
-    against its breaks) below `significance` divided by the number of lambdas > 0 tried (the
-    best of several is picked, so each is held to the Bonferroni share). Returns (lambda, its
-    validation accuracy).
+    more accurate than the Pilot. With `significance` (eval.lambda_significance) a lambda > 0
+    must also beat the Pilot beyond validation noise to be a candidate: its exact McNemar p
+    (the answers it fixed against those it broke) below `significance` divided by the number of
+    lambdas > 0 tried (Bonferroni: were the Copilot useless, the chance that any lambda passes
+    stays below `significance`). The most accurate candidate wins; ties go to the smaller
+    lambda, the smaller correction that does as well. Returns (lambda, its validation accuracy).
     """
-    best = best_positive_lambda(val)
-    if best is None or best[1] <= val.accuracy[0]:
-        return 0.0, val.accuracy[0]
+    tried = len(val.lambdas) - 1
+    ok = [i for i in range(1, len(val.lambdas)) if val.accuracy[i] > val.accuracy[0]]
     if significance is not None:
-        p = lambda_p_value(val, val.lambdas.index(best[0]))
-        if p is None or p >= significance / (len(val.lambdas) - 1):
-            return 0.0, val.accuracy[0]
-    return best
+        ok = [i for i in ok if (p := lambda_p_value(val, i)) is not None
+              and p < significance / tried]
+    if not ok:
+        return 0.0, val.accuracy[0]
+    best = max(ok, key=lambda i: (val.accuracy[i], -val.lambdas[i]))
+    return val.lambdas[best], val.accuracy[best]

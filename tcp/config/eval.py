@@ -15,11 +15,11 @@ class EvalConfig:
     lambdas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0])
     """lambda grid tried on validation; the best is used once on test."""
     lambda_significance: float | None = 0.05
-    """The best lambda is used on test only if it beats the Pilot on validation beyond noise:
-    exact McNemar p of its fixes against its breaks below this value divided by the number of
-    lambdas tried (Bonferroni: the best of the grid is picked); otherwise the Copilot is off
-    (lambda 0). null: the most accurate lambda whenever it beats the Pilot by one answer (on a
-    few hundred validation examples that lets noise turn on a Copilot that hurts)."""
+    """A lambda > 0 is a candidate only if it beats the Pilot on validation beyond noise: exact
+    McNemar p of the answers it fixed against those it broke below this value divided by the
+    number of lambdas tried (Bonferroni); the most accurate candidate is used, else the Copilot
+    is off (lambda 0). null: the most accurate lambda whenever it beats the Pilot by one answer
+    (on a few hundred validation examples that lets noise turn on a Copilot that hurts)."""
     fusion: Literal["probs", "logits"] = "probs"
     """'probs': p~ = p_hat + lambda f; 'logits': z + lambda f."""
     copilot_feedback: Literal["prediction", "realised"] = "prediction"

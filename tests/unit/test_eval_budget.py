@@ -244,6 +244,9 @@ def test_choose_lambda_needs_a_gain_beyond_noise_with_lambda_significance():
     assert choose_lambda(mid, 0.05) == (0.0, 0.5)
     # ... while with one lambda tried p < 0.05 is enough
     assert choose_lambda(_counted([0.0, 0.5], [0.5, 0.57], [0, 8], [0, 1]), 0.05) == (0.5, 0.57)
+    # the most accurate λ is noise (p = 0.082) but a smaller one's gain is not: that one is used
+    two = _counted([0.0, 0.5, 1.0], [0.5, 0.7, 0.75], [0, 20, 40], [0, 0, 25])
+    assert choose_lambda(two) == (1.0, 0.75) and choose_lambda(two, 0.05) == (0.5, 0.7)
     # uncounted fixes/breaks cannot show significance: off
     assert choose_lambda(_gen([0.0, 0.5], [0.5, 0.9]), 0.05) == (0.0, 0.5)
 
@@ -281,8 +284,9 @@ def test_a_copilot_that_only_hurts_is_switched_off(trained, tmp_path):
     assert res["rectification"]["lambda"] == 0.5  # traced at the best λ > 0 instead
     # had the best λ gained within noise, the table says so, with its counts and p
     v["sweep"][0].update(accuracy=1.0 + 1 / 3, fixes=1, breaks=0, mcnemar_p=1.0)
-    assert ("the best validation gain (λ=0.5: 1 fixed, 0 broken, McNemar p = 1, needs "
-            "p < 0.05/2) is within noise") in format_table(res)
+    assert ("no λ gained beyond noise on validation (the most accurate, λ=0.5: 1 fixed, "
+            "0 broken, McNemar p = 1; needs p < 0.05/2; eval.lambda_significance)") in \
+        format_table(res)
 
 
 # ------------------------------------------------------------------ decoding
