@@ -36,8 +36,11 @@ def test_eval_own_run_writes_results_and_plots(tmp_path, capsys):
     res = json.loads((run / "eval" / "eval.json").read_text())
     pc, v = res["pilot+copilot"], res["validation"]
     assert res["test_size"] == 4 and pc["lambda"] in (0.0, 1.0, 4.0)
-    # λ = 0 (Copilot off) unless some λ > 0 beats the Pilot on validation
-    assert (pc["lambda"] == 0) == (max(s["accuracy"] for s in v["sweep"]) <= v["pilot_accuracy"])
+    # λ = 0 (Copilot off) unless some λ > 0 beats the Pilot on validation beyond noise
+    alpha = v["lambda_significance"] / len(v["sweep"])
+    passing = [s for s in v["sweep"]
+               if s["accuracy"] > v["pilot_accuracy"] and s["mcnemar_p"] < alpha]
+    assert (pc["lambda"] == 0) == (not passing)
     lines = (run / "eval" / "eval.predictions.jsonl").read_text().splitlines()
     assert len(lines) == 4  # one per test example, both decodes in it (tcp.predictions)
     assert res["decoding"]["answer_format"] == "numeric"
