@@ -54,6 +54,11 @@ def _share(part: dict[str, Any]) -> str:
     return f"{part['share']:.1%} ({part['truncated']}/{part['generations']})"
 
 
+SMALL_VALIDATION = 1000
+"""Below this many validation examples, a gain of a few points seldom passes the λ noise gate
+(docs/results.md: with 400, real 4-point gains failed it on one seed in three)."""
+
+
 def _off_reason(v: dict[str, Any]) -> str:
     """Why validation switched the Copilot off: no λ beat the Pilot, or none beat it beyond
     noise (eval.lambda_significance)."""
@@ -63,10 +68,13 @@ def _off_reason(v: dict[str, Any]) -> str:
         return "the Copilot did not help on validation, so Pilot+Copilot is the Pilot alone"
     alpha = v.get("lambda_significance")
     need = f"; needs p < {alpha}/{len(sweep)}" if alpha is not None else ""
+    small = (f". With {v['size']} validation examples a gain of a few points rarely passes: "
+             f"give validation at least {SMALL_VALIDATION} examples"
+             if v["size"] < SMALL_VALIDATION else "")
     return (f"no λ gained beyond noise on validation (the most accurate, λ={best['lambda']:g}: "
             f"{best['fixes']} fixed, {best['breaks']} broken, McNemar p = "
             f"{best['mcnemar_p']:.3g}{need}; eval.lambda_significance), so Pilot+Copilot is the "
-            "Pilot alone")
+            f"Pilot alone{small}")
 
 
 def format_table(results: dict[str, Any]) -> str:

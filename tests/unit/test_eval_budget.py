@@ -285,8 +285,11 @@ def test_a_copilot_that_only_hurts_is_switched_off(trained, tmp_path):
     # had the best λ gained within noise, the table says so, with its counts and p
     v["sweep"][0].update(accuracy=1.0 + 1 / 3, fixes=1, breaks=0, mcnemar_p=1.0)
     assert ("no λ gained beyond noise on validation (the most accurate, λ=0.5: 1 fixed, "
-            "0 broken, McNemar p = 1; needs p < 0.05/2; eval.lambda_significance)") in \
-        format_table(res)
+            "0 broken, McNemar p = 1; needs p < 0.05/2; eval.lambda_significance), so "
+            "Pilot+Copilot is the Pilot alone. With 3 validation examples a gain of a few points "
+            "rarely passes: give validation at least 1000 examples") in format_table(res)
+    v["size"] = 1000  # no advice once validation is large enough
+    assert "rarely passes" not in format_table(res)
 
 
 # ------------------------------------------------------------------ decoding
