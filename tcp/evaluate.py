@@ -123,13 +123,19 @@ def _median(xs: list[float]) -> float:
     return float(torch.tensor(xs).median()) if xs else float("nan")
 
 
+def _most_accurate(val: GenResult, indices: list[int]) -> tuple[float, float]:
+    """(lambda, accuracy) of the most accurate of `indices` (ties: the smaller lambda, the
+    smaller correction that does as well)."""
+    best = max(indices, key=lambda i: (val.accuracy[i], -val.lambdas[i]))
+    return val.lambdas[best], val.accuracy[best]
+
+
 def best_positive_lambda(val: GenResult) -> tuple[float, float] | None:
     """The most accurate lambda > 0 on validation (ties: the smaller), with its accuracy; None
     when only the Pilot (index 0) was decoded."""
     if len(val.lambdas) < 2:
         return None
-    best = max(range(1, len(val.lambdas)), key=lambda i: (val.accuracy[i], -val.lambdas[i]))
-    return val.lambdas[best], val.accuracy[best]
+    return _most_accurate(val, list(range(1, len(val.lambdas))))
 
 
 def lambda_p_value(val: GenResult, i: int) -> float | None:
@@ -158,5 +164,4 @@ def choose_lambda(val: GenResult, significance: float | None = None) -> tuple[fl
               and p < significance / tried]
     if not ok:
         return 0.0, val.accuracy[0]
-    best = max(ok, key=lambda i: (val.accuracy[i], -val.lambdas[i]))
-    return val.lambdas[best], val.accuracy[best]
+    return _most_accurate(val, ok)
