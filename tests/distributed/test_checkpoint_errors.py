@@ -216,6 +216,7 @@ WORKER = textwrap.dedent("""
         out.update(ok=False, type=type(e).__name__, kind=e.kind, msg=str(e))
     dist.barrier()
     print(json.dumps(out), flush=True)
+    dist.destroy_process_group()  # a gloo group torn down at interpreter exit can abort
 """)
 
 
