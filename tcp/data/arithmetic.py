@@ -6,8 +6,9 @@ Two distributions share one generator:
 - the **base corpus** (what the base model of the default regime is pre-trained on): plain
   equations for every operation plus word problems in *other* phrasings (`BASE` templates), and
   with `base.formats` the equations as multiple-choice ("answerN: v" options, bare "the correct
-  answer is answerN" gold) and yes/no questions, so the base model knows arithmetic and
-  English-ish text but not the tasks' exact wording.
+  answer is answerN" gold; or, 'choice_value_first', the choice family's "v is answerN" layout
+  with a gold that states the value first) and yes/no questions, so the base model knows
+  arithmetic and English-ish text but not the tasks' exact wording.
 
 Everything is a pure function of (seed, split, size): the same seed gives the same problems on
 every rank and every machine, and a split's first n problems do not depend on its size.
@@ -133,13 +134,17 @@ def make_problem(seed: int, split: str, index: int, draw: int = 0, *,
         equation = SYMBOL[op].format(*xs) + "="
         if fmt == "word":
             return Problem(prompt=f"Q: {BASE[op](name, item, xs)}\nA: ", answer=answer, op=op)
-        if fmt == "choice":
+        if fmt in ("choice", "choice_value_first"):
             options = near_misses(rng, int(answer), 3)
             pos = rng.randrange(4)
             options.insert(pos, int(answer))
-            listed = "\n".join(f"answer{i + 1}: {v}" for i, v in enumerate(options))
-            return Problem(prompt=f"Q: {equation}?\n{listed}\nA: ",
-                           answer=f"the correct answer is answer{pos + 1}", op=op)
+            gold = f"the correct answer is answer{pos + 1}"
+            if fmt == "choice":
+                listed = "\n".join(f"answer{i + 1}: {v}" for i, v in enumerate(options))
+            else:  # the choice family's layout: the label follows the value it names
+                listed = "\n".join(f"{v} is answer{i + 1}" for i, v in enumerate(options))
+                gold = f"{answer} is answer{pos + 1}, so {gold}"
+            return Problem(prompt=f"Q: {equation}?\n{listed}\nA: ", answer=gold, op=op)
         if fmt == "yesno":
             yes = rng.random() < 0.5
             claim = int(answer) if yes else near_misses(rng, int(answer), 1)[0]

@@ -195,6 +195,7 @@ def test_base_corpus_formats():
     recs = arithmetic.generate(1234, "base", 400, base_formats=arithmetic.BASE_FORMATS)
     kinds = collections.Counter(
         "choice" if r["answer"].startswith("the correct") else
+        "choice_value_first" if "correct answer" in r["answer"] else
         "yesno" if r["answer"] in ("yes", "no") else
         "equation" if r["prompt"].rstrip().endswith("=\nA:") else "word" for r in recs)
     assert set(kinds) == set(arithmetic.BASE_FORMATS) and min(kinds.values()) > 60
@@ -202,6 +203,14 @@ def test_base_corpus_formats():
         if r["answer"] in ("yes", "no"):
             eq = re.fullmatch(r"Q: Is (.+)=(-?\d+)\?\nA: ", r["prompt"])
             assert (Fraction(eval(eq.group(1))) == int(eq.group(2))) == (r["answer"] == "yes")
+        elif "correct answer" in r["answer"] and not r["answer"].startswith("the"):
+            # the choice family's layout: the gold states the right value, then the label that
+            # follows that value among the options, then the paper's sentence
+            eq = re.fullmatch(r"Q: (.+)=\?\n((?:-?\d+ is answer\d\n){4})A: ", r["prompt"])
+            value, label = re.fullmatch(r"(-?\d+) is answer(\d), so the correct answer is "
+                                        r"answer\2", r["answer"]).groups()
+            assert Fraction(eval(eq.group(1))) == int(value)
+            assert f"\n{value} is answer{label}\n" in "\n" + eq.group(2)
     # the default two formats: equations and base phrasings only
     old = arithmetic.generate(1234, "base", 50)
     assert all(not r["answer"].startswith("the") and r["answer"] not in ("yes", "no")
