@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 from tcp.config.schema import _check
 
-BASE_FORMATS = ("equation", "word", "choice", "choice_value_first", "yesno")
+BASE_FORMATS = ("equation", "word", "choice", "choice_value_first", "yesno",
+                "yesno_value_first")
 """Sample formats of the base corpus (`base.formats`): a plain equation "34+25=" -> "59"; a word
 problem in a base phrasing; the equation with four near-miss options, answered "the correct
 answer is answerN"; a claimed equation "Is 34+25=59?" -> "yes"/"no". None uses the tasks'
@@ -135,7 +136,8 @@ class BaseConfig:
     phrasings the tasks do not use), 'choice' (an equation with four options, answered "the
     correct answer is answerN"), 'choice_value_first' (the same, in the choice family's layout:
     options "59 is answer2", answered "59 is answer2, so the correct answer is answer2"),
-    'yesno' ("Is 34+25=59?" -> "yes"/"no")."""
+    'yesno' ("Is 34+25=59?" -> "yes"/"no"), 'yesno_value_first' (the yes/no family's gold:
+    "Is 34+25=47?" -> "59, so no", a false claim being another equation's result)."""
     cache_dir: str | None = None
     """Where finished base models are cached by content hash; None: `<output_dir>/../base-cache`."""
 

@@ -7,8 +7,9 @@ Two distributions share one generator:
   equations for every operation plus word problems in *other* phrasings (`BASE` templates), and
   with `base.formats` the equations as multiple-choice ("answerN: v" options, bare "the correct
   answer is answerN" gold; or, 'choice_value_first', the choice family's "v is answerN" layout
-  with a gold that states the value first) and yes/no questions, so the base model knows
-  arithmetic and English-ish text but not the tasks' exact wording.
+  with a gold that states the value first) and yes/no questions (or, 'yesno_value_first', with
+  the yes/no family's "59, so yes" gold, false claims being other problems' answers), so the
+  base model knows arithmetic and English-ish text but not the tasks' exact wording.
 
 Everything is a pure function of (seed, split, size): the same seed gives the same problems on
 every rank and every machine, and a split's first n problems do not depend on its size.
@@ -150,10 +151,25 @@ def make_problem(seed: int, split: str, index: int, draw: int = 0, *,
             claim = int(answer) if yes else near_misses(rng, int(answer), 1)[0]
             return Problem(prompt=f"Q: Is {equation}{claim}?\nA: ", answer="yes" if yes else "no",
                            op=op)
+        if fmt == "yesno_value_first":  # the yes/no family's layout: compute, then compare
+            yes = rng.random() < 0.5
+            claim = int(answer) if yes else other_answer(rng, op, int(answer))
+            return Problem(prompt=f"Q: Is {equation}{claim}?\nA: ",
+                           answer=f"{answer}, so {'yes' if yes else 'no'}", op=op)
         if fmt != "equation":
             raise ValueError(f"unknown base corpus format {fmt!r}; one of {BASE_FORMATS}")
         return Problem(prompt=f"Q: {equation}\nA: ", answer=answer, op=op)
     return Problem(prompt=f"Q: {TASK[op](name, item, xs)}\nA: ", answer=answer, op=op)
+
+
+def other_answer(rng: random.Random, op: str, gold: int) -> int:
+    """The answer of another problem of operation `op`, not `gold`: a wrong claim drawn like a
+    right one, so neither its size nor its closeness to a copy of it gives the answer away."""
+    for _ in range(1000):
+        claim = result(op, operands(rng, op))
+        if claim != gold:
+            return claim
+    raise RuntimeError(f"no answer of {op!r} other than {gold} in 1000 draws")  # pragma: no cover
 
 
 MISS_STEPS = (1, 2, 10)

@@ -23,13 +23,13 @@ split and size) and is loaded through the same path as a user's JSONL records
 - **yesno**: an arithmetic word problem followed by a claimed answer, "Is the answer 59?", gold
   "59, so yes" or "41, so no" alternating with the index (half each; the yes/no format scores
   the yes/no word). A false claim is the answer of another problem of the same operation
-  (`_false_claim`): as large as a right answer, so the claim alone tells nothing, and seldom
-  close to it, so a Pilot that copies the claim as its value is far off on most false claims
-  (the default Pilot still copies claims that look plausible: docs/results.md). With false
-  claims off by 1, 2 or 10 (near misses, the first design) the default Pilot copied the claim
-  as its value on 96% of test problems (767 of 800, seed 0) and said "yes" to 83%: copying got
-  most digits right, computing fewer. As with choice, a bare "yes"/"no" left the Pilot
-  answering one word to everything (50.0% on seed 0).
+  (`arithmetic.other_answer`): as large as a right answer, so the claim alone tells nothing,
+  and seldom close to it, so a Pilot that copies the claim as its value is far off on most
+  false claims (the default Pilot still copies claims that look plausible: docs/results.md).
+  With false claims off by 1, 2 or 10 (near misses, the first design) the default Pilot copied
+  the claim as its value on 96% of test problems (767 of 800, seed 0) and said "yes" to 83%:
+  copying got most digits right, computing fewer. As with choice, a bare "yes"/"no" left the
+  Pilot answering one word to everything (50.0% on seed 0).
 
 Splits are disjoint by *question*: choice and yesno key each problem by its arithmetic question
 (`Problem.key`), so the same question never appears in two splits with other options or another
@@ -121,22 +121,12 @@ def make_choice(seed: int, split: str, index: int, draw: int = 0) -> Problem:
                    op=op, key=q)
 
 
-def _false_claim(rng: random.Random, op: str, gold: int) -> int:
-    """The answer of another problem of operation `op`, not `gold`: a wrong claim drawn like a
-    right one, so neither its size nor its closeness to a copy of it gives the answer away."""
-    for _ in range(1000):
-        claim = arithmetic.result(op, arithmetic.operands(rng, op))
-        if claim != gold:
-            return claim
-    raise RuntimeError(f"no answer of {op!r} other than {gold} in 1000 draws")  # pragma: no cover
-
-
 def make_yesno(seed: int, split: str, index: int, draw: int = 0) -> Problem:
     """Draw `draw` of yes/no problem `index` of `split`; even indices claim the right answer
-    ("yes"), odd ones another problem's answer ("no", `_false_claim`)."""
+    ("yes"), odd ones another problem's answer ("no", `arithmetic.other_answer`)."""
     rng, q, gold, op = _question("yesno", seed, split, index, draw)
     yes = index % 2 == 0
-    claim = gold if yes else _false_claim(rng, op, gold)
+    claim = gold if yes else arithmetic.other_answer(rng, op, gold)
     return Problem(prompt=f"Q: {q} Is the answer {claim}?\nA: ",
                    answer=f"{gold}, so {'yes' if yes else 'no'}", op=op, key=q)
 

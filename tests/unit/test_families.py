@@ -192,17 +192,23 @@ def test_builtin_sources_are_the_default_task_and_the_families():
 
 
 def test_base_corpus_formats():
-    recs = arithmetic.generate(1234, "base", 400, base_formats=arithmetic.BASE_FORMATS)
+    recs = arithmetic.generate(1234, "base", 600, base_formats=arithmetic.BASE_FORMATS)
     kinds = collections.Counter(
         "choice" if r["answer"].startswith("the correct") else
         "choice_value_first" if "correct answer" in r["answer"] else
         "yesno" if r["answer"] in ("yes", "no") else
+        "yesno_value_first" if r["answer"].endswith((", so yes", ", so no")) else
         "equation" if r["prompt"].rstrip().endswith("=\nA:") else "word" for r in recs)
-    assert set(kinds) == set(arithmetic.BASE_FORMATS) and min(kinds.values()) > 60
+    assert set(kinds) == set(arithmetic.BASE_FORMATS) and min(kinds.values()) > 70  # ~100 each
     for r in recs:
         if r["answer"] in ("yes", "no"):
             eq = re.fullmatch(r"Q: Is (.+)=(-?\d+)\?\nA: ", r["prompt"])
             assert (Fraction(eval(eq.group(1))) == int(eq.group(2))) == (r["answer"] == "yes")
+        elif r["answer"].endswith((", so yes", ", so no")):  # the yes/no family's gold
+            eq = re.fullmatch(r"Q: Is (.+)=(-?\d+)\?\nA: ", r["prompt"])
+            value, word = r["answer"].split(", so ")
+            assert Fraction(eval(eq.group(1))) == int(value)
+            assert (int(value) == int(eq.group(2))) == (word == "yes")
         elif "correct answer" in r["answer"] and not r["answer"].startswith("the"):
             # the choice family's layout: the gold states the right value, then the label that
             # follows that value among the options, then the paper's sentence
