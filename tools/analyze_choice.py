@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Where a choice run's Pilot (and Pilot+Copilot) goes wrong, from its predictions (issue 18).
+
+The choice family (tcp/data/families.py) lists four options "V is answerN" and expects
+"V is answerN, so the correct answer is answerN" with V the computed answer. Getting it right
+takes two steps: computing V (or picking it among the options), then looking up the label that
+follows V in the prompt. This tool splits the test items by the two:
+
+    python tools/analyze_choice.py runs/choicevf/choice-seed0 [more run dirs or *.predictions.jsonl]
+
+Per run, one markdown table: whether the value written is the right one, another option or no
+option at all; whether the label written is the one that follows that value in the prompt;
+counts for the Pilot and for Pilot+Copilot. Then the items whose answer Pilot+Copilot changed,
+by what changed (the value, or only the label) and whether that fixed or broke the item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+from pathlib import Path
+
+OPTION = re.compile(r"^(-?\d+) is answer(\d)$", re.M)
+ANSWER = re.compile(r"\s*(-?\d+) is answer(\d)\b")
+
+
+def breakdown(row: dict, who: str) -> tuple[str, str]:
+    """(what the value is, whether the label follows it in the prompt) of one test item."""
+    options = {v: n for v, n in OPTION.findall(row["prompt"])}
+    gold_value = ANSWER.match(row["gold"]).group(1)
+    m = ANSWER.match(row[who]["generation"])
+    if not m:
+        return "unparsable", "-"
+    value, label = m.groups()
+    what = ("right value" if value == gold_value else
+            "another option" if value in options else "not an option")
+    if value not in options:
+        return what, "-"
+    return what, "label follows it" if options[value] == label else "label of another option"
+
+
+def load(path: Path) -> list[dict]:
+    """Test rows of a run folder's predictions.jsonl, or of a predictions file itself."""
+    file = path / "predictions.jsonl" if path.is_dir() else path
+    rows = [json.loads(line) for line in file.read_text().splitlines()]
+    return [r for r in rows if r["split"] == "test"]
+
+
+def report(path: Path) -> None:
+    rows = load(path)
+    print(f"\n{path} (test n = {len(rows)})\n")
+    print("| value | label | Pilot | Pilot+Copilot |")
+    print("|---|---|---|---|")
+    counts = {w: collections.Counter(breakdown(r, w) for r in rows)
+              for w in ("pilot", "pilot+copilot")}
+    for key in sorted(set(counts["pilot"]) | set(counts["pilot+copilot"])):
+        print(f"| {' | '.join(key)} | {counts['pilot'][key]} | {counts['pilot+copilot'][key]} |")
+    for who in ("pilot", "pilot+copilot"):
+        right = sum(bool(r[who]["correct"]) for r in rows)
+        print(f"\n{who}: exact match {right} of {len(rows)} ({right / max(1, len(rows)):.4f})")
+    changed = collections.Counter()
+    for r in rows:
+        if r["pilot"]["generation"] == r["pilot+copilot"]["generation"]:
+            continue
+        before, after = breakdown(r, "pilot"), breakdown(r, "pilot+copilot")
+        what = "the value" if before[0] != after[0] else "the label or the value within its kind"
+        effect = ("fixed" if r["pilot+copilot"]["correct"] > r["pilot"]["correct"] else
+                  "broke" if r["pilot+copilot"]["correct"] < r["pilot"]["correct"] else
+                  "no effect")
+        changed[(what, effect)] += 1
+    print(f"\nanswers Pilot+Copilot changed: {sum(changed.values())}")
+    for (what, effect), n in sorted(changed.items()):
+        print(f"- changed {what}: {n} ({effect})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path,
+                    help="choice run directories (or their eval/*.predictions.jsonl files)")
+    for run in ap.parse_args().runs:
+        report(run)
+
+
+if __name__ == "__main__":
+    main()
