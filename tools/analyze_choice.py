@@ -7,11 +7,17 @@ takes two steps: computing V (or picking it among the options), then looking up 
 follows V in the prompt. This tool splits the test items by the two:
 
     python tools/analyze_choice.py runs/choicevf/choice-seed0 [more run dirs or *.predictions.jsonl]
+    python tools/analyze_choice.py --base runs/base-cache/<hash> [--n 200]
+
 
 Per run, one markdown table: whether the value written is the right one, another option or no
 option at all; whether the label written is the one that follows that value in the prompt;
 counts for the Pilot and for Pilot+Copilot. Then the items whose answer Pilot+Copilot changed,
 by what changed (the value, or only the label) and whether that fixed or broke the item.
+
+With `--base`, the same table for a cached base model (greedy, no Copilot) on held-out base
+corpus items in the family's layout (`base.formats: choice_value_first`, another corpus seed
+than any base model's): does the base model itself look labels up?
 """
 
 from __future__ import annotations
@@ -75,11 +81,44 @@ def report(path: Path) -> None:
         print(f"- changed {what}: {n} ({effect})")
 
 
+def probe_base(model_dir: Path, n: int) -> None:
+    """Greedy answers of a base model to `n` held-out 'choice_value_first' base items."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from tcp.data import arithmetic
+    from tcp.data.collate import encode_prompt
+    from tcp.data.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    recs = arithmetic.generate(99, "base", n, base_formats=("choice_value_first",))
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+    for r in recs:
+        ids = torch.tensor([encode_prompt(tok, r["prompt"])])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=64, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        gen = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        counts[breakdown({"prompt": r["prompt"], "gold": r["answer"],
+                          "pilot": {"generation": gen}}, "pilot")] += 1
+    print(f"\n{model_dir}: base model on {n} held-out base items in the choice layout\n")
+    print("| value | label | base model |")
+    print("|---|---|---|")
+    for key, c in sorted(counts.items()):
+        print(f"| {' | '.join(key)} | {c} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", type=Path,
+    ap.add_argument("runs", nargs="*", type=Path,
                     help="choice run directories (or their eval/*.predictions.jsonl files)")
-    for run in ap.parse_args().runs:
+    ap.add_argument("--base", type=Path, help="a cached base model folder to probe instead")
+    ap.add_argument("--n", type=int, default=200, help="base items to probe (--base)")
+    args = ap.parse_args()
+    if args.base is not None:
+        probe_base(args.base, args.n)
+    for run in args.runs:
         report(run)
 
 
