@@ -28,7 +28,7 @@ from tcp.progress import Progress
 def base_dir(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Path:
     """Cache folder of the base model this config needs (content-addressed)."""
     # The task's data.max_length is not part of it: the corpus is cut at the model's context
-    # (`corpus_max_length`), so every task (arithmetic and the families) shares one base model.
+    # (`corpus_max_length`), so tasks with the same `base.*` settings share one base model.
     key = json.dumps({"arch": to_dict(cfg.model.arch),
                       "base": {k: v for k, v in to_dict(cfg.base).items() if k != "cache_dir"},
                       "vocab": tokenizer.get_vocab()},
