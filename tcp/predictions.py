@@ -28,6 +28,7 @@ at the top level; `read_paired_flags` reads both.
 """
 from __future__ import annotations
 
+import collections
 import json
 from fractions import Fraction
 from pathlib import Path
@@ -131,3 +132,24 @@ def read_paired_flags(path: Path, lam: float | None = None) -> tuple[list[bool],
     rows.sort(key=lambda r: r["index"])
     return ([bool(r["pilot"]["correct"]) for r in rows],
             [bool(r["pilot+copilot"]["correct"]) for r in rows])
+
+
+def read_test_rows(path: Path) -> list[dict[str, Any]]:
+    """The test lines of a run folder's predictions.jsonl, or of a predictions file itself
+    (e.g. `tcp-eval`'s `<run>/eval/<name>.predictions.jsonl`); this format only."""
+    file = path / "predictions.jsonl" if path.is_dir() else path
+    rows = [json.loads(x) for x in file.read_text().splitlines() if x.strip()]
+    return [r for r in rows if r["split"] == "test"]
+
+
+def breakdown_table(rows: list[dict[str, Any]], breakdown: Any, columns: list[str]) -> str:
+    """Markdown table counting the test lines by `breakdown(row, who)` (a tuple of labels, one
+    per `columns` entry), for the Pilot and for Pilot+Copilot side by side."""
+    whos = ("pilot", "pilot+copilot")
+    counts = {w: collections.Counter(breakdown(r, w) for r in rows) for w in whos}
+    lines = [f"| {' | '.join(columns)} | Pilot | Pilot+Copilot |",
+             "|" + "---|" * (len(columns) + 2)]
+    for key in sorted(set(counts["pilot"]) | set(counts["pilot+copilot"])):
+        lines.append(f"| {' | '.join(key)} | {counts['pilot'][key]} | "
+                     f"{counts['pilot+copilot'][key]} |")
+    return "\n".join(lines)

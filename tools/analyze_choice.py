@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import re
 from pathlib import Path
+
+from tcp.predictions import breakdown_table, read_test_rows
 
 OPTION = re.compile(r"^(-?\d+) is answer(\d)$", re.M)
 ANSWER = re.compile(r"\s*(-?\d+) is answer(\d)\b")
@@ -47,22 +48,10 @@ def breakdown(row: dict, who: str) -> tuple[str, str]:
     return what, "label follows it" if options[value] == label else "label of another option"
 
 
-def load(path: Path) -> list[dict]:
-    """Test rows of a run folder's predictions.jsonl, or of a predictions file itself."""
-    file = path / "predictions.jsonl" if path.is_dir() else path
-    rows = [json.loads(line) for line in file.read_text().splitlines()]
-    return [r for r in rows if r["split"] == "test"]
-
-
 def report(path: Path) -> None:
-    rows = load(path)
+    rows = read_test_rows(path)
     print(f"\n{path} (test n = {len(rows)})\n")
-    print("| value | label | Pilot | Pilot+Copilot |")
-    print("|---|---|---|---|")
-    counts = {w: collections.Counter(breakdown(r, w) for r in rows)
-              for w in ("pilot", "pilot+copilot")}
-    for key in sorted(set(counts["pilot"]) | set(counts["pilot+copilot"])):
-        print(f"| {' | '.join(key)} | {counts['pilot'][key]} | {counts['pilot+copilot'][key]} |")
+    print(breakdown_table(rows, breakdown, ["value", "label"]))
     for who in ("pilot", "pilot+copilot"):
         right = sum(bool(r[who]["correct"]) for r in rows)
         print(f"\n{who}: exact match {right} of {len(rows)} ({right / max(1, len(rows)):.4f})")

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import re
 from pathlib import Path
+
+from tcp.predictions import breakdown_table, read_test_rows
 
 CLAIM = re.compile(r"Is the answer (-?\d+)\?")
 ANSWER = re.compile(r"\s*(-?\d+), so (yes|no)\b")
@@ -39,15 +40,9 @@ def breakdown(row: dict, who: str) -> tuple[str, ...]:
 
 
 def report(run: Path) -> None:
-    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r["split"] == "test"]
+    rows = read_test_rows(run)
     print(f"\n{run} (test n = {len(rows)})\n")
-    print("| gold | value | right? | word | Pilot | Pilot+Copilot |")
-    print("|---|---|---|---|---|---|")
-    counts = {w: collections.Counter(breakdown(r, w) for r in rows)
-              for w in ("pilot", "pilot+copilot")}
-    for key in sorted(set(counts["pilot"]) | set(counts["pilot+copilot"])):
-        print(f"| {' | '.join(key)} | {counts['pilot'][key]} | {counts['pilot+copilot'][key]} |")
+    print(breakdown_table(rows, breakdown, ["gold", "value", "right?", "word"]))
     changed = collections.Counter()
     for r in rows:
         before, after = breakdown(r, "pilot"), breakdown(r, "pilot+copilot")

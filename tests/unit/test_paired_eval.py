@@ -329,3 +329,36 @@ def test_summarize_runs_help_documents_the_output():
                          capture_output=True, text=True, check=True).stdout
     for words in ("--json", "McNemar", "bootstrap", "mean ± sd", "predictions.jsonl"):
         assert words in out, words
+
+
+# ------------------------------------------------------------------ analyze_choice / yesno
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _line(split: str, index: int, prompt: str, gold: str, pilot: str, fused: str) -> dict:
+    decode = {"pilot": pilot, "pilot+copilot": fused}
+    return {"split": split, "index": index, "prompt": prompt, "gold": gold, "lambda": 1.0,
+            **{w: {"generation": g, "correct": g == gold} for w, g in decode.items()}}
+
+
+def test_analyze_choice_counts_values_and_labels(tmp_path, capsys):
+    prompt = "Q: 7+5?\n12 is answer1\n13 is answer2\n11 is answer3\n10 is answer4\nA: "
+    gold = "12 is answer1, so the correct answer is answer1"
+    lines = [_line("test", 0, prompt, gold, "13 is answer2, so x", gold),   # fixed
+             _line("test", 1, prompt, gold, "12 is answer3, so x", "99 is answer1"),
+             _line("validation", 0, prompt, gold, gold, gold)]              # not counted
+    path = tmp_path / "p.predictions.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    _tool("analyze_choice").report(path)
+    out = capsys.readouterr().out
+    assert "(test n = 2)" in out
+    assert "| another option | label follows it | 1 | 0 |" in out
+    assert "| right value | label of another option | 1 | 0 |" in out
+    assert "| right value | label follows it | 0 | 1 |" in out
+    assert "| not an option | - | 0 | 1 |" in out
+    assert "pilot: exact match 0 of 2" in out and "pilot+copilot: exact match 1 of 2" in out
