@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import json
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,9 @@ def read_test_rows(path: Path) -> list[dict[str, Any]]:
     return [r for r in rows if r["split"] == "test"]
 
 
-def breakdown_table(rows: list[dict[str, Any]], breakdown: Any, columns: list[str]) -> str:
+def breakdown_table(rows: list[dict[str, Any]],
+                    breakdown: Callable[[dict[str, Any], str], tuple[str, ...]],
+                    columns: list[str]) -> str:
     """Markdown table counting the test lines by `breakdown(row, who)` (a tuple of labels, one
     per `columns` entry), for the Pilot and for Pilot+Copilot side by side."""
     whos = ("pilot", "pilot+copilot")

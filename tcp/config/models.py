@@ -12,9 +12,10 @@ BASE_FORMATS = ("equation", "word", "choice", "choice_value_first", "yesno",
                 "yesno_value_first")
 """Sample formats of the base corpus (`base.formats`): a plain equation "34+25=" -> "59"; a word
 problem in a base phrasing; the equation with four near-miss options, answered "the correct
-answer is answerN"; a claimed equation "Is 34+25=59?" -> "yes"/"no". None uses the tasks'
-wording, as a pretrained model has seen arithmetic, multiple choice and yes/no questions, but not
-the fine-tuning task."""
+answer is answerN"; a claimed equation "Is 34+25=59?" -> "yes"/"no"; and the '_value_first'
+variants of the last two, laid out as the choice and yes/no families answer ("59 is answer2,
+so the correct answer is answer2"; "59, so no"). None uses the tasks' wording, as a pretrained
+model has seen arithmetic, multiple choice and yes/no questions, but not the fine-tuning task."""
 
 
 def _check_block_shape(cfg: Any) -> None:
