@@ -183,14 +183,18 @@ def test_read_paired_flags_reads_the_older_per_lambda_files(tmp_path):
 
 
 # ------------------------------------------------------------------ summarize_runs
-def _summarize_module():
-    spec = importlib.util.spec_from_file_location("summarize_runs",
-                                                  ROOT / "tools" / "summarize_runs.py")
+def _tool(name: str):
+    """tools/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclass resolves annotations through sys.modules
+    sys.modules[spec.name] = mod  # a dataclass resolves its annotations through sys.modules
     spec.loader.exec_module(mod)
     return mod
+
+
+def _summarize_module():
+    return _tool("summarize_runs")
 
 
 def _write_run(folder: Path, template: dict, *, seed: int, lam: float,
@@ -331,15 +335,7 @@ def test_summarize_runs_help_documents_the_output():
         assert words in out, words
 
 
-# ------------------------------------------------------------------ analyze_choice / yesno
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
+# ------------------------------------------------------------------ analyze_choice
 def _line(split: str, index: int, prompt: str, gold: str, pilot: str, fused: str) -> dict:
     decode = {"pilot": pilot, "pilot+copilot": fused}
     return {"split": split, "index": index, "prompt": prompt, "gold": gold, "lambda": 1.0,
