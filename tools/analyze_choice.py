@@ -1,23 +1,27 @@
 #!/usr/bin/env python
 """Where a choice run's Pilot (and Pilot+Copilot) goes wrong, from its predictions (issue 18).
 
-The choice family (tcp/data/families.py) lists four options "V is answerN" and expects
-"V is answerN, so the correct answer is answerN" with V the computed answer. Getting it right
-takes two steps: computing V (or picking it among the options), then looking up the label that
-follows V in the prompt. This tool splits the test items by the two:
+The choice family (tcp/data/families.py, `arithmetic.choice_walk`) lists four options
+"answerN: V" and expects the computed value, a check of the options in order, then the paper's
+sentence: "59. answer1: 58 no, answer2: 59 yes, so the correct answer is answer2". Getting it
+right takes three steps: computing the value, checking the options (copying each option's
+value from its line and comparing it with the value written first), and naming the option
+that matched. This tool splits the test items by the three:
 
-    python tools/analyze_choice.py runs/choicevf/choice-seed0 [more run dirs or *.predictions.jsonl]
+    python tools/analyze_choice.py runs/walk/choice-seed0 [more run dirs or *.predictions.jsonl]
     python tools/analyze_choice.py --base runs/base-cache/<hash> [--n 200]
 
 
-Per run, one markdown table: whether the value written is the right one, another option or no
-option at all; whether the label written is the one that follows that value in the prompt;
-counts for the Pilot and for Pilot+Copilot. Then the items whose answer Pilot+Copilot changed,
-by what changed (the value, or only the label) and whether that fixed or broke the item.
+Per run, one markdown table: whether the value written first is the right one, another option
+or no option at all; whether the check was right (each value copied from its line, "no" to
+every option before the first one equal to the value written, "yes" to that one); whether the
+label named last is that option's; counts for the Pilot and for Pilot+Copilot. Then the items
+whose answer Pilot+Copilot changed, by what changed (the value, or only the check or label)
+and whether that fixed or broke the item.
 
 With `--base`, the same table for a cached base model (greedy, no Copilot) on held-out base
-corpus items in the family's layout (`base.formats: choice_value_first`, another corpus seed
-than any base model's): does the base model itself look labels up?
+corpus items in the family's layout (`base.formats: choice_walk`, another corpus seed than any
+base model's): does the base model itself check and name options?
 """
 
 from __future__ import annotations
@@ -28,30 +32,39 @@ import re
 from pathlib import Path
 
 from tcp.predictions import breakdown_table, read_test_rows
+from tcp.tasks import parse_choice
 
-OPTION = re.compile(r"^(-?\d+) is answer(\d)$", re.M)
-ANSWER = re.compile(r"\s*(-?\d+) is answer(\d)\b")
+OPTION = re.compile(r"^answer(\d): (-?\d+)$", re.M)
+VALUE = re.compile(r"\s*(-?\d+)\.")
+CHECK = re.compile(r"answer(\d): (-?\d+) (yes|no)\b")
 
 
-def breakdown(row: dict, who: str) -> tuple[str, str]:
-    """(what the value is, whether the label follows it in the prompt) of one test item."""
-    options = {v: n for v, n in OPTION.findall(row["prompt"])}
-    gold_value = ANSWER.match(row["gold"]).group(1)
-    m = ANSWER.match(row[who]["generation"])
+def breakdown(row: dict, who: str) -> tuple[str, str, str]:
+    """(what the value is, whether the check is right, whether the label named is the option
+    of that value) of one test item."""
+    options = {v: n for n, v in OPTION.findall(row["prompt"])}
+    gold_value = VALUE.match(row["gold"]).group(1)
+    text = row[who]["generation"]
+    m = VALUE.match(text)
     if not m:
-        return "unparsable", "-"
-    value, label = m.groups()
+        return "unparsable", "-", "-"
+    value = m.group(1)
     what = ("right value" if value == gold_value else
             "another option" if value in options else "not an option")
     if value not in options:
-        return what, "-"
-    return what, "label follows it" if options[value] == label else "label of another option"
+        return what, "-", "-"
+    pos = int(options[value])
+    by_label = {n: v for v, n in options.items()}
+    want = [(str(i), by_label[str(i)], "yes" if i == pos else "no") for i in range(1, pos + 1)]
+    check = "check right" if CHECK.findall(text) == want else "check wrong"
+    named = parse_choice(text)
+    return what, check, "names its option" if named == pos else "names another option"
 
 
 def report(path: Path) -> None:
     rows = read_test_rows(path)
     print(f"\n{path} (test n = {len(rows)})\n")
-    print(breakdown_table(rows, breakdown, ["value", "label"]))
+    print(breakdown_table(rows, breakdown, ["value", "check", "label"]))
     for who in ("pilot", "pilot+copilot"):
         right = sum(bool(r[who]["correct"]) for r in rows)
         print(f"\n{who}: exact match {right} of {len(rows)} ({right / max(1, len(rows)):.4f})")
@@ -60,7 +73,8 @@ def report(path: Path) -> None:
         if r["pilot"]["generation"] == r["pilot+copilot"]["generation"]:
             continue
         before, after = breakdown(r, "pilot"), breakdown(r, "pilot+copilot")
-        what = "the value" if before[0] != after[0] else "the label or the value within its kind"
+        what = ("the value" if before[0] != after[0] else
+                "the check or label, or the value within its kind")
         effect = ("fixed" if r["pilot+copilot"]["correct"] > r["pilot"]["correct"] else
                   "broke" if r["pilot+copilot"]["correct"] < r["pilot"]["correct"] else
                   "no effect")
@@ -71,7 +85,7 @@ def report(path: Path) -> None:
 
 
 def probe_base(model_dir: Path, n: int) -> None:
-    """Greedy answers of a base model to `n` held-out 'choice_value_first' base items."""
+    """Greedy answers of a base model to `n` held-out 'choice_walk' base items."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -81,19 +95,19 @@ def probe_base(model_dir: Path, n: int) -> None:
 
     tok = build_char_tokenizer()
     model = LlamaForCausalLM.from_pretrained(model_dir).eval()
-    recs = arithmetic.generate(99, "base", n, base_formats=("choice_value_first",))
+    recs = arithmetic.generate(99, "base", n, base_formats=("choice_walk",))
     counts: collections.Counter[tuple[str, str]] = collections.Counter()
     for r in recs:
         ids = torch.tensor([encode_prompt(tok, r["prompt"])])
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=64, do_sample=False,
+            out = model.generate(ids, max_new_tokens=128, do_sample=False,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         gen = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         counts[breakdown({"prompt": r["prompt"], "gold": r["answer"],
                           "pilot": {"generation": gen}}, "pilot")] += 1
     print(f"\n{model_dir}: base model on {n} held-out base items in the choice layout\n")
-    print("| value | label | base model |")
-    print("|---|---|---|")
+    print("| value | check | label | base model |")
+    print("|---|---|---|---|")
     for key, c in sorted(counts.items()):
         print(f"| {' | '.join(key)} | {c} |")
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from tcp.config.schema import _check
 
-BASE_FORMATS = ("equation", "word", "choice", "choice_value_first", "yesno",
+BASE_FORMATS = ("equation", "word", "choice", "choice_value_first", "choice_walk", "yesno",
                 "yesno_value_first")
 """Sample formats of the base corpus (`base.formats`): a plain equation "34+25=" -> "59"; a word
 problem in a base phrasing; the equation with four near-miss options, answered "the correct

@@ -135,12 +135,14 @@ def make_problem(seed: int, split: str, index: int, draw: int = 0, *,
         equation = SYMBOL[op].format(*xs) + "="
         if fmt == "word":
             return Problem(prompt=f"Q: {BASE[op](name, item, xs)}\nA: ", answer=answer, op=op)
-        if fmt in ("choice", "choice_value_first"):
+        if fmt in ("choice", "choice_value_first", "choice_walk"):
             options = near_misses(rng, int(answer), 3)
             pos = rng.randrange(4)
             options.insert(pos, int(answer))
             gold = f"the correct answer is answer{pos + 1}"
-            if fmt == "choice":
+            if fmt == "choice_walk":  # the choice family's layout (`choice_walk`)
+                listed, gold = choice_walk(options, pos)
+            elif fmt == "choice":
                 listed = "\n".join(f"answer{i + 1}: {v}" for i, v in enumerate(options))
             else:  # the choice family's layout: the label follows the value it names
                 listed = "\n".join(f"{v} is answer{i + 1}" for i, v in enumerate(options))
@@ -160,6 +162,24 @@ def make_problem(seed: int, split: str, index: int, draw: int = 0, *,
             raise ValueError(f"unknown base corpus format {fmt!r}; one of {BASE_FORMATS}")
         return Problem(prompt=f"Q: {equation}\nA: ", answer=answer, op=op)
     return Problem(prompt=f"Q: {TASK[op](name, item, xs)}\nA: ", answer=answer, op=op)
+
+
+def choice_walk(options: list[int], pos: int) -> tuple[str, str]:
+    """(the option lines of a prompt, the gold) of a multiple-choice problem whose right option
+    is `options[pos]`, in the choice family's layout: options listed "answer2: 59", one per line;
+    the gold states the computed value, then checks the options in order until the right one,
+    then answers in the paper's format:
+    "59. answer1: 58 no, answer2: 59 yes, so the correct answer is answer2".
+
+    Each step is one the small Pilot can learn: copying the value listed after "answerK:"
+    (matching a label and copying what follows it, as in the prompt), comparing it with the value
+    written first (as the yes/no family does), and repeating the last label checked. Finding
+    the label of a value directly ("59 is answer2", the earlier layout) is a lookup by a
+    multi-character key that it never learned (docs/results.md)."""
+    listed = "\n".join(f"answer{i + 1}: {v}" for i, v in enumerate(options))
+    checked = ", ".join(f"answer{i + 1}: {options[i]} {'yes' if i == pos else 'no'}"
+                        for i in range(pos + 1))
+    return listed, f"{options[pos]}. {checked}, so the correct answer is answer{pos + 1}"
 
 
 def other_answer(rng: random.Random, op: str, gold: int) -> int:

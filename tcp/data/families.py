@@ -115,10 +115,8 @@ def make_choice(seed: int, split: str, index: int, draw: int = 0) -> Problem:
     options = arithmetic.near_misses(rng, gold, CHOICES - 1)
     pos = index % CHOICES
     options.insert(pos, gold)
-    listed = "\n".join(f"{v} is answer{i + 1}" for i, v in enumerate(options))
-    return Problem(prompt=f"Q: {q}\n{listed}\nA: ",
-                   answer=f"{gold} is answer{pos + 1}, so the correct answer is answer{pos + 1}",
-                   op=op, key=q)
+    listed, answer = arithmetic.choice_walk(options, pos)
+    return Problem(prompt=f"Q: {q}\n{listed}\nA: ", answer=answer, op=op, key=q)
 
 
 def make_yesno(seed: int, split: str, index: int, draw: int = 0) -> Problem:

@@ -53,21 +53,50 @@ def test_families_do_not_share_streams_with_the_default_task(task):
     assert sum(q in default for q in qs) < 40  # independent draws, not the same problems
 
 
+OPTION_LINE = re.compile(r"^answer(\d): (-?\d+)$", re.M)
+
+
+def _walk(prompt: str, answer: str) -> tuple[int, int]:
+    """(stated value, chosen position) of a choice gold in the walk layout, checked against the
+    prompt's options: the options are listed answer1..answer4 with four distinct values, the
+    gold checks them in order with each value copied from its line, says "no" to every one
+    before the first option equal to the stated value and "yes" to that one, then names it."""
+    options = OPTION_LINE.findall(prompt)
+    assert [int(i) for i, _ in options] == [1, 2, 3, 4]
+    values = [int(v) for _, v in options]
+    assert len(set(values)) == 4
+    stated, steps, last = re.fullmatch(
+        r"(-?\d+)\. ((?:answer\d: -?\d+ (?:yes|no), )+)so the correct answer is answer(\d)",
+        answer).groups()
+    checked = re.findall(r"answer(\d): (-?\d+) (yes|no), ", steps)
+    pos = values.index(int(stated)) + 1
+    assert [(int(i), int(v), w) for i, v, w in checked] == [
+        (i + 1, values[i], "yes" if i + 1 == pos else "no") for i in range(pos)]
+    assert int(last) == pos == parse_choice(answer)
+    return int(stated), pos
+
+
 def test_choice_positions_are_balanced_and_the_gold_option_is_right():
     for split, rs in _splits("choice").items():
         counts = collections.Counter(parse_choice(r["answer"]) for r in rs)
         assert set(counts) == {1, 2, 3, 4}
         assert max(counts.values()) - min(counts.values()) <= 1, (split, counts)
         for r in rs:
-            stated, pos, again = re.fullmatch(
-                r"(\d+) is answer(\d), so the correct answer is answer(\d)", r["answer"]).groups()
-            assert int(pos) == int(again) == parse_choice(r["answer"])
-            options = re.findall(r"^(-?\d+) is answer(\d)$", r["prompt"], re.M)
-            assert [int(i) for _, i in options] == [1, 2, 3, 4]
-            values = [int(v) for v, _ in options]
-            assert len(set(values)) == 4 and all(v >= 0 for v in values)
-            gold = values[int(pos) - 1]
-            assert gold == int(stated) == _solve(_question("choice", r["prompt"]))
+            stated, _ = _walk(r["prompt"], r["answer"])
+            assert all(int(v) >= 0 for _, v in OPTION_LINE.findall(r["prompt"]))
+            assert stated == _solve(_question("choice", r["prompt"]))
+
+
+def test_choice_walk_rejects_a_wrong_gold():
+    """The checker above can fail: a gold naming another option, or skipping a step, is caught."""
+    prompt = "Q: 7+5=?\nanswer1: 13\nanswer2: 12\nanswer3: 11\nanswer4: 10\nA: "
+    assert _walk(prompt, "12. answer1: 13 no, answer2: 12 yes, so the correct answer is "
+                         "answer2") == (12, 2)
+    for bad in ("12. answer2: 12 yes, so the correct answer is answer2",
+                "12. answer1: 13 no, answer2: 12 yes, so the correct answer is answer3",
+                "12. answer1: 12 no, answer2: 12 yes, so the correct answer is answer2"):
+        with pytest.raises(AssertionError):
+            _walk(prompt, bad)
 
 
 @pytest.mark.parametrize("task", ["choice", "yesno"])
@@ -79,7 +108,7 @@ def test_options_and_claims_do_not_give_the_answer_away(task):
     if task == "choice":
         ranks = collections.Counter()
         for r in rs:
-            values = [int(v) for v in re.findall(r"^(\d+) is answer\d$", r["prompt"], re.M)]
+            values = [int(v) for _, v in OPTION_LINE.findall(r["prompt"])]
             ranks[sorted(values).index(values[parse_choice(r["answer"]) - 1])] += 1
         assert all(0.2 < ranks[k] / len(rs) < 0.3 for k in range(4)), ranks
     else:
@@ -192,9 +221,10 @@ def test_builtin_sources_are_the_default_task_and_the_families():
 
 
 def test_base_corpus_formats():
-    recs = arithmetic.generate(1234, "base", 600, base_formats=arithmetic.BASE_FORMATS)
+    recs = arithmetic.generate(1234, "base", 700, base_formats=arithmetic.BASE_FORMATS)
     kinds = collections.Counter(
         "choice" if r["answer"].startswith("the correct") else
+        "choice_walk" if " yes, so the correct answer" in r["answer"] else
         "choice_value_first" if "correct answer" in r["answer"] else
         "yesno" if r["answer"] in ("yes", "no") else
         "yesno_value_first" if r["answer"].endswith((", so yes", ", so no")) else
@@ -209,8 +239,12 @@ def test_base_corpus_formats():
             value, word = r["answer"].split(", so ")
             assert Fraction(eval(eq.group(1))) == int(value)
             assert (int(value) == int(eq.group(2))) == (word == "yes")
+        elif " yes, so the correct answer" in r["answer"]:  # the choice family's walk
+            eq = re.fullmatch(r"Q: (.+)=\?\n((?:answer\d: -?\d+\n){4})A: ", r["prompt"])
+            value, _ = _walk(r["prompt"], r["answer"])
+            assert Fraction(eval(eq.group(1))) == value
         elif "correct answer" in r["answer"] and not r["answer"].startswith("the"):
-            # the choice family's layout: the gold states the right value, then the label that
+            # the earlier choice layout: the gold states the right value, then the label that
             # follows that value among the options, then the paper's sentence
             eq = re.fullmatch(r"Q: (.+)=\?\n((?:-?\d+ is answer\d\n){4})A: ", r["prompt"])
             value, label = re.fullmatch(r"(-?\d+) is answer(\d), so the correct answer is "

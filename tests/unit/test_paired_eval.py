@@ -342,19 +342,25 @@ def _line(split: str, index: int, prompt: str, gold: str, pilot: str, fused: str
             **{w: {"generation": g, "correct": g == gold} for w, g in decode.items()}}
 
 
-def test_analyze_choice_counts_values_and_labels(tmp_path, capsys):
-    prompt = "Q: 7+5?\n12 is answer1\n13 is answer2\n11 is answer3\n10 is answer4\nA: "
-    gold = "12 is answer1, so the correct answer is answer1"
-    lines = [_line("test", 0, prompt, gold, "13 is answer2, so x", gold),   # fixed
-             _line("test", 1, prompt, gold, "12 is answer3, so x", "99 is answer1"),
+def test_analyze_choice_counts_values_checks_and_labels(tmp_path, capsys):
+    prompt = "Q: 7+5?\nanswer1: 12\nanswer2: 13\nanswer3: 11\nanswer4: 10\nA: "
+    gold = "12. answer1: 12 yes, so the correct answer is answer1"
+    lines = [_line("test", 0, prompt, gold,                                  # fixed
+                   "13. answer1: 12 no, answer2: 13 yes, so the correct answer is answer2", gold),
+             _line("test", 1, prompt, gold,
+                   "12. answer1: 12 yes, so the correct answer is answer3",
+                   "12. answer1: 13 yes, so the correct answer is answer1"),
+             _line("test", 2, prompt, gold, "99. answer1: 12 no", "x"),
              _line("validation", 0, prompt, gold, gold, gold)]              # not counted
     path = tmp_path / "p.predictions.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     _tool("analyze_choice").report(path)
     out = capsys.readouterr().out
-    assert "(test n = 2)" in out
-    assert "| another option | label follows it | 1 | 0 |" in out
-    assert "| right value | label of another option | 1 | 0 |" in out
-    assert "| right value | label follows it | 0 | 1 |" in out
-    assert "| not an option | - | 0 | 1 |" in out
-    assert "pilot: exact match 0 of 2" in out and "pilot+copilot: exact match 1 of 2" in out
+    assert "(test n = 3)" in out
+    assert "| another option | check right | names its option | 1 | 0 |" in out
+    assert "| right value | check right | names another option | 1 | 0 |" in out
+    assert "| right value | check right | names its option | 0 | 1 |" in out
+    assert "| right value | check wrong | names its option | 0 | 1 |" in out
+    assert "| not an option | - | - | 1 | 0 |" in out
+    assert "| unparsable | - | - | 0 | 1 |" in out
+    assert "pilot: exact match 0 of 3" in out and "pilot+copilot: exact match 1 of 3" in out
