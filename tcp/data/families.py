@@ -9,17 +9,20 @@ split and size) and is loaded through the same path as a user's JSONL records
   intermediate quantity, GSM8K style: "3*12=36. 20+36=56. 56-9=47. #### 47" (numeric format:
   the number after "####" is scored).
 - **choice**: an arithmetic word problem with four numeric options in the prompt, one per line
-  ("59 is answer2"), answered by restating the option it picks, then the paper's format:
-  "59 is answer2, so the correct answer is answer2" (the choice format scores the last
-  "answerN"). With the bare "the correct answer is answer2" the default Pilot collapsed onto one
-  option (25.0% on seed 0); stating the value first with options listed "answer2: 59" left it
-  at 25.1% (it stated the right value 29% of the time, but matched values to options at chance:
-  finding the label *before* a value is a lookup it did not learn). Listed value-first, the
-  option's label follows the value the model has just written, as it does in the prompt. The
-  gold position cycles with the problem's index, so every position holds the gold for a
-  quarter of a split (to within one). The options are an evenly spaced run (spacing 1, 2 or
-  10) with the gold at a random place in it (`arithmetic.near_misses`), so the values alone do
-  not tell which one is right.
+  ("answer2: 59"), answered by stating the value, checking the options in order until the one
+  equal to it, then the paper's format: "59. answer1: 58 no, answer2: 59 yes, so the correct
+  answer is answer2" (`arithmetic.choice_walk`; the choice format scores the last "answerN").
+  Earlier layouts left the 4-layer Pilot at chance: the bare "the correct answer is answer2"
+  collapsed onto one option (25.0% on seed 0); "59 is answer2, so the correct answer is
+  answer2" with options listed "59 is answer2" had it state the right value 37% of the time
+  but write the label that follows that value at chance, even after a base model trained on
+  that layout: finding an option's label from a multi-digit value is a lookup it never
+  learned. Checking the options in order needs only steps it can learn: copying what follows
+  "answerK:" in the prompt, comparing two values it has written (as yes/no does) and repeating
+  the last label checked. The gold position cycles with the problem's index, so every
+  position holds the gold for a quarter of a split (to within one). The options are an
+  evenly spaced run (spacing 1, 2 or 10) with the gold at a random place in it
+  (`arithmetic.near_misses`), so the values alone do not tell which one is right.
 - **yesno**: an arithmetic word problem followed by a claimed answer, "Is the answer 59?", gold
   "59, so yes" or "41, so no" alternating with the index (half each; the yes/no format scores
   the yes/no word). A false claim is the answer of another problem of the same operation
