@@ -144,7 +144,7 @@ def make_problem(seed: int, split: str, index: int, draw: int = 0, *,
                 listed, gold = choice_walk(options, pos)
             elif fmt == "choice":
                 listed = "\n".join(f"answer{i + 1}: {v}" for i, v in enumerate(options))
-            else:  # the choice family's layout: the label follows the value it names
+            else:  # choice_value_first (the earlier family layout): the label follows its value
                 listed = "\n".join(f"{v} is answer{i + 1}" for i, v in enumerate(options))
                 gold = f"{answer} is answer{pos + 1}, so {gold}"
             return Problem(prompt=f"Q: {equation}?\n{listed}\nA: ", answer=gold, op=op)
