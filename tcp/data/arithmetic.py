@@ -143,7 +143,7 @@ def make_problem(seed: int, split: str, index: int, draw: int = 0, *,
             if fmt == "choice_walk":  # the choice family's layout (`choice_walk`)
                 listed, gold = choice_walk(options, pos)
             elif fmt == "choice":
-                listed = "\n".join(f"answer{i + 1}: {v}" for i, v in enumerate(options))
+                listed = option_lines(options)
             else:  # choice_value_first (the earlier family layout): the label follows its value
                 listed = "\n".join(f"{v} is answer{i + 1}" for i, v in enumerate(options))
                 gold = f"{answer} is answer{pos + 1}, so {gold}"
@@ -164,6 +164,11 @@ def make_problem(seed: int, split: str, index: int, draw: int = 0, *,
     return Problem(prompt=f"Q: {TASK[op](name, item, xs)}\nA: ", answer=answer, op=op)
 
 
+def option_lines(options: list[int]) -> str:
+    """The options of a multiple-choice prompt, one per line: "answer1: 58\nanswer2: 59"."""
+    return "\n".join(f"answer{i + 1}: {v}" for i, v in enumerate(options))
+
+
 def choice_walk(options: list[int], pos: int) -> tuple[str, str]:
     """(the option lines of a prompt, the gold) of a multiple-choice problem whose right option
     is `options[pos]`, in the choice family's layout: options listed "answer2: 59", one per line;
@@ -176,10 +181,10 @@ def choice_walk(options: list[int], pos: int) -> tuple[str, str]:
     written first (as the yes/no family does), and repeating the last label checked. Finding
     the label of a value directly ("59 is answer2", the earlier layout) is a lookup by a
     multi-character key that it never learned (docs/results.md)."""
-    listed = "\n".join(f"answer{i + 1}: {v}" for i, v in enumerate(options))
     checked = ", ".join(f"answer{i + 1}: {options[i]} {'yes' if i == pos else 'no'}"
                         for i in range(pos + 1))
-    return listed, f"{options[pos]}. {checked}, so the correct answer is answer{pos + 1}"
+    gold = f"{options[pos]}. {checked}, so the correct answer is answer{pos + 1}"
+    return option_lines(options), gold
 
 
 def other_answer(rng: random.Random, op: str, gold: int) -> int:
