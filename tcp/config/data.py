@@ -20,8 +20,7 @@ class DataConfig:
     """'arithmetic' = the embedded default task; 'multistep' | 'choice' | 'yesno' = the built-in
     families (tcp.data.families: worked multi-step problems; multiple choice answered
     "59. answer1: 58 no, answer2: 59 yes, so the correct answer is answer2"; yes/no answered
-    "59, so yes"); all four
-    are generated, nothing downloaded.
+    "59, so yes"); all four are generated, nothing downloaded.
     'jsonl'/'parquet' = local files; 'hf' = a dataset name for datasets.load_dataset (needs
     network or a local cache)."""
     train_path: str | None = None

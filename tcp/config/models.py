@@ -16,8 +16,8 @@ answer is answerN"; a claimed equation "Is 34+25=59?" -> "yes"/"no"; 'choice_val
 'yesno_value_first', laid out as the earlier choice family and the yes/no family answer
 ("59 is answer2, so the correct answer is answer2"; "59, so no"); and 'choice_walk', the choice
 family's layout ("59. answer1: 58 no, answer2: 59 yes, so the correct answer is answer2"). None
-uses the tasks' wording, as a pretrained
-model has seen arithmetic, multiple choice and yes/no questions, but not the fine-tuning task."""
+uses the tasks' wording, as a pretrained model has seen arithmetic, multiple choice and yes/no
+questions, but not the fine-tuning task."""
 
 
 def _check_block_shape(cfg: Any) -> None:
