@@ -250,6 +250,8 @@ class TrackingStore(LocalStore):
         """Keys whose files the next `sync` fsyncs."""
         self.moved: set[str] = set()
         """Keys whose folders the next `sync` fsyncs (every key written since)."""
+        self._linked: set[Path] = set()
+        """Folders whose entry in their parent a `sync` has made durable."""
 
     def note_existing(self, key: str, size: int) -> None:
         """Account for a file written before this store was opened (a reopened shard)."""
@@ -285,19 +287,30 @@ class TrackingStore(LocalStore):
 
     def sync(self, fsync: bool) -> None:
         """fsync every file written since the last call (but those their writer fsynced before
-        renaming them in: the direct chunk writes), then their folders and those folders'
-        parents (Zarr's 2-D chunk keys `c/N/0` create a folder `c/N` per chunk row, whose entry
-        lives in `c`; folders further up also hold a file written with them, zarr.json). The
-        fsyncs of one step run concurrently (FSYNC_THREADS): each waits on the disk, not the
-        CPU, and one at a time they were most of a commit's cost (~7 ms a file here)."""
+        renaming them in: the direct chunk writes), then the folder of each (its entry for the
+        file changed) and, for a folder not yet known to be durably linked into its parent,
+        that parent too, up to the store root (Zarr's 2-D chunk keys `c/N/0` create a folder
+        `c/N` per chunk row, whose entry lives in `c`). A folder is known once a sync has
+        fsynced its parent; a store opened afresh knows none, so its first commit fsyncs every
+        folder above what it wrote. Folders are never removed under a live store. The fsyncs
+        of one step run concurrently (FSYNC_THREADS): each waits on the disk, not the CPU, and
+        one at a time they were most of a commit's cost (~7 ms a file here)."""
         keys, self.unsynced = self.unsynced, set()
         moved, self.moved = self.moved, set()
         if not fsync or not moved:
             return
         root = Path(self.root)
-        fsync_all([root / k for k in keys],
-                  {d for k in moved for d in ((root / k).parent, (root / k).parent.parent)
-                   if d.is_relative_to(root)})
+        dirs: set[Path] = set()
+        linked: set[Path] = set()
+        for k in moved:
+            d = (root / k).parent
+            dirs.add(d)
+            while d != root and d not in self._linked and d.is_relative_to(root):
+                dirs.add(d.parent)
+                linked.add(d)
+                d = d.parent
+        fsync_all([root / k for k in keys], dirs)
+        self._linked |= linked
 
 
 # ---------------------------------------------------------------------- manifest
