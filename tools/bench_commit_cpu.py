@@ -1,0 +1,78 @@
+"""CPU and fsyncs of the Mistake Log writer per one-step commit, replaying a recorded log.
+
+Rewrites the first `--steps` steps of rank 0 of LOG into a fresh store, one commit per step
+(as in training, where the writer keeps up), synchronously, and prints per step: wall time,
+the process's CPU time (user + system, every thread: chunk encoders and fsyncs included), and
+the number of fsync calls. Runs `--runs` times and prints each run and the medians.
+
+    .venv/bin/python tools/bench_commit_cpu.py runs/bench-mistake-log/mistake_log [--steps 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from tcp.config import ZarrStoreConfig
+from tcp.mistake_log.record import MistakeBatch
+from tcp.mistake_log.store import RankStoreReader, RankStoreWriter
+
+
+def one_run(batches: list[MistakeBatch], reader: RankStoreReader, out: Path) -> dict[str, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    calls = [0]
+    real = os.fsync
+
+    def counted(fd: int) -> None:
+        calls[0] += 1
+        real(fd)
+
+    w = RankStoreWriter(out, 0, reader.schema, ZarrStoreConfig())
+    os.fsync = counted
+    try:
+        c0, t0 = os.times(), time.perf_counter()
+        for b in batches:
+            w.append(b)
+            w.commit()
+        dt, c1 = time.perf_counter() - t0, os.times()
+    finally:
+        os.fsync = real
+    n = len(batches)
+    cpu = (c1.user - c0.user) + (c1.system - c0.system)
+    return {"wall_ms": 1e3 * dt / n, "cpu_ms": 1e3 * cpu / n, "fsyncs": calls[0] / n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("log", help="a recorded Mistake Log (rank 0 is replayed)")
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    reader = RankStoreReader(args.log, 0)
+    logged = reader.read_range(0, reader.num_entries)
+    steps = logged.step.unique().tolist()[: args.steps]
+    batches = [logged.select((logged.step == s).nonzero().flatten()) for s in steps]
+    batches = [MistakeBatch(**{**b.state_dict(), "step": torch.full_like(b.step, i)})
+               for i, b in enumerate(batches)]
+    with tempfile.TemporaryDirectory(dir=Path(args.log).parent) as tmp:
+        runs = [one_run(batches, reader, Path(tmp) / "log") for _ in range(args.runs)]
+    for r in runs:
+        print(f"per commit: wall {r['wall_ms']:.2f} ms, CPU {r['cpu_ms']:.2f} ms, "
+              f"fsyncs {r['fsyncs']:.1f}")
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    print(f"median of {len(runs)} runs ({len(batches)} one-step commits each): wall "
+          f"{med['wall_ms']:.2f} ms, CPU {med['cpu_ms']:.2f} ms, fsyncs {med['fsyncs']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
