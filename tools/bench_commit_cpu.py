@@ -16,6 +16,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,10 +32,12 @@ from tcp.mistake_log.store import RankStoreReader, RankStoreWriter
 def one_run(batches: list[MistakeBatch], reader: RankStoreReader, out: Path) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     calls = [0]
+    lock = threading.Lock()  # fsyncs run on the encoder and fsync pools' threads
     real = os.fsync
 
     def counted(fd: int) -> None:
-        calls[0] += 1
+        with lock:
+            calls[0] += 1
         real(fd)
 
     w = RankStoreWriter(out, 0, reader.schema, ZarrStoreConfig())
