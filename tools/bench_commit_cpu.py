@@ -22,8 +22,6 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-import torch
-
 from tcp.config import ZarrStoreConfig
 from tcp.mistake_log.record import MistakeBatch
 from tcp.mistake_log.store import RankStoreReader, RankStoreWriter
@@ -62,11 +60,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     reader = RankStoreReader(args.log, 0)
-    logged = reader.read_range(0, reader.num_entries)
-    steps = logged.step.unique().tolist()[: args.steps]
-    batches = [logged.select((logged.step == s).nonzero().flatten()) for s in steps]
-    batches = [MistakeBatch(**{**b.state_dict(), "step": torch.full_like(b.step, i)})
-               for i, b in enumerate(batches)]
+    recorded = reader.read_range(0, reader.num_entries).by_step()[: args.steps]
+    batches = [b.at_step(i) for i, b in enumerate(recorded)]
     with tempfile.TemporaryDirectory(dir=Path(args.log).parent) as tmp:
         runs = [one_run(batches, reader, Path(tmp) / "log") for _ in range(args.runs)]
     for r in runs:

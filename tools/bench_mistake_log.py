@@ -174,8 +174,7 @@ def bench_writer(entries: list[MistakeBatch], schema: Schema, cfg: ZarrStoreConf
             if kind == "writer":
                 shutil.rmtree(root, ignore_errors=True)
                 w = AsyncWriter(RankStoreWriter(root, 0, schema, cfg), queue_depth=cfg.queue_depth)
-                batches = [MistakeBatch(**{**b.state_dict(), "step": torch.full_like(b.step, i)})
-                           for i, b in enumerate(entries * rounds)]
+                batches = [b.at_step(i) for i, b in enumerate(entries * rounds)]
                 t0 = time.perf_counter()
                 for b in batches:
                     w.submit(b)
@@ -224,7 +223,7 @@ def gil_check(entries: list[MistakeBatch], schema: Schema, cfg: ZarrStoreConfig,
     idle = python_rate(1.0)
     w = AsyncWriter(RankStoreWriter(root, 0, schema, cfg), queue_depth=len(entries) + 1)
     for i, b in enumerate(entries):
-        w.submit(MistakeBatch(**{**b.state_dict(), "step": torch.full_like(b.step, i)}))
+        w.submit(b.at_step(i))
     rates = []
     while not w.committed_through(len(entries) - 1):
         rates.append(python_rate(0.1))
@@ -294,12 +293,10 @@ def bench_replay(trainers: dict[str, Trainer], cfg: Any, root: Path, steps: int)
     ml = cfg.mistake_log
     rd = RankStoreReader(root, 0)
     last = int(rd.manifest.last_step)
-    everything = rd.read_range(0, rd.num_entries)
     ram = MemoryMistakeLog(window_steps=ml.window_steps, seed=cfg.seed, rank=0)
-    for s in range(last + 1):
-        sel = (everything.step == s).nonzero().flatten()
-        if sel.numel():
-            ram.append(everything.select(sel))
+    everything = rd.read_range(0, rd.num_entries)
+    for b in everything.by_step():
+        ram.append(b)
     lag = ml.store.replay_lag_steps
     stream = StreamingSampler(rd, seed=cfg.seed, rank=0, num=ml.replay_size,
                               window_steps=ml.window_steps, lag_steps=lag,
@@ -360,9 +357,7 @@ def main() -> None:
     trainers = a.pop("_trainers")
     root = out / "mistake_log"
     rd = RankStoreReader(root, 0)
-    logged = rd.read_range(0, rd.num_entries)
-    per_step = [logged.select((logged.step == s).nonzero().flatten())
-                for s in logged.step.unique().tolist()]
+    per_step = rd.read_range(0, rd.num_entries).by_step()
     b = bench_writer(per_step, rd.schema, cfg.mistake_log.store, out, args.writer_mib,
                      args.writer_reps)
     c = bench_codecs(per_step, rd.schema, cfg.mistake_log.store, out)

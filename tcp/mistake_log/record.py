@@ -108,6 +108,15 @@ class MistakeBatch:
             loss=self.loss[idx_d],
         )
 
+    def by_step(self) -> list[MistakeBatch]:
+        """One sub-batch per step held, in step order (entries keep their order in each)."""
+        return [self.select((self.step == s).nonzero().flatten().cpu())
+                for s in self.step.unique().tolist()]
+
+    def at_step(self, step: int) -> MistakeBatch:
+        """The same entries (CPU), all at `step`: a recorded step replayed under a new number."""
+        return MistakeBatch(**{**self.state_dict(), "step": torch.full_like(self.step.cpu(), step)})
+
     @property
     def device(self) -> torch.device:
         """Where the per-token tensors live (every field is moved together by `to`)."""

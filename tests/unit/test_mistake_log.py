@@ -26,6 +26,22 @@ def test_select_and_cat_round_trip():
     torch.testing.assert_close(s.x_tilde, b.x_tilde[b.x_offsets[2]:b.x_offsets[3]])
 
 
+def test_by_step_splits_in_step_order_and_at_step_renumbers():
+    parts = [step_batch(s, n=2 + s % 2) for s in (3, 5, 9)]
+    mixed = MistakeBatch.cat(parts, device="cpu")
+    split = mixed.by_step()
+    assert [int(b.step.unique()) for b in split] == [3, 5, 9]
+    for got, ref in zip(split, parts, strict=True):
+        for name, t in ref.state_dict().items():
+            torch.testing.assert_close(got.state_dict()[name], t)
+    moved = split[1].at_step(40)
+    assert moved.step.tolist() == [40] * split[1].num_entries
+    for name, t in split[1].state_dict().items():
+        if name != "step":
+            torch.testing.assert_close(moved.state_dict()[name], t)
+    assert split[1].step.tolist() == [5] * split[1].num_entries  # the original is untouched
+
+
 def test_window_and_sampling():
     log = MemoryMistakeLog(window_steps=2, seed=0, rank=0)
     assert log.sample(step=0, num=4) is None
