@@ -35,9 +35,10 @@ width, a = heads*head_dim, V vocabulary, k = mistake_log.topk.
   feeds it (train.copilot.micro_batch_size is DeepSpeed's bookkeeping), queries and memory at T
   rows; its sparse error input is an embedding bag: (E, T, k+1) ids and values, (E, T, d_C) out.
 * Mistake Log (host): an entry of T rows is T*(s*d_P + 12k + 12) + 44 bytes in memory (int64 ids,
-  fp32 probabilities). The writer holds <= 2*queue_depth + 1 steps (queued, drained into a commit,
-  being staged) and, committing, ~3 copies of the drained steps plus two open write units per
-  array; the sampler read_cache_mib and prefetch + 1 replay batches; the memory backend a window.
+  fp32 probabilities). The writer holds <= 2*queue_depth + commit_every_steps steps (queued,
+  appended but not committed, being staged) and, committing, ~3 copies of those steps plus two
+  open write units per array; the sampler the uncommitted steps in stored form, read_cache_mib
+  and prefetch + 1 replay batches; the memory backend a window.
 * The engines' steps never overlap: device total = both engines' resident state + the larger
   step's working set.
 """
@@ -332,11 +333,13 @@ def mistake_log_lines(cfg: RunConfig, d_pilot: int, vocab: int) -> list[Line]:
     schema = Schema(d_pilot, min(ml.topk, vocab), ml.storage_dtype)
     units = sum(write_unit(schema, a, st) * math.prod(schema.row_shape(a))
                 * np.dtype(schema.dtype(a)).itemsize for a in ALL_ARRAYS)
-    q = st.queue_depth
-    return [Line(f"writer: staged steps, {2 * q + 1} (2 x queue_depth + 1) x {B} entries",
-                 host=(2 * q + 1) * B * mem),
-            Line(f"writer: commit copies, 3 x {q + 1} steps + 2 open write units per array",
-                 host=3 * (q + 1) * B * disk + 2 * units),
+    q, c = st.queue_depth, st.commit_every_steps
+    return [Line(f"writer: staged steps, {2 * q + c} (2 x queue_depth + commit_every_steps) x "
+                 f"{B} entries", host=(2 * q + c) * B * mem),
+            Line(f"writer: commit copies, 3 x {q + c} steps + 2 open write units per array",
+                 host=3 * (q + c) * B * disk + 2 * units),
+            Line(f"sampler: uncommitted steps in stored form, {q + c} x {B} entries",
+                 host=(q + c) * B * disk),
             Line("sampler: decoded-chunk cache (read_cache_mib)",
                  host=int(st.read_cache_mib * MiB)),
             Line(f"sampler: replay batches, ({st.prefetch} prefetched + 1) x {ml.replay_size} "

@@ -173,7 +173,8 @@ def bench_writer(entries: list[MistakeBatch], schema: Schema, cfg: ZarrStoreConf
         for kind in ("writer", "raw") if rep % 2 == 0 else ("raw", "writer"):
             if kind == "writer":
                 shutil.rmtree(root, ignore_errors=True)
-                w = AsyncWriter(RankStoreWriter(root, 0, schema, cfg), queue_depth=cfg.queue_depth)
+                w = AsyncWriter(RankStoreWriter(root, 0, schema, cfg), queue_depth=cfg.queue_depth,
+                                commit_every=cfg.commit_every_steps)
                 batches = [b.at_step(i) for i, b in enumerate(entries * rounds)]
                 t0 = time.perf_counter()
                 for b in batches:

@@ -37,6 +37,14 @@ class ZarrStoreConfig:
     fsync: bool = True
     """fsync chunks and the manifest at every commit (durable across power loss, not only across
     a killed process)."""
+    commit_every_steps: int = 8
+    """The writer commits (writes the open chunks, fsyncs, publishes the manifest) once this
+    many steps are appended, at every checkpoint and at the end of the run. Steps not yet
+    committed are replayed from the writer's memory, exactly as they will read back, so
+    replay never waits on a commit. A commit rewrites each array's open chunk, so committing
+    every step costs ~4x the writer CPU of every 8 (docs/benchmarks.md). A crash loses at most
+    this many steps of log beyond the last commit; a resume rolls back to its checkpoint's
+    commit anyway."""
     queue_depth: int = 8
     """Steps of entries the asynchronous writer may hold before `on_full` applies."""
     on_full: Literal["block", "drop"] = "block"
@@ -45,9 +53,8 @@ class ZarrStoreConfig:
     replay_lag_steps: int = 0
     """The sampler at step t replays steps [t - lag - window, t - lag). 0 (default) is the
     method's window [t - window, t): the previous step is eligible, as in the memory backend.
-    A lag of L > 0 leaves out the newest L steps and gives the writer L more steps to commit
-    before anyone waits on it (for a slow filesystem). Sampling waits (never guesses) when a
-    needed step is not committed yet."""
+    A lag of L > 0 leaves out the newest L steps. Steps not committed yet are read from the
+    writer's memory (`commit_every_steps`), so no lag is needed for a slow filesystem."""
     read_cache_mib: float = 256.0
     """Decoded chunks the sampler keeps (LRU, sealed chunks only): replaying a window then
     re-reads little. Bounds the reader's memory whatever the log's size."""
@@ -56,12 +63,14 @@ class ZarrStoreConfig:
     recency_half_life: float | None = None
     """If set, replayed steps are drawn with weight 2^(-age / half_life) instead of uniformly."""
     wait_timeout_s: float = 600.0
-    """Fail (naming the step) if a needed step is not committed within this many seconds."""
+    """Fail (naming the step) if a step the sampler needs is not submitted within this many
+    seconds."""
 
     def __post_init__(self) -> None:
         _check(self.chunk_mib > 0, "chunk_mib", "must be > 0")
         _check(self.shard_chunks >= 0, "shard_chunks", "must be >= 0 (0 = no sharding)")
         _check(self.queue_depth >= 1, "queue_depth", "must be >= 1")
+        _check(self.commit_every_steps >= 1, "commit_every_steps", "must be >= 1")
         _check(self.replay_lag_steps >= 0, "replay_lag_steps", "must be >= 0")
         _check(self.prefetch >= 0, "prefetch", "must be >= 0")
         _check(self.read_cache_mib >= 0, "read_cache_mib", "must be >= 0")

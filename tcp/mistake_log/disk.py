@@ -15,19 +15,21 @@ from tcp.mistake_log.writer import AsyncWriter
 
 
 class ZarrMistakeLog(MistakeLog):
-    """Every entry goes to disk; replay batches are read back, never from RAM."""
+    """Every entry goes to disk; replay batches are read back from it, and from the writer's
+    memory, in stored form, for the few steps not committed yet (`view.py`)."""
 
     def __init__(self, root: Path | str, *, rank: int, schema: Schema, cfg: ZarrStoreConfig,
                  window_steps: int | None, replay_size: int, seed: int) -> None:
         self.root, self.rank, self.cfg = Path(root), rank, cfg
         self.writer = AsyncWriter(RankStoreWriter(root, rank, schema, cfg),
-                                  queue_depth=cfg.queue_depth, on_full=cfg.on_full)
+                                  queue_depth=cfg.queue_depth, on_full=cfg.on_full,
+                                  commit_every=cfg.commit_every_steps)
         self.reader = RankStoreReader(root, rank, cache_mib=cfg.read_cache_mib)
         self.sampler = StreamingSampler(
             self.reader, seed=seed, rank=rank, num=replay_size, window_steps=window_steps,
             lag_steps=cfg.replay_lag_steps, recency_half_life=cfg.recency_half_life,
             prefetch=cfg.prefetch,
-            wait=lambda s: self.writer.wait_committed(s, timeout=cfg.wait_timeout_s),
+            tail=lambda s: self.writer.uncommitted(s, timeout=cfg.wait_timeout_s),
             submitted=self.writer.submitted_through)
         self.truncated_entries = 0
         """Entries past the resumed checkpoint's cursor that `load_state_dict` forgot."""

@@ -19,9 +19,10 @@ readable; whatever was written after it is an uncommitted tail that readers igno
 Every chunk also carries a CRC32C (Zarr's crc32c codec), so a corrupt chunk fails its read.
 
 This module: the layout's names and constants, the schema, chunking and codecs, the manifest,
-the durable-write helpers and row conversions. The shard writer is `shard_writer.py` (it encodes
-and writes the chunks of plain-codec arrays itself, byte-identical to Zarr's: `chunk_io.py`),
-the reader `reader.py`, rewriting a whole log (prune, compact, merge) `tcp/log_tools/`;
+the durable-write helpers. Entries <-> stored rows are `rows.py`; the shard writer is
+`shard_writer.py` (it encodes and writes the chunks of plain-codec arrays itself,
+byte-identical to Zarr's: `chunk_io.py`), the reader `reader.py`, rewriting a whole log
+(prune, compact, merge) `tcp/log_tools/`;
 `store.py` re-exports all of it.
 """
 
@@ -41,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
 from zarr.abc.codec import ArrayArrayCodec, BytesBytesCodec
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
@@ -49,7 +49,6 @@ from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
 from tcp.config import ZarrStoreConfig
-from tcp.mistake_log.record import MistakeBatch
 
 # BitRound (lossy option) is a numcodecs codec, not a Zarr v3 spec codec; zarr-python reads it
 # (docs/mistake_log.md says so). Silence the per-array reminder, nothing else.
@@ -362,34 +361,6 @@ class Manifest:
 
 
 # ---------------------------------------------------------------------- conversions
-def batch_to_rows(batch: MistakeBatch, schema: Schema) -> dict[str, np.ndarray]:
-    """MistakeBatch (CPU) -> the per-array rows to append, offsets still local (start at 0)."""
-    def state(t: torch.Tensor) -> np.ndarray:
-        if schema.state_dtype == "bfloat16":
-            return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-        return t.to(getattr(torch, schema.state_dtype)).numpy()
-
-    xl, yl = batch.prompt_lens, batch.target_lens
-    return {
-        "h": state(batch.h), "x_tilde": state(batch.x_tilde),
-        "labels": batch.labels.to(torch.int32).numpy(),
-        "topk_ids": batch.topk_ids.to(torch.int32).numpy(),
-        "topk_probs": batch.topk_probs.float().numpy(),
-        "residual": batch.residual.float().numpy(),
-        "step": batch.step.long().numpy(), "sample_id": batch.sample_id.long().numpy(),
-        "loss": batch.loss.float().numpy(),
-        "x_start": batch.x_offsets[:-1].long().numpy(), "x_len": xl.long().numpy(),
-        "y_start": batch.y_offsets[:-1].long().numpy(), "y_len": yl.long().numpy(),
-    }
-
-
-def state_tensor(a: np.ndarray, state_dtype: str) -> torch.Tensor:
-    """On-disk state rows -> torch (bfloat16 bits are reinterpreted)."""
-    if state_dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
-
-
 def create_root(store: LocalStore | Path | str, schema: Schema) -> Any:
     """Open (creating if needed) a run's root group and check it holds this schema. In a
     distributed run rank 0 calls it before the others open their shards."""

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
 from zarr.core.sync import sync as zarr_sync
 
@@ -25,9 +24,9 @@ from tcp.mistake_log.format import (
     Schema,
     gather_jobs,
     rank_group,
-    state_tensor,
 )
-from tcp.mistake_log.record import MistakeBatch, offsets_from_lengths, ranges_to_rows
+from tcp.mistake_log.record import MistakeBatch, ranges_to_rows
+from tcp.mistake_log.rows import rows_to_batch
 
 
 class RankStoreReader:
@@ -119,21 +118,7 @@ class RankStoreReader:
         y_rows = ranges_to_rows(meta["y_start"], meta["y_len"])
         x_rows = ranges_to_rows(meta["x_start"], meta["x_len"])
         tok = self._rows({**dict.fromkeys(TOKEN_ARRAYS, y_rows), "x_tilde": x_rows})
-        sd = self.schema.state_dtype
-        return MistakeBatch(
-            x_tilde=state_tensor(tok["x_tilde"], sd),
-            x_offsets=offsets_from_lengths(torch.from_numpy(meta["x_len"])),
-            h=state_tensor(tok["h"], sd),
-            y_offsets=offsets_from_lengths(torch.from_numpy(meta["y_len"])),
-            labels=torch.from_numpy(tok["labels"]).long(),
-            topk_ids=torch.from_numpy(tok["topk_ids"]).long(),
-            topk_probs=torch.from_numpy(tok["topk_probs"]),
-            residual=torch.from_numpy(tok["residual"]),
-            step=torch.from_numpy(meta["step"]),
-            sample_id=torch.from_numpy(meta["sample_id"]),
-            rank=torch.full((idx.size,), self.rank, dtype=torch.long),
-            loss=torch.from_numpy(meta["loss"]),
-        )
+        return rows_to_batch({**meta, **tok}, self.schema, self.rank)
 
     def _rows(self, requests: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Rows of several arrays. Whole chunks are read, all missing ones concurrently (plain

@@ -1,8 +1,10 @@
 """Streaming sampler: replay batches read back from a rank's committed Mistake Log entries.
 
 What is drawn at step t is a pure function of (seed, t, rank) and the log's content in the
-window of steps [t - lag - window, t - lag) ('all': [0, t - lag)). The sampler waits until every
-step of the window is committed, so the writer's timing never changes a draw. A background
+window of steps [t - lag - window, t - lag) ('all': [0, t - lag)). The sampler waits until the
+trainer has submitted every step of the window; steps not committed yet are read from the
+writer's memory in their stored form (`view.py`), so the writer's timing never changes a
+draw, and a draw never waits for a commit. A background
 thread reads up to `prefetch` steps ahead, and only steps whose window the trainer has already
 submitted, so memory is bounded by `prefetch` batches whatever the log's size, and a prefetch
 never waits on the trainer.
@@ -22,6 +24,8 @@ import torch
 from tcp.mistake_log.base import sample_generator
 from tcp.mistake_log.record import MistakeBatch
 from tcp.mistake_log.store import RankStoreReader
+from tcp.mistake_log.view import LogView
+from tcp.mistake_log.writer import Uncommitted
 
 
 class StreamingSampler:
@@ -30,22 +34,23 @@ class StreamingSampler:
     def __init__(self, reader: RankStoreReader, *, seed: int, rank: int, num: int,
                  window_steps: int | None = 128, lag_steps: int = 0,
                  recency_half_life: float | None = None, prefetch: int = 2,
-                 wait: Callable[[int], None] | None = None,
+                 tail: Callable[[int], Uncommitted] | None = None,
                  submitted: Callable[[int], bool] | None = None) -> None:
-        """`wait(s)` blocks until steps <= s are committed (the in-process writer's
-        `wait_committed`); `submitted(s)` says whether the trainer has handed over step s
-        (gates prefetching). Both None for a finished log read offline."""
+        """`tail(s)` waits until steps <= s are submitted and returns the writer's uncommitted
+        entries (the in-process writer's `uncommitted`); `submitted(s)` says whether the
+        trainer has handed over step s (gates prefetching). Both None for a finished log read
+        offline."""
         self.reader, self.seed, self.rank, self.num = reader, seed, rank, num
         self.window_steps, self.lag = window_steps, lag_steps
         self.half_life = recency_half_life
         self.prefetch = prefetch
-        self._wait, self._submitted = wait, submitted
+        self._tail, self._submitted = tail, submitted
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tcp-mlog-reader-r{rank}") \
             if prefetch > 0 else None
         self._futures: dict[int, Future[MistakeBatch | None]] = {}
         self.last_step: int | None = None
         self.wait_s = 0.0
-        """Time `sample()` spent waiting for a batch (commits or reads not ready)."""
+        """Time `sample()` spent waiting for a batch (steps not submitted or reads not done)."""
 
     # -------------------------------------------------------------- the draw
     def window(self, step: int) -> tuple[int, int]:
@@ -59,12 +64,12 @@ class StreamingSampler:
         lo, hi = self.window(step)
         if hi <= lo or self.num <= 0:
             return None
-        if self._wait is not None:
-            self._wait(hi - 1)
         rd = self.reader
-        if rd.manifest.last_step is None or rd.manifest.last_step < hi - 1:
+        if self._tail is None and (rd.manifest.last_step is None or
+                                   rd.manifest.last_step < hi - 1):
             rd.refresh()
-        e0, e1 = rd.entry_range(lo, hi)
+        view = LogView(rd, None if self._tail is None else self._tail(hi - 1))
+        e0, e1 = view.entry_range(lo, hi)
         total = e1 - e0
         if total <= 0:
             return None
@@ -74,10 +79,10 @@ class StreamingSampler:
                 torch.randperm(total, generator=g)[: self.num]
             idx = e0 + flat.numpy()
         else:
-            idx = self._recency_draw(lo, hi, g)
-        return rd.read(np.sort(idx))
+            idx = self._recency_draw(view, lo, hi, g)
+        return view.read(np.sort(idx))
 
-    def _recency_draw(self, lo: int, hi: int, g: torch.Generator) -> np.ndarray:
+    def _recency_draw(self, view: LogView, lo: int, hi: int, g: torch.Generator) -> np.ndarray:
         """Steps with weight 2^(-age/half_life) (inverse CDF, no enumeration of the window),
         then an entry uniformly within the step; with replacement."""
         span = hi - lo
@@ -91,7 +96,7 @@ class StreamingSampler:
             u = float(torch.rand((), generator=g, dtype=torch.float64))
             age = min(span - 1, int(-self.half_life * math.log2(1.0 - u * tail)))  # type: ignore[operator]
             s = hi - 1 - age
-            a, b = self.reader.entry_range(s, s + 1)
+            a, b = view.entry_range(s, s + 1)
             if b > a:
                 out.append(a + int(torch.randint(b - a, (), generator=g)))
         return np.asarray(out, dtype=np.int64)

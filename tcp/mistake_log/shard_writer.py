@@ -25,7 +25,6 @@ from tcp.mistake_log.format import (
     Schema,
     TrackingStore,
     atomic_write_json,
-    batch_to_rows,
     chunk_rows,
     codec_description,
     codecs,
@@ -35,6 +34,7 @@ from tcp.mistake_log.format import (
     write_unit,
 )
 from tcp.mistake_log.record import MistakeBatch
+from tcp.mistake_log.rows import batch_to_rows
 
 
 class RankStoreWriter:

@@ -2,9 +2,10 @@
 rank. The layout and the commit protocol are described in `format.py`.
 
 Where the code is: `format.py` (layout names, schema, codecs, manifest, durable writes),
-`shard_writer.py` (`RankStoreWriter`), `reader.py` (`RankStoreReader`); rewriting a whole log
-(prune, compact, merge, export) is `tcp/log_tools/`. This module re-exports them, so
-`from tcp.mistake_log.store import ...` keeps working.
+`rows.py` (entries <-> stored rows), `shard_writer.py` (`RankStoreWriter`), `reader.py`
+(`RankStoreReader`); rewriting a whole log (prune, compact, merge, export) is
+`tcp/log_tools/`. This module re-exports them, so `from tcp.mistake_log.store import ...`
+keeps working.
 """
 
 from tcp.mistake_log.format import (
@@ -22,7 +23,6 @@ from tcp.mistake_log.format import (
     Schema,
     TrackingStore,
     atomic_write_json,
-    batch_to_rows,
     chunk_rows,
     codec_description,
     codecs,
@@ -31,10 +31,10 @@ from tcp.mistake_log.format import (
     gather_jobs,
     rank_group,
     ranks_in,
-    state_tensor,
     write_unit,
 )
 from tcp.mistake_log.reader import RankStoreReader
+from tcp.mistake_log.rows import batch_to_rows, rows_to_batch, state_tensor, stored_form
 from tcp.mistake_log.shard_writer import RankStoreWriter
 
 __all__ = [
@@ -42,5 +42,6 @@ __all__ = [
     "PROMPT_ARRAYS", "STATE_ARRAYS", "TOKEN_ARRAYS", "Manifest", "MistakeLogCorrupt",
     "RankStoreReader", "RankStoreWriter", "Schema", "TrackingStore", "atomic_write_json",
     "batch_to_rows", "chunk_rows", "codec_description", "codecs", "create_root", "fsync_path",
-    "gather_jobs", "rank_group", "ranks_in", "state_tensor", "write_unit",
+    "gather_jobs", "rank_group", "ranks_in", "rows_to_batch", "state_tensor", "stored_form",
+    "write_unit",
 ]

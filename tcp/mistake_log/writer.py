@@ -2,10 +2,16 @@
 
 `submit()` stages the entries off the device (pinned buffers on a side CUDA stream on GPUs; a
 plain copy on CPU) and puts them on a bounded queue. A background thread drains the queue,
-compresses and writes (Zarr's codecs run in native code that releases the GIL; measured in
-tools/bench_mistake_log.py) and commits. When the queue is full the trainer blocks (default)
-or the step is dropped, counted and reported. An exception in the worker is re-raised by the
-next call. `close()` flushes and commits.
+appends, and commits (compresses, writes, fsyncs, publishes the manifest) once
+`commit_every` steps are appended, when `flush()` or `wait_committed()` asks, and at
+`close()`. Zarr's codecs and ours run in native code that releases the GIL (measured in
+tools/bench_mistake_log.py). When the queue is full the trainer blocks (default) or the step
+is dropped, counted and reported. An exception in the worker is re-raised by the next call.
+
+Entries submitted but not committed yet stay readable: `uncommitted()` hands the replay
+sampler exactly the rows a reader will read back once they are committed (`stored_form`), so
+replaying the previous step never waits for a commit, and the cost of a commit (rewriting each
+array's open chunk, fsyncs) is paid once per `commit_every` steps.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 import torch
 
 from tcp.mistake_log.record import MistakeBatch
+from tcp.mistake_log.rows import stored_form
 from tcp.mistake_log.store import Manifest, RankStoreWriter
 
 
@@ -59,12 +66,66 @@ class WriterMetrics:
         return out
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity
 class _Item:
     batch: MistakeBatch
     event: Any  # torch.cuda.Event or None
     t_submit: float
+    first_step: int
     last_step: int
+    entries: int
+    stored: MistakeBatch | None = None
+    """`batch` as a reader reads it back (made on first use by `Uncommitted.read`)."""
+
+    def host_batch(self) -> MistakeBatch:
+        """The staged batch, once its device-to-host copy has finished."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.batch
+
+
+_COMMIT = object()
+"""Queued by `flush()`/`wait_committed()`: commit whatever is appended now."""
+
+
+@dataclass
+class Uncommitted:
+    """A consistent snapshot of one writer: `entries` committed entries (through step
+    `last_step`) and, after them in log order, the `items` submitted but not committed yet."""
+
+    entries: int
+    last_step: int | None
+    items: list[_Item]
+    to_stored: Any
+    """MistakeBatch -> the same entries as a reader reads them back (`stored_form`)."""
+
+    def count_before(self, step: int) -> int:
+        """Uncommitted entries with entry.step < `step` (steps never decrease)."""
+        n = 0
+        for it in self.items:
+            if it.last_step < step:
+                n += it.entries
+            elif it.first_step >= step:
+                break
+            else:  # an item spanning several steps
+                n += int((self.stored(it).step < step).sum())
+                break
+        return n
+
+    def stored(self, it: _Item) -> MistakeBatch:
+        if it.stored is None:
+            it.stored = self.to_stored(it.host_batch())
+        return it.stored
+
+    def read(self, idx: Any) -> MistakeBatch:
+        """Uncommitted entries by index counted from the first uncommitted one (sorted)."""
+        parts, base = [], 0
+        for it in self.items:
+            sel = [int(i) - base for i in idx if base <= i < base + it.entries]
+            if sel:
+                parts.append(self.stored(it).select(sel))
+            base += it.entries
+        return MistakeBatch.cat(parts, device="cpu")
 
 
 class Stager:
@@ -102,19 +163,28 @@ class AsyncWriter:
     """Background writer of one rank's shard. Usable as a context manager."""
 
     def __init__(self, store: RankStoreWriter, *, queue_depth: int = 8,
-                 on_full: str = "block", max_latencies: int = 10_000) -> None:
+                 on_full: str = "block", commit_every: int = 1,
+                 max_latencies: int = 10_000) -> None:
+        """`commit_every`: commit once this many submitted batches (steps) are appended, and
+        on `flush`, `wait_committed` and `close`; 1 commits whatever the worker drains."""
         if on_full not in ("block", "drop"):
             raise ValueError(f"on_full must be 'block' or 'drop', got {on_full!r}")
-        self.store, self.on_full = store, on_full
+        if commit_every < 1:
+            raise ValueError(f"commit_every must be >= 1, got {commit_every}")
+        self.store, self.on_full, self.commit_every = store, on_full, commit_every
         self.metrics = WriterMetrics()
         self.metrics.committed_entries = store.manifest.entries
         self.metrics.raw_bytes = store.manifest.raw_bytes
         self.metrics.stored_bytes = store.manifest.stored_bytes
         self._max_lat = max_latencies
-        self._q: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_depth)
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=queue_depth)
         self._stager = Stager()
         self._cond = threading.Condition()
-        self._pending: collections.deque[int] = collections.deque()  # steps queued, in order
+        # Submitted, not yet committed, in order; committed counts as of the last commit.
+        self._uncommitted: collections.deque[_Item] = collections.deque()
+        self._committed = (store.manifest.entries, store.manifest.last_step)
+        self._appended: list[_Item] = []  # worker only: appended since the last commit
+        self._commit_asked = False
         self._last_submitted: int | None = store.manifest.last_step
         self._error: BaseException | None = None
         self._closed = False
@@ -136,11 +206,11 @@ class AsyncWriter:
         staged, ev = self._stager.stage(batch)
         t1 = time.perf_counter()
         self.metrics.stage_s += t1 - t0
-        step = int(batch.step.max())
-        item = _Item(staged, ev, t1, step)
+        first, step = int(batch.step.min()), int(batch.step.max())
+        item = _Item(staged, ev, t1, first, step, batch.num_entries)
         with self._cond:
             self._last_submitted = step
-            self._pending.append(step)
+            self._uncommitted.append(item)
         try:
             if self.on_full == "drop":
                 self._q.put_nowait(item)
@@ -153,7 +223,7 @@ class AsyncWriter:
                         self._raise_if_failed()
         except queue.Full:
             with self._cond:
-                self._pending.remove(step)
+                self._uncommitted.remove(item)
                 self._cond.notify_all()
             self.metrics.dropped_entries += batch.num_entries
             self.store.note_dropped(batch.num_entries)
@@ -174,12 +244,15 @@ class AsyncWriter:
 
     def wait_committed(self, step: int, timeout: float | None = None) -> None:
         """Block until every entry of steps <= `step` is committed (or was dropped), and the
-        trainer has submitted through `step`. Raises on worker failure or timeout."""
+        trainer has submitted through `step`; asks the worker for the commit. Raises on worker
+        failure or timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while not self._done_through(step):
                 if self._error is not None:
                     break
+                if self._uncommitted and self._uncommitted[0].last_step <= step:
+                    self._ask_commit()
                 if self._closed and not self._thread.is_alive():
                     raise MistakeLogWriteError(f"writer closed before step {step} was submitted")
                 left = None if deadline is None else deadline - time.monotonic()
@@ -191,14 +264,37 @@ class AsyncWriter:
                 self._cond.wait(timeout=1.0 if left is None else min(left, 1.0))
         self._raise_if_failed()
 
+    def uncommitted(self, step: int, timeout: float | None = None) -> Uncommitted:
+        """What a replay of steps <= `step` reads: waits until the trainer has submitted
+        through `step` (never for a commit), then snapshots the committed counts and the
+        uncommitted entries after them. Raises on worker failure or timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not (self._last_submitted is not None and self._last_submitted >= step):
+                if self._error is not None or self._closed:
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(
+                        f"rank {self.store.rank}: step {step} of the Mistake Log was not "
+                        f"submitted after {timeout:.0f}s (last submitted {self._last_submitted})")
+                self._cond.wait(timeout=1.0 if left is None else min(left, 1.0))
+            entries, last = self._committed
+            items = list(self._uncommitted)
+        self._raise_if_failed()
+        st = self.store
+        return Uncommitted(entries, last, items, lambda b: stored_form(
+            b, st.schema, st.rank, keepbits=st.cfg.lossy_keepbits))
+
     def rollback(self, cursor: dict[str, Any]) -> int:
         """Truncate the shard to a checkpoint's commit cursor (`RankStoreWriter.rollback`).
         Only before the first submit of a resumed run. Returns the entries forgotten."""
         with self._cond:
-            if self._pending or not self._q.empty():
+            if self._uncommitted or not self._q.empty():
                 raise RuntimeError("rollback() while entries are queued")
             dropped = self.store.rollback(cursor)
             self._last_submitted = self.store.manifest.last_step
+            self._committed = (self.store.manifest.entries, self.store.manifest.last_step)
         m = self.store.manifest
         self.metrics.committed_entries = m.entries
         self.metrics.raw_bytes, self.metrics.stored_bytes = m.raw_bytes, m.stored_bytes
@@ -216,12 +312,22 @@ class AsyncWriter:
 
     def _done_through(self, step: int) -> bool:
         submitted = self._last_submitted is not None and self._last_submitted >= step
-        return submitted and (not self._pending or self._pending[0] > step)
+        return submitted and (not self._uncommitted or self._uncommitted[0].last_step > step)
+
+    def _ask_commit(self) -> None:
+        """Have the worker commit what it has appended (it may be waiting for more steps)."""
+        if not self._commit_asked:
+            self._commit_asked = True
+            try:  # a full queue means a busy worker, which sees the flag after this batch
+                self._q.put_nowait(_COMMIT)
+            except queue.Full:
+                pass
 
     def flush(self) -> None:
         """Wait until everything submitted is committed."""
         self._raise_if_failed()
         if not self._closed:
+            self._q.put(_COMMIT)
             self._q.join()
         self._raise_if_failed()
 
@@ -259,49 +365,57 @@ class AsyncWriter:
     # -------------------------------------------------------------- worker side
     def _run(self) -> None:
         while True:
-            item = self._q.get()
-            items = [item]
-            while item is not None:  # coalesce whatever else is waiting: one commit for all
+            items = [self._q.get()]
+            while items[-1] is not None:  # take whatever else is waiting, in one go
                 try:
-                    item = self._q.get_nowait()
+                    items.append(self._q.get_nowait())
                 except queue.Empty:
                     break
-                items.append(item)
             stop = items[-1] is None
-            work = [i for i in items if i is not None]
+            work = [i for i in items if isinstance(i, _Item)]
             try:
-                if self._error is None and work:
-                    self._write(work)
+                if self._error is None:
+                    with self._cond:
+                        asked, self._commit_asked = self._commit_asked, False
+                    self._write(work, commit=stop or asked or any(i is _COMMIT for i in items))
             except BaseException as e:  # surfaced on the trainer's next call
                 self._error = e
             finally:
                 with self._cond:
-                    for it in work:
-                        if self._pending and self._pending[0] == it.last_step:
-                            self._pending.popleft()
                     self._cond.notify_all()
                 for _ in items:
                     self._q.task_done()
             if stop:
                 return
 
-    def _write(self, work: list[_Item]) -> None:
+    def _write(self, work: list[_Item], *, commit: bool) -> None:
         t0 = time.perf_counter()
         try:
             for it in work:
-                if it.event is not None:
-                    it.event.synchronize()
-                self.store.append(it.batch)
-        finally:  # what was appended before a failure still gets committed
-            m = self.store.commit()
+                self.store.append(it.host_batch())
+                self._appended.append(it)
+        except BaseException:
+            commit = True  # what was appended before a failure still gets committed
+            raise
+        finally:
+            if self._appended and (commit or len(self._appended) >= self.commit_every):
+                self._commit()
+            self.metrics.write_s += time.perf_counter() - t0
+
+    def _commit(self) -> None:
+        m = self.store.commit()
+        done, self._appended = self._appended, []
+        with self._cond:
+            for it in done:
+                self._uncommitted.remove(it)
+            self._committed = (m.entries, m.last_step)
         now = time.perf_counter()
         mt = self.metrics
-        mt.write_s += now - t0
         mt.commits += 1
         mt.committed_entries = m.entries
         mt.raw_bytes, mt.stored_bytes = m.raw_bytes, m.stored_bytes
         mt.queue_depth = self._q.qsize()
         lat = mt.latencies_s
-        lat.extend(now - it.t_submit for it in work)
+        lat.extend(now - it.t_submit for it in done)
         if len(lat) > self._max_lat:
             del lat[: len(lat) - self._max_lat]
