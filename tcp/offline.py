@@ -211,7 +211,7 @@ class RecordedStream:
             self.reader, seed=offline_seed(cfg), rank=rank, num=ml.replay_size,
             window_steps=None if ml.window_steps == "all" else ml.window_steps,
             lag_steps=st.replay_lag_steps, recency_half_life=st.recency_half_life,
-            prefetch=st.prefetch)  # no wait/submitted: the log is finished
+            prefetch=st.prefetch)  # no tail/submitted: the log is finished
 
     def entries(self, step: int, device: torch.device) -> MistakeBatch | None:
         """The Copilot's batch at `step` on `device` (None when there is nothing to train on)."""

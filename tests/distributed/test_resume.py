@@ -103,10 +103,13 @@ def one_mlflow_run(run: Path):
 
 def test_sigkill_mid_run_then_resume_equals_continuous(tmp_path, continuous):
     run = tmp_path / "run"
-    p = launch(run, *TINY, env={"TCP_FAULT_INJECT": "kill@step=6"}, check=False)
+    # Commit every step, so steps 5-6 are committed past the step-4 cursor when the kill comes
+    # and the resume has to roll them back (with the default, they die uncommitted).
+    every = "mistake_log.store.commit_every_steps=1"
+    p = launch(run, *TINY, every, env={"TCP_FAULT_INJECT": "kill@step=6"}, check=False)
     assert p.returncode != 0 and not (run / "results.json").exists()
     assert (run / "checkpoints/latest").read_text().strip() == "step_00000004"
-    p = launch(run, *TINY, "resume=auto")
+    p = launch(run, *TINY, every, "resume=auto")
     assert "resumed from" in p.stdout and "step_00000004 at step 4" in p.stdout
     assert "Mistake Log entries past its cursor were dropped" in p.stdout  # steps 4..6 re-logged
     assert_same_run(continuous, run)
