@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -96,7 +97,7 @@ class Uncommitted:
     entries: int
     last_step: int | None
     items: list[_Item]
-    to_stored: Any
+    to_stored: Callable[[MistakeBatch], MistakeBatch]
     """MistakeBatch -> the same entries as a reader reads them back (`stored_form`)."""
 
     def count_before(self, step: int) -> int:
