@@ -64,11 +64,7 @@ class StreamingSampler:
         lo, hi = self.window(step)
         if hi <= lo or self.num <= 0:
             return None
-        rd = self.reader
-        if self._tail is None and (rd.manifest.last_step is None or
-                                   rd.manifest.last_step < hi - 1):
-            rd.refresh()
-        view = LogView(rd, None if self._tail is None else self._tail(hi - 1))
+        view = LogView(self.reader, None if self._tail is None else self._tail(hi - 1), hi - 1)
         e0, e1 = view.entry_range(lo, hi)
         total = e1 - e0
         if total <= 0:

@@ -13,13 +13,19 @@ from tcp.mistake_log.writer import Uncommitted
 
 
 class LogView:
-    """`reader`'s committed entries, then `tail`'s (None: the committed entries only; the
-    caller refreshes the reader)."""
+    """`reader`'s committed entries, then `tail`'s (None: a log read offline, committed
+    entries only), for a draw that needs steps up to `through_step`."""
 
-    def __init__(self, reader: RankStoreReader, tail: Uncommitted | None) -> None:
+    def __init__(self, reader: RankStoreReader, tail: Uncommitted | None,
+                 through_step: int) -> None:
         self.reader, self.tail = reader, tail
-        if tail is not None and reader.manifest.entries < tail.entries:
-            reader.refresh()  # the snapshot's commits are on disk before it was taken
+        m = reader.manifest
+        # Offline: refresh if the steps are not there yet. With a snapshot: its commits were
+        # on disk before it was taken, so refresh only to see them.
+        behind = (m.last_step is None or m.last_step < through_step) if tail is None else \
+            m.entries < tail.entries
+        if behind:
+            reader.refresh()
         self.committed = reader.manifest.entries if tail is None else tail.entries
 
     def first_entry_at_or_after(self, step: int) -> int:

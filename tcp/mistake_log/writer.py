@@ -202,12 +202,12 @@ class AsyncWriter:
             raise MistakeLogWriteError("submit() after close()")
         if batch.num_entries == 0:
             return True
-        self.store.check(batch, after=self._last_submitted)  # bad input fails here, not later
+        # Bad input fails here, not later; (first, last) step, read from the device once.
+        first, step = self.store.check(batch, after=self._last_submitted)
         t0 = time.perf_counter()
         staged, ev = self._stager.stage(batch)
         t1 = time.perf_counter()
         self.metrics.stage_s += t1 - t0
-        first, step = int(batch.step.min()), int(batch.step.max())
         item = _Item(staged, ev, t1, first, step, batch.num_entries)
         with self._cond:
             self._last_submitted = step
@@ -247,45 +247,48 @@ class AsyncWriter:
         """Block until every entry of steps <= `step` is committed (or was dropped), and the
         trainer has submitted through `step`; asks the worker for the commit. Raises on worker
         failure or timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        def nudge() -> None:
+            if self._uncommitted and self._uncommitted[0].last_step <= step:
+                self._ask_commit()
+            if self._closed and not self._thread.is_alive():
+                raise MistakeLogWriteError(f"writer closed before step {step} was submitted")
+
         with self._cond:
-            while not self._done_through(step):
-                if self._error is not None:
-                    break
-                if self._uncommitted and self._uncommitted[0].last_step <= step:
-                    self._ask_commit()
-                if self._closed and not self._thread.is_alive():
-                    raise MistakeLogWriteError(f"writer closed before step {step} was submitted")
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(
-                        f"rank {self.store.rank}: step {step} of the Mistake Log not committed "
+            self._wait_until(
+                lambda: self._done_through(step), timeout, nudge,
+                lambda: f"rank {self.store.rank}: step {step} of the Mistake Log not committed "
                         f"after {timeout:.0f}s (last submitted {self._last_submitted}); raise "
                         "mistake_log.store.wait_timeout_s or replay_lag_steps")
-                self._cond.wait(timeout=1.0 if left is None else min(left, 1.0))
         self._raise_if_failed()
 
     def uncommitted(self, step: int, timeout: float | None = None) -> Uncommitted:
         """What a replay of steps <= `step` reads: waits until the trainer has submitted
         through `step` (never for a commit), then snapshots the committed counts and the
         uncommitted entries after them. Raises on worker failure or timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not (self._last_submitted is not None and self._last_submitted >= step):
-                if self._error is not None or self._closed:
-                    break
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(
-                        f"rank {self.store.rank}: step {step} of the Mistake Log was not "
+            self._wait_until(
+                lambda: self._submitted(step) or self._closed, timeout, None,
+                lambda: f"rank {self.store.rank}: step {step} of the Mistake Log was not "
                         f"submitted after {timeout:.0f}s (last submitted {self._last_submitted})")
-                self._cond.wait(timeout=1.0 if left is None else min(left, 1.0))
             entries, last = self._committed
             items = list(self._uncommitted)
         self._raise_if_failed()
         st = self.store
         return Uncommitted(entries, last, items, lambda b: stored_form(
             b, st.schema, st.rank, keepbits=st.cfg.lossy_keepbits))
+
+    def _wait_until(self, done: Callable[[], bool], timeout: float | None,
+                    each: Callable[[], None] | None, timed_out: Callable[[], str]) -> None:
+        """With `_cond` held: wait until `done()` or the worker failed, calling `each()` before
+        every wait; TimeoutError(timed_out()) after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done() and self._error is None:
+            if each is not None:
+                each()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(timed_out())
+            self._cond.wait(timeout=1.0 if left is None else min(left, 1.0))
 
     def rollback(self, cursor: dict[str, Any]) -> int:
         """Truncate the shard to a checkpoint's commit cursor (`RankStoreWriter.rollback`).
@@ -304,16 +307,19 @@ class AsyncWriter:
     def submitted_through(self, step: int) -> bool:
         """Whether the trainer has handed over step `step` (or a later one)."""
         with self._cond:
-            return self._last_submitted is not None and self._last_submitted >= step
+            return self._submitted(step)
 
     def committed_through(self, step: int) -> bool:
         """Non-blocking form of `wait_committed`."""
         with self._cond:
             return self._done_through(step)
 
+    def _submitted(self, step: int) -> bool:
+        return self._last_submitted is not None and self._last_submitted >= step
+
     def _done_through(self, step: int) -> bool:
-        submitted = self._last_submitted is not None and self._last_submitted >= step
-        return submitted and (not self._uncommitted or self._uncommitted[0].last_step > step)
+        return self._submitted(step) and (not self._uncommitted or
+                                          self._uncommitted[0].last_step > step)
 
     def _ask_commit(self) -> None:
         """Have the worker commit what it has appended (it may be waiting for more steps)."""
