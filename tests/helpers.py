@@ -33,7 +33,7 @@ def sample_prompts(tok) -> list[list[int]]:
 
 def hf_generated(ids: list[int], tok) -> list[int]:
     """An HF `generate` continuation cut like tcp's decoding output (EOS/pad excluded)."""
-    from tcp.generate import strip_generated
+    from tcp.evaluation.decoding import strip_generated
 
     return strip_generated(ids, tok.eos_token_id, tok.pad_token_id)
 

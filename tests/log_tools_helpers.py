@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 
 from tcp.config import ZarrStoreConfig
+from tcp.mistake_log.format import Schema, ranks_in
+from tcp.mistake_log.reader import RankStoreReader
 from tcp.mistake_log.record import MistakeBatch
-from tcp.mistake_log.store import RankStoreReader, RankStoreWriter, Schema, ranks_in
+from tcp.mistake_log.shard_writer import RankStoreWriter
 from tests.helpers import fake_entries
 
 SMALL = 64 * 16 * 4 / 2**20  # chunk_mib giving 64-row chunks at d=16 float32

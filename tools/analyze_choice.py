@@ -31,8 +31,8 @@ import collections
 import re
 from pathlib import Path
 
-from tcp.predictions import breakdown_table, read_test_rows
-from tcp.tasks import parse_choice
+from tcp.evaluation.answer_scoring import parse_choice
+from tcp.evaluation.predictions import breakdown_table, read_test_rows
 
 OPTION = re.compile(r"^answer(\d): (-?\d+)$", re.M)
 VALUE = re.compile(r"\s*(-?\d+)\.")

@@ -21,7 +21,7 @@ import collections
 import re
 from pathlib import Path
 
-from tcp.predictions import breakdown_table, read_test_rows
+from tcp.evaluation.predictions import breakdown_table, read_test_rows
 
 CLAIM = re.compile(r"Is the answer (-?\d+)\?")
 ANSWER = re.compile(r"\s*(-?\d+), so (yes|no)\b")

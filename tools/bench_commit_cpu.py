@@ -25,8 +25,9 @@ from pathlib import Path
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from tcp.config import ZarrStoreConfig
+from tcp.mistake_log.reader import RankStoreReader
 from tcp.mistake_log.record import MistakeBatch
-from tcp.mistake_log.store import RankStoreReader, RankStoreWriter
+from tcp.mistake_log.shard_writer import RankStoreWriter
 
 
 def one_run(batches: list[MistakeBatch], reader: RankStoreReader, out: Path,

@@ -62,7 +62,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from tcp.config import ArchConfig, CopilotConfig
-    from tcp.generate import DecodeOptions, fused_generate
+    from tcp.evaluation.decoding import DecodeOptions, fused_generate
     from tcp.models.copilot import Copilot
     from tcp.models.pilot import PilotTap, build_llama
 

@@ -5,7 +5,8 @@
 
 A narrow Pilot and Copilot (d=64, 2 layers: the width does not change what is vocabulary-sized)
 are built from config; a batch of `--batch` sequences of `--seq` tokens (half prompt, half answer)
-goes through the teacher-forced diagnostics (tcp.diagnostics) and through fused greedy decoding
+goes through the teacher-forced diagnostics (tcp.evaluation.diagnostics) and through fused greedy
+decoding
 (λ ∈ {0, 1}). Peak memory is what evaluation adds on top of the loaded models and data: on the
 CPU the process's peak resident set (VmHWM, reset before each phase through
 /proc/self/clear_refs; Linux only) minus its resident set before the phase, on CUDA
@@ -66,10 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from tcp.config import ArchConfig, CopilotConfig
     from tcp.data.collate import TokenizedSample
-    from tcp.diagnostics import teacher_forced_diagnostics
-    from tcp.generate import DecodeOptions, fused_generate
+    from tcp.evaluation.decoding import DecodeOptions, fused_generate
+    from tcp.evaluation.diagnostics import teacher_forced_diagnostics
     from tcp.models.copilot import Copilot
-    from tcp.models.pilot import PilotTap, build_llama, use_fused_head
+    from tcp.models.lm_head import use_fused_head
+    from tcp.models.pilot import PilotTap, build_llama
 
     V, T, B = a.vocab, a.seq, a.batch
     arch = ArchConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,

@@ -47,8 +47,8 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages
 import torch
 import zarr
 
+from tcp.cli.tcp_log import build_parser
 from tcp.log_tools import prune, replace, rewrite, swap
-from tcp.log_tools.cli import build_parser
 from tcp.log_tools.compact import CompactOptions, compact
 from tcp.log_tools.select import PrunePolicy
 

@@ -35,18 +35,20 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: kernels/
 
-from tcp.build import build_engines, load_tokenizer
 from tcp.config import ZarrStoreConfig, load_config
 from tcp.data.prepare import model_context, prepare_data
-from tcp.engines import init_distributed
+from tcp.mistake_log.async_writer import AsyncWriter
 from tcp.mistake_log.disk import ZarrMistakeLog
+from tcp.mistake_log.format import Schema
 from tcp.mistake_log.memory import MemoryMistakeLog
+from tcp.mistake_log.reader import RankStoreReader
 from tcp.mistake_log.record import MistakeBatch
 from tcp.mistake_log.sampler import StreamingSampler
-from tcp.mistake_log.store import RankStoreReader, RankStoreWriter, Schema
-from tcp.mistake_log.writer import AsyncWriter
-from tcp.tracking import Tracker
-from tcp.train import Trainer
+from tcp.mistake_log.shard_writer import RankStoreWriter
+from tcp.runtime.process_group import init_distributed
+from tcp.runtime.tracking import Tracker
+from tcp.training.build import build_engines, load_tokenizer
+from tcp.training.trainer import Trainer
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -233,7 +235,7 @@ def gil_check(entries: list[MistakeBatch], schema: Schema, cfg: ZarrStoreConfig,
 
 
 def _raw_bytes(b: MistakeBatch, schema: Schema) -> int:
-    from tcp.mistake_log.store import batch_to_rows
+    from tcp.mistake_log.rows import batch_to_rows
 
     return sum(a.nbytes for a in batch_to_rows(b, schema).values())
 

@@ -14,7 +14,7 @@ What it measures (docs/gpu_check.md has every JSON key and its goal):
    read at the one boundary between the engines' phases (`Trainer.copilot_step`).
 2. The fused Copilot and Pilot losses against the eager paths at the default
    `kernels.chunk_mib` (tools/bench_kernels.py's cases and measurement).
-3. Decode time per token with and without the Copilot (`tcp.generate.fused_generate`, the
+3. Decode time per token with and without the Copilot (`tcp.evaluation.decoding.fused_generate`, the
    method of tools/bench_decode.py: (T tokens - 1 token) / (T - 1), interleaved, medians).
 4. Peak memory of the evaluation (teacher-forced diagnostics, fused decoding) against the
    (B, T, V) fp32 logits: tools/bench_eval_memory.py, on the check's device.
@@ -135,7 +135,8 @@ def _sync(dev: Any) -> None:
 
 
 def phase_timed(trainer_cls: type) -> type:
-    """`trainer_cls` (tcp.train.Trainer) with time and peak memory read at the start of the
+    """`trainer_cls` (tcp.training.trainer.Trainer) with time and peak memory read at the start of
+    the
     step, at the start of the Copilot's phase and at the end. The step is the library's."""
     from bench_kernels import _peak, _reset_peak
 
@@ -170,11 +171,11 @@ def phase_timed(trainer_cls: type) -> type:
 
 def joint_steps(cfg: Any, p: Preset, device: Any) -> dict[str, Any]:
     """Median step times of the three arms, the Copilot's share, peak memory per phase."""
-    from tcp.build import build_engines, build_mistake_log, load_tokenizer
     from tcp.data.prepare import model_context, prepare_data
-    from tcp.run import param_count
-    from tcp.tracking import Tracker
-    from tcp.train import Trainer
+    from tcp.runtime.tracking import Tracker
+    from tcp.training.build import build_engines, build_mistake_log, load_tokenizer
+    from tcp.training.engines import param_count
+    from tcp.training.trainer import Trainer
 
     tok = load_tokenizer(cfg)
     data = prepare_data(cfg, tok, context=model_context(cfg, tok))  # max_length: auto resolved
@@ -272,9 +273,9 @@ def decode_times(cfg: Any, p: Preset, device: Any) -> dict[str, Any]:
     import torch
     from bench_decode import copilot_flops_per_token, flops_per_token
 
-    from tcp.build import build_copilot, build_pilot, load_tokenizer
-    from tcp.generate import DecodeOptions, fused_generate
+    from tcp.evaluation.decoding import DecodeOptions, fused_generate
     from tcp.models.pilot import PilotTap, torch_dtype
+    from tcp.training.build import build_copilot, build_pilot, load_tokenizer
 
     tok = load_tokenizer(cfg)
     dt = torch_dtype(cfg.model.dtype)
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{torch.__version__}); use --device cpu for the CPU path", file=sys.stderr)
         return 2
     from tcp.config import KernelsConfig
-    from tcp.engines import init_distributed
+    from tcp.runtime.process_group import init_distributed
 
     p = PRESETS[a.preset]
     if a.dtype:

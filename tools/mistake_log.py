@@ -4,7 +4,7 @@
     .venv/bin/python tools/mistake_log.py verify runs/default/mistake_log [--quick]
     .venv/bin/python tools/mistake_log.py --help
 
-See tcp/log_tools/cli.py and docs/mistake_log.md ("Tools: tcp-log").
+See tcp/cli/tcp_log.py and docs/mistake_log.md ("Tools: tcp-log").
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: kernels/
 
-from tcp.log_tools.cli import main
+from tcp.cli.tcp_log import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

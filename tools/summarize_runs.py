@@ -29,7 +29,8 @@ seeds, both accuracies as mean ± sd, and the paired test over that task's poole
 `--matched` runs are paired with the runs of the same task (`data.source`) and seed.
 
 --json prints {"runs": [...], "pooled": {...}, "tasks": {...}} instead: per run its path, task,
-seed, n, accuracies, λ and "paired" (the format of results.json["paired"], tcp.stats); pooled
+seed, n, accuracies, λ and "paired" (the format of results.json["paired"], tcp.evaluation.stats);
+pooled
 the mean and sd of both accuracies and the pooled "paired", over all runs and per task.
 """
 
@@ -44,8 +45,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tcp.predictions import read_paired_flags
-from tcp.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, format_paired, paired_comparison
+from tcp.evaluation.predictions import read_paired_flags
+from tcp.evaluation.stats import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    format_paired,
+    paired_comparison,
+)
 
 
 @dataclass

@@ -31,13 +31,14 @@ Each key is documented (a docstring under the field) in the file of its section:
 The top-level keys (seed, output_dir, resume) and the checks that span sections are on
 RunConfig in tcp/config/run.py, which also reads YAML files (`extends`), applies dotted overrides
 (`train.pilot.lr=3e-4`) and holds load_config, dump_yaml and resolve_epochs. The DeepSpeed config
-of each engine is rendered in tcp/config/engine.py (render_deepspeed); ConfigError and the
+of each engine is rendered in tcp/config/deepspeed.py (render_deepspeed); ConfigError and the
 dict -> dataclass conversion with its type checks (from_dict, to_dict) are in
 tcp/config/schema.py. Import everything from `tcp.config`.
 """
 
 from tcp.config.data import DataConfig
-from tcp.config.engine import EngineConfig, ZeroConfig, engine_config, render_deepspeed
+from tcp.config.deepspeed import engine_config, render_deepspeed
+from tcp.config.engine import EngineConfig, ZeroConfig
 from tcp.config.eval import EvalConfig
 from tcp.config.mistake_log import MistakeLogConfig, ZarrStoreConfig
 from tcp.config.models import (

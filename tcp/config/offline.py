@@ -1,5 +1,6 @@
 """`offline`: training a fresh Copilot from a finished run's recorded Mistake Log, with no
-Pilot forward or backward (`tcp-train --offline-from <run>`; tcp/offline.py, docs/method.md)."""
+Pilot forward or backward (`tcp-train --offline-from <run>`; tcp/training/offline_job.py,
+docs/method.md)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """A run's data, ready to train on: load every split, size `data.max_length: auto`, tokenise,
 and stop (DataError, exit 2) when too much would be dropped or is unknown to the tokenizer.
 
-Called by `tcp.run` before any model is built; the returned config has `data.max_length` as a
+Called by `tcp.training.joint_job` before any model is built; the returned config has
+`data.max_length` as a
 number, so everything after (the budget, the base cache, config.yaml, a resume) sees one value.
 
 The `auto` rule: the 99.5th percentile (nearest rank) of the training split's sample lengths

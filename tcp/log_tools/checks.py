@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tcp.log_tools.errors import LogToolError
 from tcp.log_tools.paths import marker_path
-from tcp.mistake_log.store import FORMAT, ranks_in
+from tcp.mistake_log.format import FORMAT, ranks_in
 
 
 def is_log(path: Path) -> bool:

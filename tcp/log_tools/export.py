@@ -42,8 +42,10 @@ from tcp.log_tools.checks import damaged
 from tcp.log_tools.errors import LogToolError, UsageError
 from tcp.log_tools.rewrite import blocks
 from tcp.log_tools.tables import READ_ERRORS, LogTables, load_tables
+from tcp.mistake_log.format import Schema
+from tcp.mistake_log.reader import RankStoreReader
 from tcp.mistake_log.record import MistakeBatch, offsets_from_lengths
-from tcp.mistake_log.store import RankStoreReader, Schema, batch_to_rows, state_tensor
+from tcp.mistake_log.rows import batch_to_rows, state_tensor
 
 EXPORT_FORMAT = "tcp-mistake-log-export"
 EXPORT_VERSION = 1

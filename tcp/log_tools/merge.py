@@ -23,7 +23,7 @@ from tcp.log_tools.replace import fsync_tree, now, unsynced
 from tcp.log_tools.rewrite import OutShard, config_from_codec, part_of, write_log
 from tcp.log_tools.tables import READ_ERRORS, LogTables, load_tables
 from tcp.mistake_log.maintenance import verify
-from tcp.run_lock import LOCK_NAME, RunLock
+from tcp.runtime.run_lock import LOCK_NAME, RunLock
 
 
 @dataclass

@@ -3,7 +3,7 @@ complete and verified.
 
 1. Finish or clean up what an interrupted run left (`swap.recover_missing`, `swap.cleanup`).
 2. Lock the log (`RunLock(path, what="log tool")`): a live training run's lock refuses it; so
-   does a live reader's mark (an offline Copilot job reading it, tcp.read_marks).
+   does a live reader's mark (an offline Copilot job reading it, tcp.runtime.read_marks).
 3. Read the per-entry facts, let the caller choose the entries and options, check free space.
 4. Write the new store beside the log (`<PATH>.tcp-compact/`), verify it (every
    chunk decoded, digests, counts; for a plain compact the manifests' digests must equal the
@@ -32,18 +32,17 @@ from typing import Any
 import zarr
 
 from tcp.config import ZarrStoreConfig
-from tcp.faults import fault_point
 from tcp.log_tools import swap
 from tcp.log_tools.checks import damaged, require_log
 from tcp.log_tools.errors import LogToolError, disk_full, human_bytes
 from tcp.log_tools.paths import TEMP_TAG, temp_path
 from tcp.log_tools.rewrite import OutShard, write_log
 from tcp.log_tools.tables import READ_ERRORS, LogTables, load_tables
-from tcp.mistake_log.format import fsync_all
+from tcp.mistake_log.format import Manifest, fsync_all
 from tcp.mistake_log.maintenance import verify
-from tcp.mistake_log.store import Manifest
-from tcp.read_marks import READERS, refuse_if_read
-from tcp.run_lock import LOCK_NAME, RunLock
+from tcp.runtime.faults import fault_point
+from tcp.runtime.read_marks import READERS, refuse_if_read
+from tcp.runtime.run_lock import LOCK_NAME, RunLock
 
 Build = Callable[[LogTables], tuple[list[OutShard], ZarrStoreConfig, dict[str, Any]]]
 """tables -> (new shards, store options, the history record of the operation)."""

@@ -19,11 +19,13 @@ import zarr
 from tqdm import tqdm
 
 from tcp.config import ZarrStoreConfig
-from tcp.faults import fault_point
 from tcp.log_tools.errors import UsageError
 from tcp.log_tools.tables import LogTables, ShardTable
+from tcp.mistake_log.format import Manifest, Schema
+from tcp.mistake_log.reader import RankStoreReader
 from tcp.mistake_log.record import MistakeBatch
-from tcp.mistake_log.store import Manifest, RankStoreReader, RankStoreWriter, Schema
+from tcp.mistake_log.shard_writer import RankStoreWriter
+from tcp.runtime.faults import fault_point
 
 BLOCK_BYTES = 64 * 2**20
 """Raw bytes read, held and committed at a time."""

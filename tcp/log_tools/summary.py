@@ -10,8 +10,9 @@ from typing import Any
 from tcp.log_tools.checks import damaged, require_log
 from tcp.log_tools.errors import human_bytes
 from tcp.log_tools.tables import READ_ERRORS, residual_sum, root_attrs
+from tcp.mistake_log.format import Schema
 from tcp.mistake_log.maintenance import VerifyReport, info, verify
-from tcp.mistake_log.store import RankStoreReader, Schema
+from tcp.mistake_log.reader import RankStoreReader
 
 
 def residual_means(root: Path, ranks: list[int]) -> dict[int, tuple[float, int]]:

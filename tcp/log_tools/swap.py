@@ -20,12 +20,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tcp.faults import fault_point
 from tcp.log_tools.checks import is_log
 from tcp.log_tools.errors import LogToolError
 from tcp.log_tools.paths import TEMP_TAG, marker_path, old_path, temp_path
-from tcp.mistake_log.store import atomic_write_json, fsync_path
-from tcp.run_lock import RunLock
+from tcp.runtime.atomic import atomic_write_json, fsync_path
+from tcp.runtime.faults import fault_point
+from tcp.runtime.run_lock import RunLock
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2

@@ -15,16 +15,16 @@ from typing import Any
 import numpy as np
 
 from tcp.log_tools.checks import damaged, require_log
-from tcp.mistake_log.store import (
+from tcp.mistake_log.format import (
     ENTRY_ARRAYS,
     PROMPT_ARRAYS,
     TOKEN_ARRAYS,
     Manifest,
     MistakeLogCorrupt,
-    RankStoreReader,
     Schema,
     ranks_in,
 )
+from tcp.mistake_log.reader import RankStoreReader
 
 BLOCK_ROWS = 1 << 20
 """Token rows decoded at a time."""

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from tcp.config import ZarrStoreConfig
+from tcp.mistake_log.async_writer import AsyncWriter
 from tcp.mistake_log.base import MistakeLog
+from tcp.mistake_log.format import Schema
+from tcp.mistake_log.reader import RankStoreReader
 from tcp.mistake_log.record import MistakeBatch
-from tcp.mistake_log.sampler import StreamingSampler
-from tcp.mistake_log.store import RankStoreReader, RankStoreWriter, Schema
-from tcp.mistake_log.writer import AsyncWriter
+from tcp.mistake_log.sampler import replay_sampler
+from tcp.mistake_log.shard_writer import RankStoreWriter
 
 
 class ZarrMistakeLog(MistakeLog):
@@ -25,11 +27,9 @@ class ZarrMistakeLog(MistakeLog):
                                   queue_depth=cfg.queue_depth, on_full=cfg.on_full,
                                   commit_every=cfg.commit_every_steps)
         self.reader = RankStoreReader(root, rank, cache_mib=cfg.read_cache_mib)
-        self.sampler = StreamingSampler(
-            self.reader, seed=seed, rank=rank, num=replay_size, window_steps=window_steps,
-            lag_steps=cfg.replay_lag_steps, recency_half_life=cfg.recency_half_life,
-            prefetch=cfg.prefetch,
-            tail=lambda s: self.writer.uncommitted(s, timeout=cfg.wait_timeout_s),
+        self.sampler = replay_sampler(
+            self.reader, cfg, window_steps=window_steps, replay_size=replay_size, seed=seed,
+            rank=rank, tail=lambda s: self.writer.uncommitted(s, timeout=cfg.wait_timeout_s),
             submitted=self.writer.submitted_through)
         self.truncated_entries = 0
         """Entries past the resumed checkpoint's cursor that `load_state_dict` forgot."""

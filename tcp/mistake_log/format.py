@@ -18,12 +18,12 @@ Readers never look past the manifest's counts, so a crash at any point leaves th
 readable; whatever was written after it is an uncommitted tail that readers ignore and report.
 Every chunk also carries a CRC32C (Zarr's crc32c codec), so a corrupt chunk fails its read.
 
-This module: the layout's names and constants, the schema, chunking and codecs, the manifest,
-the durable-write helpers. Entries <-> stored rows are `rows.py`; the shard writer is
+This module: the layout's names and constants, the schema, chunking and codecs, the manifest
+(durable single-file writes are `tcp.runtime.atomic`). Entries <-> stored rows are `rows.py`; the
+shard writer is
 `shard_writer.py` (it encodes and writes the chunks of plain-codec arrays itself,
 byte-identical to Zarr's: `chunk_io.py`), the reader `reader.py`, rewriting a whole log
-(prune, compact, merge) `tcp/log_tools/`;
-`store.py` re-exports all of it.
+(prune, compact, merge) `tcp/log_tools/`.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
 from tcp.config import ZarrStoreConfig
+from tcp.runtime.atomic import fsync_path
 
 # BitRound (lossy option) is a numcodecs codec, not a Zarr v3 spec codec; zarr-python reads it
 # (docs/mistake_log.md says so). Silence the per-array reminder, nothing else.
@@ -169,28 +170,6 @@ def codec_description(cfg: ZarrStoreConfig) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- filesystem helpers
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path: Path, obj: Any, *, fsync: bool) -> None:
-    """Temp file, fsync, rename, fsync the directory: the file is old or new, never partial."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        fsync_path(path.parent)
-
-
 def replace_file(path: Path, parts: Iterable[Any], *, fsync: bool) -> int:
     """Write `parts` (bytes-like, in order) at `path` through a temp file `<path>.<id>.partial`
     renamed into place, so the file is the old or the new one, never partial; with `fsync` the

@@ -9,13 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from tcp.mistake_log.store import (
-    ALL_ARRAYS,
-    ENTRY_ARRAYS,
-    MistakeLogCorrupt,
-    RankStoreReader,
-    ranks_in,
-)
+from tcp.mistake_log.format import ALL_ARRAYS, ENTRY_ARRAYS, MistakeLogCorrupt, ranks_in
+from tcp.mistake_log.reader import RankStoreReader
 
 VERIFY_ROWS = 1 << 16
 """Rows decoded at a time while verifying (bounds memory on terabyte logs)."""

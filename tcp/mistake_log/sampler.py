@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from tcp.config import ZarrStoreConfig
+from tcp.mistake_log.async_writer import Uncommitted
 from tcp.mistake_log.base import sample_generator
+from tcp.mistake_log.reader import RankStoreReader
 from tcp.mistake_log.record import MistakeBatch
-from tcp.mistake_log.store import RankStoreReader
 from tcp.mistake_log.view import LogView
-from tcp.mistake_log.writer import Uncommitted
 
 
 class StreamingSampler:
@@ -149,3 +150,17 @@ class StreamingSampler:
         for f in self._futures.values():
             f.cancel()
         self._futures.clear()
+
+
+def replay_sampler(reader: RankStoreReader, store: ZarrStoreConfig, *, window_steps: int | None,
+                   replay_size: int, seed: int, rank: int,
+                   tail: Callable[[int], Uncommitted] | None = None,
+                   submitted: Callable[[int], bool] | None = None) -> StreamingSampler:
+    """The replay sampler the configuration describes (`mistake_log.window_steps` as
+    `window_steps`, None for 'all'; `mistake_log.replay_size`; `mistake_log.store.*`). The joint
+    run's log (`ZarrMistakeLog`, with the live writer's `tail`/`submitted`) and offline training
+    (a finished log, both None) build theirs here, so they draw the same stream."""
+    return StreamingSampler(reader, seed=seed, rank=rank, num=replay_size,
+                            window_steps=window_steps, lag_steps=store.replay_lag_steps,
+                            recency_half_life=store.recency_half_life, prefetch=store.prefetch,
+                            tail=tail, submitted=submitted)

@@ -24,7 +24,6 @@ from tcp.mistake_log.format import (
     MistakeLogCorrupt,
     Schema,
     TrackingStore,
-    atomic_write_json,
     chunk_rows,
     codec_description,
     codecs,
@@ -35,6 +34,7 @@ from tcp.mistake_log.format import (
 )
 from tcp.mistake_log.record import MistakeBatch
 from tcp.mistake_log.rows import batch_to_rows
+from tcp.runtime.atomic import atomic_write_json
 
 
 class RankStoreWriter:

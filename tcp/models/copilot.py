@@ -33,10 +33,7 @@ from tcp.config import CopilotConfig
 from tcp.kernels.copilot_loss import copilot_rmse_loss, fused_copilot_rmse_loss
 from tcp.mistake_log.record import MistakeBatch
 from tcp.models.attention import KV, Attention, Rotary, adopt_saved_biases
-from tcp.models.copilot_init import init_copilot_from as init_copilot_from
-from tcp.models.copilot_init import init_from_llama as init_from_llama  # the former home
-from tcp.models.copilot_inputs import CopilotInputs as CopilotInputs
-from tcp.models.copilot_inputs import build_inputs as build_inputs
+from tcp.models.copilot_inputs import CopilotInputs
 
 
 class RMSNorm(nn.Module):
@@ -210,7 +207,8 @@ class ErrorHead(nn.Linear):
         if target is None:
             return super().forward(x)
         if not isinstance(target, ErrorTarget):
-            # Another request computed where W is gathered (tcp.diagnostics.DiagnosticsTarget):
+            # Another request computed where W is gathered
+            # (tcp.evaluation.diagnostics.DiagnosticsTarget):
             # it reads f in row chunks, never as a whole (N, V).
             return target(x, self.weight, self.bias)
         t = target

@@ -22,16 +22,13 @@ Copilot's state dict, so `final/copilot.pt` rebuilds the same model in `tcp-eval
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from tcp.models.attention import enable_bias
-
-if TYPE_CHECKING:
-    from tcp.models.copilot import Copilot
-
+from tcp.models.copilot import Copilot
 
 # ---------------------------------------------------------------------------------------------
 # Copying a source into the Copilot
@@ -51,13 +48,6 @@ def init_copilot_from(copilot: Copilot, source: nn.Module) -> list[str]:
                      f"{type(source).__name__}: neither a LLaMA-style decoder (model.layers[i]."
                      "self_attn.q_proj, mlp.gate_proj) nor a T5 (decoder.block). Use "
                      "copilot.init_from=none")
-
-
-def init_from_llama(copilot: Copilot, llama: nn.Module) -> list[str]:
-    """The former name of `init_copilot_from` (LLaMA-style decoders only)."""
-    if _llama_body(llama) is None:
-        raise ValueError(f"{type(llama).__name__} is not a LLaMA-style decoder")
-    return _init_from_llama_style(copilot, llama)
 
 
 def _llama_body(model: nn.Module) -> nn.Module | None:

@@ -1,8 +1,9 @@
 """The Copilot's teacher-forced inputs: a ragged `MistakeBatch` padded into (B, ...) tensors.
 
-Built where the batch is (the compute device after `tcp.train.copilot_entries`): only the
-per-entry lengths go to the host, to size the padding and compute scatter indices; every
-per-token tensor is scattered on the device in a few vectorised ops.
+Built where the batch is (the compute device after
+`tcp.training.copilot_update.copilot_entries`): only the per-entry lengths go to the host, to
+size the padding and compute scatter indices; every per-token tensor is scattered on the device
+in a few vectorised ops.
 """
 
 from __future__ import annotations

@@ -26,11 +26,7 @@ from torch import nn
 from tcp.config import ArchConfig, ModelConfig
 from tcp.kernels.pilot_loss import logits_cross_entropy
 from tcp.kernels.pooling import pool_layer_
-from tcp.models.lm_head import FusedLMHead as FusedLMHead
-from tcp.models.lm_head import HeadOptions as HeadOptions
-from tcp.models.lm_head import _HeadRequest
-from tcp.models.lm_head import logits_at as logits_at
-from tcp.models.lm_head import use_fused_head as use_fused_head
+from tcp.models.lm_head import FusedLMHead, HeadOptions, _HeadRequest, logits_at
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -348,7 +344,7 @@ def pilot_forward(model: nn.Module, tap: PilotTap, batch: dict[str, torch.Tensor
             lm_head = getattr(model, "module", model).get_output_embeddings()
             if not isinstance(lm_head, FusedLMHead):
                 raise RuntimeError("kernels.fused needs the Pilot's head swapped by "
-                                   "tcp.models.pilot.use_fused_head before DeepSpeed wraps it")
+                                   "tcp.models.lm_head.use_fused_head before DeepSpeed wraps it")
             with lm_head.request(_HeadRequest(rows=tidx, labels=labels, options=head)) as req:
                 # The head returns the loss in place of logits; take it from the model's output,
                 # which under ZeRO-3 carries the hook that re-gathers the weight for backward.

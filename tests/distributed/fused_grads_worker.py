@@ -22,10 +22,13 @@ import torch.distributed as dist
 
 from tcp.config import RunConfig, render_deepspeed
 from tcp.data.collate import collate
-from tcp.engines import build_engine, init_distributed
-from tcp.mistake_log.collect import collect
-from tcp.models.copilot import ErrorTarget, build_inputs
-from tcp.models.pilot import HeadOptions, PilotTap, pilot_forward, use_fused_head
+from tcp.models.copilot import ErrorTarget
+from tcp.models.copilot_inputs import build_inputs
+from tcp.models.lm_head import HeadOptions, use_fused_head
+from tcp.models.log_entries import collect
+from tcp.models.pilot import PilotTap, pilot_forward
+from tcp.runtime.process_group import init_distributed
+from tcp.training.engines import build_engine
 from tests.helpers import tiny_copilot, tiny_pilot, tokenized_batch
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tcp.checkpoint import read_complete
+from tcp.training.checkpoint import read_complete
 from tests.distributed.test_resume import NO_MLFLOW, TINY
 from tests.helpers import JOINT_ONLY, ROOT, launch
 
@@ -169,8 +169,8 @@ WORKER = textwrap.dedent("""
     import torch
     import torch.distributed as dist
 
-    import tcp.checkpoint as ck
-    from tcp.shared_storage import PROBE
+    import tcp.training.checkpoint as ck
+    from tcp.runtime.shared_storage import PROBE
     from tcp.config import CheckpointConfig
 
     class Engine:  # DeepSpeed's save structure: barrier, writes via its checkpoint engine, barrier

@@ -69,7 +69,7 @@ def test_two_rank_zero3_joint_run(joint_run):
     check_mistake_log(run, res, steps=24, micro_batch_size=8)
     # tcp-eval on the finished run (one process, no DeepSpeed) scores what the job scored; batches
     # are composed differently (rank shards), so a near-tie may flip one answer.
-    from tcp.eval_cli import eval_main
+    from tcp.cli.tcp_eval import eval_main
 
     lam = res["pilot+copilot"]["lambda"]
     assert eval_main([str(run), "--lambda", str(lam)]) == 0
@@ -87,7 +87,7 @@ def check_mistake_log(run: Path, res: dict, *, steps: int, micro_batch_size: int
     that rank produced (one per sample of its micro-batch, every step, in order)."""
     from tcp.data.collate import batch_indices
     from tcp.mistake_log.maintenance import verify
-    from tcp.mistake_log.store import RankStoreReader
+    from tcp.mistake_log.reader import RankStoreReader
 
     rep = verify(run / "mistake_log")
     assert rep.ok, rep.summary()
@@ -182,7 +182,7 @@ def test_t5_pilot_trains_and_decodes_under_zero3(tmp_path):
 
     state = torch.load(run / "final/copilot.pt", weights_only=True)
     assert any(".cross_attn." in k for k in state)  # the encoder-decoder Copilot
-    from tcp.eval_cli import eval_main
+    from tcp.cli.tcp_eval import eval_main
 
     assert eval_main([str(run), "--lambda", "1.0", "--limit", "8"]) == 0
     assert json.loads((run / "eval/eval.json").read_text())["test_size"] == 8

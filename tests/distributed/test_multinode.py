@@ -10,7 +10,7 @@ What the DeepSpeed runner (0.19) does with --no_ssh, which the commands here rel
 - --master_addr is required: without it the runner asks the first host over ssh
   (`ssh localhost hostname -I`) even under --no_ssh;
 - the runner forwards no signal to its children on this path (the ranks notice its exit and
-  stop with a checkpoint: tcp.preemption.LauncherWatch, tested in test_operations.py), and a
+  stop with a checkpoint: tcp.runtime.preemption.LauncherWatch, tested in test_operations.py), and a
   launch process killed by a signal makes the runner exit 0. A node is killed here by fault
   injection in its rank; each node runs in its own session so that nothing of it survives.
 """
@@ -126,7 +126,7 @@ def assert_nothing_left(nodes: list[Node], grace: float = 10.0) -> None:
 def assert_log_complete(run: Path) -> None:
     """Both ranks' shards verify and hold every (step, sample) of the run exactly once."""
     from tcp.mistake_log.maintenance import verify
-    from tcp.mistake_log.store import RankStoreReader
+    from tcp.mistake_log.reader import RankStoreReader
 
     root = run / "mistake_log"
     assert sorted(p.name for p in root.glob("rank*")) == ["rank00000", "rank00001"]

@@ -51,11 +51,11 @@ def test_offline_copilot_from_the_joint_runs_log(joint_run, tmp_path):
     assert len(preds) == res["test_size"] == 32 and res["paired"]["n"] == 32
     assert res["pilot"]["source"] == str(src.resolve() / "final" / "pilot")
     assert not list(src.rglob(".tcp.lock"))  # the source was only read
-    # ... and marked as read meanwhile (tcp.read_marks); the marks are gone.
+    # ... and marked as read meanwhile (tcp.runtime.read_marks); the marks are gone.
     assert {p.parent for p in src.rglob(".tcp.readers")} == {src, src / "mistake_log"}
     assert not list(src.rglob(".tcp.readers/*"))
     # tcp-eval scores it: with the source's Pilot named, and found from offline.source.
-    from tcp.eval_cli import eval_main
+    from tcp.cli.tcp_eval import eval_main
 
     assert eval_main([str(out), f"--pilot={src}"]) == 0
     ev = json.loads((out / "eval" / "transfer-run.json").read_text())

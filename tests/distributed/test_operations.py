@@ -13,8 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tcp.checkpoint import read_complete
 from tcp.mistake_log.maintenance import verify
+from tcp.training.checkpoint import read_complete
 from tests.distributed.test_resume import NO_MLFLOW, TINY, one_mlflow_run
 from tests.helpers import JOINT_ONLY, ROOT, launch
 
@@ -168,7 +168,7 @@ def test_sigterm_to_tcp_launch_waits_for_the_checkpoint_and_exits_143(tmp_path):
     it, waits for every process below it, and exits 143 once the checkpoint is written."""
     run = tmp_path / "run"
     top = launch(run, *LONG, NO_MLFLOW, popen=True, prefix=(sys.executable, "-m",
-                                                             "tcp.supervise"))
+                                                             "tcp.cli.tcp_launch"))
     wait_for(lambda: (run / "checkpoints/step_00000004/manifest.json").exists(), timeout=300,
              what="the first checkpoint", proc=top)
     below = psutil.Process(top.pid).children(recursive=True)

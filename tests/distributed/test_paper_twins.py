@@ -41,8 +41,8 @@ def run_twin(tmp_path: Path, config: str, *extra: str, ranks: int = 2) -> tuple[
     source twin). Checks the run finished, trained jointly, saved and evaluated."""
     from transformers import AutoConfig
 
+    from tcp.cli.tcp_eval import eval_main
     from tcp.data.tokenizer import build_char_tokenizer
-    from tcp.eval_cli import eval_main
     from tcp.models.twins import copilot_overrides, write_twin
 
     cfg = load_config(ROOT / config)

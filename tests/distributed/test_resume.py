@@ -75,8 +75,9 @@ def assert_same_run(a: Path, b: Path) -> None:
 def assert_same_log(a: Path, b: Path) -> None:
     """Each rank's shard verifies, holds every (step, sample) once, in the continuous run's
     order, with identical contents (the manifests' per-array CRC32 digests are equal)."""
+    from tcp.mistake_log.format import Manifest
     from tcp.mistake_log.maintenance import verify
-    from tcp.mistake_log.store import Manifest, RankStoreReader
+    from tcp.mistake_log.reader import RankStoreReader
 
     for run in (a, b):
         assert verify(run / "mistake_log").ok
@@ -221,7 +222,7 @@ def test_copilot_tail_trains_the_copilot_against_a_pilot_that_no_longer_moves(tm
             assert ta.keys() == tb.keys(), fa.name
             diffs += sum(not torch.equal(ta[k], tb[k]) for k in ta)
         assert (diffs == 0) == same, (engine, diffs)
-    from tcp.mistake_log.store import RankStoreReader
+    from tcp.mistake_log.reader import RankStoreReader
 
     for rank in (0, 1):  # the tail's errors are logged like the joint steps'
         r = RankStoreReader(run / "mistake_log", rank)

@@ -30,7 +30,7 @@ def _models():
 
 
 def test_decoding_on_cuda_equals_cpu():
-    from tcp.generate import DecodeOptions, fused_generate
+    from tcp.evaluation.decoding import DecodeOptions, fused_generate
     from tcp.models.pilot import PilotTap
 
     pilot, cop, tok = _models()
@@ -47,8 +47,9 @@ def test_decoding_on_cuda_equals_cpu():
 
 
 def test_teacher_forced_diagnostics_on_cuda_equal_cpu():
-    from tcp.diagnostics import teacher_forced_diagnostics
-    from tcp.models.pilot import PilotTap, use_fused_head
+    from tcp.evaluation.diagnostics import teacher_forced_diagnostics
+    from tcp.models.lm_head import use_fused_head
+    from tcp.models.pilot import PilotTap
 
     pilot, cop, tok = _models()
     samples = tokenized_batch(tok, n=8)

@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tcp.checkpoint import (
+from tcp.config import CheckpointConfig
+from tcp.runtime.faults import _plan
+from tcp.runtime.tracking import parse_tags
+from tcp.runtime.write_guard import WriteFailure, one_line
+from tcp.training.checkpoint import (
     CheckpointError,
     CheckpointManager,
     CheckpointWriteError,
@@ -21,10 +25,6 @@ from tcp.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from tcp.checkpoint_writes import WriteFailure, one_line
-from tcp.config import CheckpointConfig
-from tcp.faults import _plan
-from tcp.tracking import parse_tags
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,7 +78,7 @@ def test_checkpoint_without_manifest_is_never_resumed(tmp_path, monkeypatch):
     got = []
     old = signal.signal(signal.SIGTERM, lambda *a: got.append(1))
     try:
-        monkeypatch.setattr("tcp.checkpoint.atomic_write_json",
+        monkeypatch.setattr("tcp.training.checkpoint.atomic_write_json",
                             lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
         with pytest.raises(KeyboardInterrupt):
             save(m, 8)
@@ -143,7 +143,7 @@ def test_fault_hold_waits_for_the_release_file(tmp_path, monkeypatch):
     import threading
     import time
 
-    from tcp.faults import fault_point
+    from tcp.runtime.faults import fault_point
 
     release = tmp_path / "release"
     monkeypatch.setenv("TCP_FAULT_INJECT", "hold@step=3")
@@ -168,7 +168,7 @@ def test_collective_timeout_fails_instead_of_hanging(tmp_path):
     code = textwrap.dedent("""
         import os, sys, time
         import torch.distributed as dist
-        from tcp.engines import init_distributed
+        from tcp.runtime.process_group import init_distributed
         rank, world, _ = init_distributed(timeout_s=3)
         if rank == 1:
             time.sleep(20)
@@ -253,7 +253,7 @@ def test_a_failed_trainer_file_write_is_caught_too(tmp_path, monkeypatch):
     def full(*_a, **_k):
         raise OSError(122, "Disk quota exceeded")
 
-    monkeypatch.setattr("tcp.checkpoint._atomic_torch_save", full)
+    monkeypatch.setattr("tcp.training.checkpoint._atomic_torch_save", full)
     with pytest.raises(CheckpointWriteError, match=r"\(disk full, Disk quota exceeded \[EDQUOT\], "
                        r"writing trainer_rank0.pt; .*there is no earlier checkpoint"):
         save(m, 2)
@@ -270,7 +270,7 @@ def test_write_failure_causes_in_words(tmp_path, monkeypatch):
     assert "fix the storage" in fix
     cause, fix = WriteFailure(f, torch_error, 2**20).cause()  # no errno, but no room either
     assert (cause, fix) == ("disk full", "free space (or raise the quota)")
-    monkeypatch.setattr("tcp.checkpoint_writes.file_size_limit", lambda: 4096)
+    monkeypatch.setattr("tcp.runtime.write_guard.file_size_limit", lambda: 4096)
     cause, fix = WriteFailure(f, torch_error, plenty).cause()
     assert cause == "file size limit reached, ulimit -f allows 0.0 MiB per file"
     assert "ulimit -f" in fix
@@ -291,7 +291,7 @@ def test_rank_0_fsyncs_only_its_own_and_shared_files(tmp_path, monkeypatch):
     synced: dict[int, set[str]] = {}
     for rank in (0, 1):
         seen: set[str] = set()
-        monkeypatch.setattr("tcp.checkpoint.fsync_path",
+        monkeypatch.setattr("tcp.training.checkpoint.fsync_path",
                             lambda p, seen=seen: seen.add(str(p.relative_to(tmp_path))))
         CheckpointManager(CheckpointConfig(), tmp_path, rank=rank, world=2)._fsync_mine(tmp_path)
         synced[rank] = {s for s in seen if (tmp_path / s).is_file()}

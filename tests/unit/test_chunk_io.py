@@ -11,8 +11,9 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from tcp.config import ZarrStoreConfig
 from tcp.mistake_log.chunk_io import ChunkWrites, DirectArray, StoredFileCorrupt
-from tcp.mistake_log.format import TrackingStore
-from tcp.mistake_log.store import RankStoreReader, RankStoreWriter, Schema
+from tcp.mistake_log.format import Schema, TrackingStore
+from tcp.mistake_log.reader import RankStoreReader
+from tcp.mistake_log.shard_writer import RankStoreWriter
 from tests.helpers import fake_entries
 
 SMALL = 64 * 16 * 4 / 2**20  # 64-row chunks at d=16 float32

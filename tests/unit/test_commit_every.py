@@ -7,9 +7,11 @@ import time
 import torch
 
 from tcp.config import ZarrStoreConfig
+from tcp.mistake_log.async_writer import AsyncWriter
 from tcp.mistake_log.disk import ZarrMistakeLog
-from tcp.mistake_log.store import RankStoreReader, RankStoreWriter, Schema
-from tcp.mistake_log.writer import AsyncWriter
+from tcp.mistake_log.format import Schema
+from tcp.mistake_log.reader import RankStoreReader
+from tcp.mistake_log.shard_writer import RankStoreWriter
 from tests.helpers import fake_entries
 from tests.unit.test_zarr_store import SMALL
 

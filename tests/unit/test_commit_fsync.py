@@ -7,7 +7,8 @@ from pathlib import Path
 
 from tcp.config import ZarrStoreConfig
 from tcp.mistake_log import format as fmt
-from tcp.mistake_log.store import RankStoreWriter, Schema
+from tcp.mistake_log.format import Schema
+from tcp.mistake_log.shard_writer import RankStoreWriter
 from tests.helpers import fake_entries
 
 SMALL = 64 * 16 * 4 / 2**20  # 64-row chunks at d=16 float32: new chunk folders every few steps

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tcp.cli import dry_run, train_main
+from tcp.cli.tcp_train import dry_run, train_main
 from tcp.config import ConfigError, RunConfig, load_config, render_deepspeed
 
 CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
@@ -109,7 +109,7 @@ def test_matched_size_pilot_has_the_pilot_plus_copilot_parameter_count():
     from tcp.data.tokenizer import build_char_tokenizer
     from tcp.models.copilot import Copilot
     from tcp.models.pilot import build_llama
-    from tcp.run import param_count
+    from tcp.training.engines import param_count
 
     tok = build_char_tokenizer()
     default = load_config("configs/default.yaml")

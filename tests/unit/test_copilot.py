@@ -6,7 +6,9 @@ from transformers import LlamaForCausalLM
 
 from tcp.config import ArchConfig, CopilotConfig
 from tcp.mistake_log.record import MistakeBatch, offsets_from_lengths
-from tcp.models.copilot import Copilot, build_inputs, init_from_llama
+from tcp.models.copilot import Copilot
+from tcp.models.copilot_init import init_copilot_from
+from tcp.models.copilot_inputs import build_inputs
 from tests.helpers import tiny_copilot
 
 V, DP = 37, 20
@@ -128,7 +130,7 @@ def test_init_from_llama_copies_blocks_and_rejects_mismatch():
                                           seed=0)
     cfg = CopilotConfig(hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4)
     cop = Copilot(cfg, vocab_size=V, pilot_hidden=32)
-    init_from_llama(cop, llama)
+    init_copilot_from(cop, llama)
     torch.testing.assert_close(cop.layers[3].self_attn.k_proj.weight,
                                llama.model.layers[3].self_attn.k_proj.weight)
     torch.testing.assert_close(cop.err_proj.weight, llama.model.embed_tokens.weight)
@@ -136,7 +138,7 @@ def test_init_from_llama_copies_blocks_and_rejects_mismatch():
     bad = Copilot(CopilotConfig(hidden_size=16, intermediate_size=64, num_layers=4, num_heads=4),
                   vocab_size=V, pilot_hidden=32)
     with pytest.raises(ValueError, match="hidden_size"):
-        init_from_llama(bad, llama)
+        init_copilot_from(bad, llama)
 
 
 def gqa_copilot(*, encoder_decoder: bool = False, **heads) -> Copilot:

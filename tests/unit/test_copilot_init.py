@@ -10,7 +10,9 @@ import torch
 
 from tcp.config import CopilotConfig
 from tcp.mistake_log.record import MistakeBatch, offsets_from_lengths
-from tcp.models.copilot import Copilot, ErrorTarget, build_inputs, init_copilot_from
+from tcp.models.copilot import Copilot, ErrorTarget
+from tcp.models.copilot_init import init_copilot_from
+from tcp.models.copilot_inputs import build_inputs
 
 V = 40
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
@@ -396,8 +398,8 @@ def test_gradient_checkpointing_is_off_without_grad_and_in_decoding():
 @pytest.mark.parametrize("kind", ["qwen2", "t5"])
 def test_build_copilot_initialises_from_a_local_folder(tmp_path, kind):
     """`copilot.init_from=<folder>`: a T5 loads as seq2seq, a decoder as a causal LM."""
-    from tcp.build import build_copilot
     from tcp.config import load_config
+    from tcp.training.build import build_copilot
 
     src = tiny_t5_source() if kind == "t5" else gqa_source("qwen2", tie=True)
     src.save_pretrained(tmp_path / "src")
@@ -414,9 +416,9 @@ def test_build_copilot_initialises_from_a_local_folder(tmp_path, kind):
 def test_build_copilot_refuses_a_source_with_another_tokenizer(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    from tcp.build import build_copilot
     from tcp.config import load_config
     from tcp.data.tokenizer import build_char_tokenizer
+    from tcp.training.build import build_copilot
 
     tok = build_char_tokenizer()
     src = gqa_source("qwen2", tie=True)
@@ -437,7 +439,7 @@ def test_tcp_eval_rebuilds_a_gqa_copilot_from_the_run_config(tmp_path):
     """load_run builds the Copilot from the run's config.yaml (num_kv_heads, head_dim) and
     loads final/copilot.pt into it: same outputs."""
     from tcp.config import dump_yaml, load_config
-    from tcp.eval_cli import load_run, run_config
+    from tcp.evaluation.run_loading import load_run, run_config
     from tests.helpers import tiny_pilot
 
     pilot, tok = tiny_pilot(d=32)

@@ -175,7 +175,7 @@ def test_default_run_resolves_and_prints_max_length():
 
 
 def test_dry_run_plans_auto_at_the_context():
-    from tcp.memory_plan import plan
+    from tcp.training.memory_plan import plan
 
     cfg = load_config(None)
     p = plan(cfg, 1)

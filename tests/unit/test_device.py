@@ -9,10 +9,10 @@ import torch
 
 from tcp.config import MistakeLogConfig, ZarrStoreConfig
 from tcp.mistake_log.disk import ZarrMistakeLog
+from tcp.mistake_log.format import Schema, create_root
 from tcp.mistake_log.memory import MemoryMistakeLog
 from tcp.mistake_log.record import MistakeBatch
-from tcp.mistake_log.store import Schema, create_root
-from tcp.train import copilot_entries
+from tcp.training.copilot_update import copilot_entries
 from tests.helpers import fake_entries
 
 META = torch.device("meta")

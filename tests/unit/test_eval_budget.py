@@ -7,16 +7,22 @@ import json
 import pytest
 import torch
 
-from tcp.budget import TruncationError, check_truncation, pilot_context, resolve_budget
 from tcp.config import ConfigError, RunConfig, load_config
 from tcp.data.collate import collate, encode_prompt, tokenize_records
-from tcp.eval_report import format_table
-from tcp.evaluate import GenResult, choose_lambda
-from tcp.generate import DecodeOptions, fused_generate
+from tcp.evaluation.answer_scoring import AnswerScorer
+from tcp.evaluation.decode_budget import (
+    TruncationError,
+    check_truncation,
+    pilot_context,
+    resolve_budget,
+)
+from tcp.evaluation.decoding import DecodeOptions, fused_generate
+from tcp.evaluation.generation_eval import GenResult
+from tcp.evaluation.lambda_choice import choose_lambda
+from tcp.evaluation.protocol import evaluate_and_report
+from tcp.evaluation.report import format_table
+from tcp.evaluation.stats import mcnemar_exact
 from tcp.models.pilot import PilotTap
-from tcp.stats import mcnemar_exact
-from tcp.tasks import AnswerScorer
-from tcp.train import evaluate_and_report
 from tests.helpers import sample_prompts, tiny_copilot, tiny_pilot
 
 CPU = torch.device("cpu")
@@ -145,7 +151,7 @@ def test_forced_small_budget_counts_truncation_and_warns(trained, tmp_path, caps
 
 
 def test_strict_tcp_eval_exits_2_after_writing_results(tmp_path, capsys):
-    from tcp.eval_cli import eval_main
+    from tcp.cli.tcp_eval import eval_main
     from tests.unit.test_eval_cli import make_run
 
     run = make_run(tmp_path / "a")
@@ -159,19 +165,19 @@ def test_strict_tcp_eval_exits_2_after_writing_results(tmp_path, capsys):
 def test_train_cli_maps_strict_truncation_to_exit_2(monkeypatch, tmp_path, capsys):
     """run() raises TruncationError (after writing its results) under eval.strict; the CLI
     turns it into exit code 2 (the 2-rank job was checked by hand: both ranks exit 2)."""
-    import tcp.run
-    from tcp.cli import train_main
+    import tcp.training.joint_job
+    from tcp.cli.tcp_train import train_main
 
     def strict_failure(cfg):
         raise TruncationError("12.5% of test generations ... eval.strict=true")
 
-    monkeypatch.setattr(tcp.run, "run", strict_failure)
+    monkeypatch.setattr(tcp.training.joint_job, "run", strict_failure)
     assert train_main(["--config", "configs/default.yaml", f"output_dir={tmp_path}"]) == 2
     assert "evaluation error: 12.5% of test generations" in capsys.readouterr().err
 
 
 def test_tcp_eval_lambda_zero_scores_the_pilot_alone(tmp_path, capsys):
-    from tcp.eval_cli import eval_main
+    from tcp.cli.tcp_eval import eval_main
     from tests.unit.test_eval_cli import make_run
 
     run = make_run(tmp_path / "a")

@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tcp.cli.tcp_eval import eval_main
 from tcp.config import dump_yaml, load_config
-from tcp.eval_cli import TransferError, check_transfer, eval_main
+from tcp.evaluation.run_loading import TransferError, check_transfer
 from tests.helpers import tiny_copilot, tiny_pilot
 
 SMALL = ["data.val_size=6", "data.test_size=6", "eval.lambdas=[1.0,4.0]",
@@ -42,7 +43,7 @@ def test_eval_own_run_writes_results_and_plots(tmp_path, capsys):
                if s["accuracy"] > v["pilot_accuracy"] and s["mcnemar_p"] < alpha]
     assert (pc["lambda"] == 0) == (not passing)
     lines = (run / "eval" / "eval.predictions.jsonl").read_text().splitlines()
-    assert len(lines) == 4  # one per test example, both decodes in it (tcp.predictions)
+    assert len(lines) == 4  # one per test example, both decodes in it (tcp.evaluation.predictions)
     assert res["decoding"]["answer_format"] == "numeric"
     assert len(res["rectification"]["steps"]) >= 1
     assert (run / "eval" / "eval" / "rectification.png").stat().st_size > 0

@@ -15,7 +15,7 @@ import pytest
 from tcp.config import load_config
 from tcp.data import arithmetic, families
 from tcp.data.loaders import DataError, load_split
-from tcp.tasks import decide_format, parse_choice, parse_numeric, parse_yesno
+from tcp.evaluation.answer_scoring import decide_format, parse_choice, parse_numeric, parse_yesno
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZES = {"train": 3000, "validation": 400, "test": 800}

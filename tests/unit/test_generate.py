@@ -4,9 +4,10 @@ batched == one by one; sampling reproducible by seed; beams reorder the Copilot'
 import pytest
 import torch
 
-from tcp.evaluate import GenResult, choose_lambda
-from tcp.fused_state import FusedState
-from tcp.generate import DecodeOptions, cut_at_stop, fused_generate
+from tcp.evaluation.decode_caches import FusedState
+from tcp.evaluation.decoding import DecodeOptions, cut_at_stop, fused_generate
+from tcp.evaluation.generation_eval import GenResult
+from tcp.evaluation.lambda_choice import choose_lambda
 from tcp.models.pilot import PilotTap
 from tests.helpers import hf_generated, sample_prompts, tiny_copilot, tiny_pilot
 
@@ -182,7 +183,7 @@ def test_decoding_passes_the_cache_by_its_current_name():
 
     from peft import LoraConfig, get_peft_model
 
-    from tcp.fused_state import cache_keyword
+    from tcp.evaluation.decode_caches import cache_keyword
 
     model, tok = tiny_pilot(seed=3)
     tap = PilotTap(model)

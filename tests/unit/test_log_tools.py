@@ -17,13 +17,14 @@ import pytest
 import torch
 import zarr
 
-from tcp.log_tools.cli import main
+from tcp.cli.tcp_log import main
 from tcp.log_tools.export import load_export
 from tcp.log_tools.paths import marker_path, old_path, temp_path
 from tcp.mistake_log.chunk_io import ChunkWrites
 from tcp.mistake_log.maintenance import verify
-from tcp.mistake_log.store import RankStoreReader, RankStoreWriter
-from tcp.run_lock import LOCK_NAME, RunLock
+from tcp.mistake_log.reader import RankStoreReader
+from tcp.mistake_log.shard_writer import RankStoreWriter
+from tcp.runtime.run_lock import LOCK_NAME, RunLock
 from tests.log_tools_helpers import (
     digests,
     entries,
@@ -352,7 +353,7 @@ def test_resume_cursor_after_prune_and_compact(log, capsys):
     """A checkpoint's log cursor (the manifest snapshot) still fits a plain compact, and no
     longer fits a log pruned before it: resume refuses that log instead of replaying wrongly."""
     from tcp.config import ZarrStoreConfig
-    from tcp.mistake_log.store import MistakeLogCorrupt, Schema
+    from tcp.mistake_log.format import MistakeLogCorrupt, Schema
     from tests.log_tools_helpers import SMALL
 
     rd = RankStoreReader(log, 0)

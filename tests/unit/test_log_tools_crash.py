@@ -16,17 +16,17 @@ import sys
 
 import pytest
 
-from tcp.log_tools.cli import main
+from tcp.cli.tcp_log import main
 from tcp.log_tools.paths import marker_path, old_path, temp_path
 from tcp.mistake_log.maintenance import verify
-from tcp.run_lock import LOCK_NAME
+from tcp.runtime.run_lock import LOCK_NAME
 from tests.helpers import ROOT
 from tests.log_tools_helpers import digests, make_log
 
 
 def killed_compact(log, point: int, swap: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TCP_FAULT_INJECT": f"kill@compact={point}", "TCP_LOG_SWAP": swap}
-    return subprocess.run([sys.executable, "-m", "tcp.log_tools.cli", "compact", str(log),
+    return subprocess.run([sys.executable, "-m", "tcp.cli.tcp_log", "compact", str(log),
                            "--chunk-mib", "0.01"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
 

@@ -11,16 +11,10 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from tcp.config import LoraConfig
 from tcp.data.collate import collate
-from tcp.engines import save_hf, save_hf_lora
+from tcp.models.lm_head import HeadOptions, use_fused_head
 from tcp.models.lora import apply_lora, merge_state_dict
-from tcp.models.pilot import (
-    HeadOptions,
-    PilotTap,
-    decoder_layers,
-    enable_gradient_checkpointing,
-    pilot_forward,
-    use_fused_head,
-)
+from tcp.models.pilot import PilotTap, decoder_layers, enable_gradient_checkpointing, pilot_forward
+from tcp.training.engines import save_hf, save_hf_lora
 from tests.helpers import tiny_pilot, tiny_t5, tokenized_batch
 
 T5_TARGETS = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]

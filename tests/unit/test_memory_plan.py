@@ -1,4 +1,5 @@
-"""The memory plan (tcp.memory_plan, printed by `--dry-run`) against what a real tiny Pilot and
+"""The memory plan (tcp.training.memory_plan, printed by `--dry-run`) against what a real tiny
+Pilot and
 Copilot hold on the CPU, ZeRO stage semantics with plain numbers, and the dry-run's output.
 
 What is measured, in one process without DeepSpeed (world 1, stage-0 semantics, torch AdamW):
@@ -22,10 +23,15 @@ import warnings
 import pytest
 import torch
 
-from tcp.cli import parse_args, train_main
+from tcp.cli.tcp_train import parse_args, train_main
 from tcp.config import RunConfig, load_config
 from tcp.data.tokenizer import build_char_tokenizer
-from tcp.memory_plan import (
+from tcp.mistake_log.record import MistakeBatch
+from tcp.models.copilot import Copilot, ErrorTarget
+from tcp.models.copilot_inputs import build_inputs
+from tcp.models.lm_head import HeadOptions, use_fused_head
+from tcp.models.pilot import PilotTap, build_model, pilot_forward
+from tcp.training.memory_plan import (
     EnginePlan,
     GiB,
     MemoryPlan,
@@ -34,9 +40,6 @@ from tcp.memory_plan import (
     plan,
     zero_lines,
 )
-from tcp.mistake_log.record import MistakeBatch
-from tcp.models.copilot import Copilot, ErrorTarget, build_inputs
-from tcp.models.pilot import HeadOptions, PilotTap, build_model, pilot_forward, use_fused_head
 
 # data.max_length: the plan and the measured steps share one T (the default is auto).
 SMALL = ["train.pilot.micro_batch_size=8", "mistake_log.replay_size=8", "data.max_length=96"]

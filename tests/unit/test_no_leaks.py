@@ -4,12 +4,12 @@ everything it chooses (the answer format, λ) before it reads the test split."""
 import pytest
 import torch
 
-import tcp.train
+import tcp.evaluation.protocol
 from tcp.config import load_config
 from tcp.data import arithmetic
 from tcp.data.collate import tokenize_records
+from tcp.evaluation.protocol import evaluate_and_report
 from tcp.models.pilot import PilotTap
-from tcp.train import evaluate_and_report
 from tests.helpers import tiny_copilot, tiny_pilot
 
 CPU = torch.device("cpu")
@@ -116,14 +116,14 @@ def _evaluate(tmp_path, models, test_records, **kw) -> dict:
 
 def test_test_split_is_read_only_after_lambda_is_chosen(tmp_path, models, monkeypatch):
     events: list[str] = []
-    choose = tcp.train.choose_lambda
+    choose = tcp.evaluation.protocol.choose_lambda
 
     def chosen(val, significance=None):
         out = choose(val, significance)
         events.append("lambda chosen")
         return out
 
-    monkeypatch.setattr(tcp.train, "choose_lambda", chosen)
+    monkeypatch.setattr(tcp.evaluation.protocol, "choose_lambda", chosen)
     res = _evaluate(tmp_path, models, Watched(TEST, events, "test read"))
     assert events == ["lambda chosen", "test read"], events
     # the answer format came from validation alone: numbers, though test golds are choices

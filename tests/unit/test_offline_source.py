@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tcp.cli import train_main
+from tcp.cli.tcp_train import train_main
 from tcp.config import ConfigError, dump_yaml, load_config
 from tcp.mistake_log.disk import ZarrMistakeLog
-from tcp.mistake_log.store import RankStoreWriter, Schema, create_root
-from tcp.offline import RecordedStream
-from tcp.offline_source import OfflineError, offline_config, open_source, recorded_steps
-from tcp.run_lock import LockError, RunLock
-from tcp.train import copilot_entries
+from tcp.mistake_log.format import Schema, create_root
+from tcp.mistake_log.shard_writer import RankStoreWriter
+from tcp.runtime.run_lock import LockError, RunLock
+from tcp.training.copilot_update import copilot_entries
+from tcp.training.offline_job import RecordedStream
+from tcp.training.offline_source import OfflineError, offline_config, open_source, recorded_steps
 from tests.helpers import fake_entries, tiny_pilot
 from tests.unit.test_zarr_store import SMALL, assert_same
 

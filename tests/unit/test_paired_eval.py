@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tcp.budget import pilot_context, resolve_budget
 from tcp.config import load_config
 from tcp.data.collate import tokenize_records
-from tcp.eval_report import format_table, summary_metrics
-from tcp.evaluate import generation_eval
+from tcp.evaluation.answer_scoring import AnswerScorer
+from tcp.evaluation.decode_budget import pilot_context, resolve_budget
+from tcp.evaluation.generation_eval import generation_eval
+from tcp.evaluation.predictions import pair_rows, prediction_row, read_paired_flags
+from tcp.evaluation.protocol import decode_options, evaluate_and_report
+from tcp.evaluation.report import format_table, summary_metrics
 from tcp.models.pilot import PilotTap
-from tcp.predictions import pair_rows, prediction_row, read_paired_flags
-from tcp.tasks import AnswerScorer
-from tcp.train import decode_options, evaluate_and_report
 from tests.helpers import tiny_copilot, tiny_pilot
 
 CPU = torch.device("cpu")
@@ -200,7 +200,7 @@ def _summarize_module():
 def _write_run(folder: Path, template: dict, *, seed: int, lam: float,
                pilot: list[bool], fused: list[bool]) -> None:
     """A run folder as the main job leaves it: results.json and predictions.jsonl."""
-    from tcp.predictions import paired_summary, write_predictions
+    from tcp.evaluation.predictions import paired_summary, write_predictions
 
     rows = []
     for i, (p, f) in enumerate(zip(pilot, fused, strict=True)):

@@ -3,7 +3,7 @@
 import torch
 
 from tcp.data.collate import collate, tokenize_records
-from tcp.mistake_log.collect import collect
+from tcp.models.log_entries import collect
 from tcp.models.pilot import PilotTap, flat_indices, pilot_forward
 from tests.helpers import tiny_pilot
 

@@ -1,4 +1,5 @@
-"""Stop requests (tcp.preemption): a signal is recorded, the same stop fanned out twice counts
+"""Stop requests (tcp.runtime.preemption): a signal is recorded, the same stop fanned out twice
+counts
 once, a later second signal forces; a rank notices its launcher's exit like a SIGTERM."""
 
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tcp.preemption import LauncherWatch, StopSignal
+from tcp.runtime.preemption import LauncherWatch, StopSignal
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +31,7 @@ def test_stop_signal_records_then_forces():
     # second signal after it is a forced stop: the default action, killed by the signal.
     code = textwrap.dedent("""
         import os, signal, time
-        import tcp.preemption as p
+        import tcp.runtime.preemption as p
         p.REPEAT_WINDOW_S = 0.5
         s = p.StopSignal().install()
         os.kill(os.getpid(), signal.SIGTERM)
@@ -57,7 +58,7 @@ def test_no_launcher_no_watch():
 # are in each process's command line, as they are in the real ones.
 RANK = textwrap.dedent("""
     import sys, time
-    from tcp.preemption import LauncherWatch, StopSignal, launcher_chain
+    from tcp.runtime.preemption import LauncherWatch, StopSignal, launcher_chain
     stop = StopSignal()
     watch = LauncherWatch(stop, interval_s=0.1).start()
     print("chain", len(launcher_chain()), flush=True)

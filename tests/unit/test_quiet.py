@@ -1,4 +1,4 @@
-"""tcp.quiet: the known third-party messages of the main job are silenced, each by its text,
+"""tcp.runtime.quiet: the known third-party messages of the main job are silenced, each by its text,
 and nothing else is (other warnings and log records of the same libraries still print)."""
 
 import io
@@ -8,9 +8,9 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from tcp import quiet
+from tcp.runtime import quiet
 
-# Verbatim from the main job's console before tcp.quiet existed.
+# Verbatim from the main job's console before tcp.runtime.quiet existed.
 TORCH_DEPRECATIONS = (
     "`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
     "`torch.distributed.all_gather_single` instead.",
@@ -57,7 +57,7 @@ def test_other_warnings_still_print():
     # another torch.distributed deprecation, the same one raised by other code, a UserWarning
     assert len(_warn("`torch.distributed.all_reduce_coalesced` will be deprecated.",
                      "torch.distributed.c10d_logger")) == 1
-    assert len(_warn(TORCH_DEPRECATIONS[0], "tcp.engines")) == 1
+    assert len(_warn(TORCH_DEPRECATIONS[0], "tcp.training.engines")) == 1
     assert len(_warn("something else", "torch.nn.modules.module", UserWarning)) == 1
 
 

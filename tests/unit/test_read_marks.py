@@ -1,4 +1,4 @@
-"""Read marks (tcp/read_marks.py): a folder an offline job reads is not changed under it."""
+"""Read marks (tcp/runtime/read_marks.py): a folder an offline job reads is not changed under it."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from tcp import run_lock
+from tcp.cli.tcp_log import main
 from tcp.errors import RunError
-from tcp.log_tools.cli import main
-from tcp.read_marks import READERS, ReadMark, live_readers, refuse_if_read
-from tcp.run_folder import claim_paths
-from tcp.run_lock import LockError, RunLock
+from tcp.runtime import run_lock
+from tcp.runtime.read_marks import READERS, ReadMark, live_readers, refuse_if_read
+from tcp.runtime.run_folder import claim_paths
+from tcp.runtime.run_lock import LockError, RunLock
 from tests.log_tools_helpers import make_log, snapshot
 from tests.unit.test_run_lock import dead_pid
 

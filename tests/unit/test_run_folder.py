@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tcp.config import load_config
-from tcp.run_lock import LOCK_NAME, RunLock
+from tcp.errors import RunError
+from tcp.runtime.run_lock import LOCK_NAME, RunLock
 
 
 def _free_port() -> int:
@@ -19,7 +20,7 @@ def _free_port() -> int:
 
 
 def _rank(rank: int, port: int, outs: list[str], results) -> None:
-    from tcp.run_folder import claim_folders
+    from tcp.runtime.run_folder import claim_folders
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -30,7 +31,8 @@ def _rank(rank: int, port: int, outs: list[str], results) -> None:
         dist.barrier()
         held.release()
     except Exception as e:
-        results.put((rank, type(e).__name__, str(e)))
+        # an operator error (exit 2) on every rank, whatever its subclass
+        results.put((rank, "RunError" if isinstance(e, RunError) else type(e).__name__, str(e)))
     finally:
         dist.destroy_process_group()
 

@@ -1,4 +1,5 @@
-"""The run lock (tcp.run_lock): one live job per folder, stale locks taken over, foreign hosts
+"""The run lock (tcp.runtime.run_lock): one live job per folder, stale locks taken over, foreign
+hosts
 refused, and no two jobs winning the same stale lock."""
 
 import json
@@ -11,8 +12,8 @@ import time
 
 import pytest
 
-from tcp import run_lock
-from tcp.run_lock import LOCK_NAME, LockError, RunLock, read_owner
+from tcp.runtime import run_lock
+from tcp.runtime.run_lock import LOCK_NAME, LockError, RunLock, read_owner
 
 
 def dead_pid() -> int:

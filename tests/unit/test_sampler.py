@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from tcp.config import ZarrStoreConfig
+from tcp.mistake_log.async_writer import AsyncWriter
 from tcp.mistake_log.disk import ZarrMistakeLog
+from tcp.mistake_log.format import Schema
 from tcp.mistake_log.memory import MemoryMistakeLog
+from tcp.mistake_log.reader import RankStoreReader
 from tcp.mistake_log.record import MistakeBatch
 from tcp.mistake_log.sampler import StreamingSampler
-from tcp.mistake_log.store import RankStoreReader, RankStoreWriter, Schema
-from tcp.mistake_log.writer import AsyncWriter
+from tcp.mistake_log.shard_writer import RankStoreWriter
 from tests.helpers import fake_entries
 from tests.unit.test_zarr_store import SMALL, assert_same, write_steps
 
@@ -175,8 +177,8 @@ def test_cached_tail_chunk_serves_only_rows_it_holds(tmp_path):
 
 
 def test_run_replaces_a_previous_log_and_refuses_other_directories(tmp_path):
-    from tcp.build import build_mistake_log
     from tcp.config import load_config
+    from tcp.training.build import build_mistake_log
 
     cfg = load_config(None, [f"output_dir={tmp_path}", "mistake_log.topk=3"])
     log = build_mistake_log(cfg, tmp_path, rank=0, d_model=16, vocab=100)

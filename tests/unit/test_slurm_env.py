@@ -2,8 +2,8 @@
 
 import pytest
 
-from tcp.engines import slurm_env
 from tcp.errors import RunError
+from tcp.runtime.process_group import slurm_env
 
 
 def test_srun_tasks_map_to_torch_ranks():

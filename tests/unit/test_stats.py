@@ -1,10 +1,11 @@
-"""tcp.stats: the exact McNemar test and the bootstrap interval against hand-computed values."""
+"""tcp.evaluation.stats: the exact McNemar test and the bootstrap interval against hand-computed
+values."""
 
 import random
 
 import pytest
 
-from tcp.stats import (
+from tcp.evaluation.stats import (
     bootstrap_diff_ci,
     discordant,
     format_paired,

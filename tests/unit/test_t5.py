@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from tcp.data.collate import collate
-from tcp.fused_state import FusedState
-from tcp.generate import DecodeOptions, fused_generate
-from tcp.mistake_log.collect import collect
-from tcp.models.copilot import build_inputs
-from tcp.models.pilot import HeadOptions, PilotTap, pilot_forward, seq2seq_inputs, use_fused_head
+from tcp.evaluation.decode_caches import FusedState
+from tcp.evaluation.decoding import DecodeOptions, fused_generate
+from tcp.models.copilot_inputs import build_inputs
+from tcp.models.lm_head import HeadOptions, use_fused_head
+from tcp.models.log_entries import collect
+from tcp.models.pilot import PilotTap, pilot_forward, seq2seq_inputs
 from tests.helpers import (
     hf_generated,
     sample_prompts,

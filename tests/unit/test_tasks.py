@@ -1,10 +1,10 @@
-"""Answer parsers (tcp.tasks) on hand-written tricky outputs."""
+"""Answer parsers (tcp.evaluation.answer_scoring) on hand-written tricky outputs."""
 
 from fractions import Fraction
 
 import pytest
 
-from tcp.tasks import (
+from tcp.evaluation.answer_scoring import (
     AnswerScorer,
     decide_format,
     infer_format,

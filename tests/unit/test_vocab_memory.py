@@ -16,13 +16,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tcp.config import ArchConfig
 from tcp.data.collate import collate
-from tcp.diagnostics import teacher_forced_diagnostics
-from tcp.evaluate import generation_eval
-from tcp.generate import DecodeOptions, fused_generate
+from tcp.evaluation.decoding import DecodeOptions, fused_generate
+from tcp.evaluation.diagnostics import teacher_forced_diagnostics
+from tcp.evaluation.generation_eval import generation_eval
 from tcp.kernels.copilot_loss import per_sequence_rmse
-from tcp.mistake_log.collect import collect
-from tcp.models.copilot import ErrorTarget, build_inputs
-from tcp.models.pilot import HeadOptions, PilotTap, build_llama, pilot_forward, use_fused_head
+from tcp.models.copilot import ErrorTarget
+from tcp.models.copilot_inputs import build_inputs
+from tcp.models.lm_head import HeadOptions, use_fused_head
+from tcp.models.log_entries import collect
+from tcp.models.pilot import PilotTap, build_llama, pilot_forward
 from tests.helpers import sample_prompts, tiny_copilot, tokenized_batch
 
 V = 2003  # > every other dimension below (d 32, MLP 64, rows x prompt tokens < 1000)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tcp.mistake_log.maintenance import verify
-from tcp.mistake_log.store import RankStoreReader
+from tcp.mistake_log.reader import RankStoreReader
 from tests.unit.test_zarr_store import SMALL, assert_same, expected
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,8 +21,9 @@ CHILD = """
 import sys, time
 sys.path.append({root!r})
 from tcp.config import ZarrStoreConfig
-from tcp.mistake_log.store import RankStoreWriter, Schema
-from tcp.mistake_log.writer import AsyncWriter
+from tcp.mistake_log.shard_writer import RankStoreWriter
+from tcp.mistake_log.format import Schema
+from tcp.mistake_log.async_writer import AsyncWriter
 from tests.helpers import fake_entries
 
 store = RankStoreWriter({path!r}, 0, Schema(16, 3, "float32"),

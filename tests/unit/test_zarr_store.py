@@ -10,10 +10,12 @@ import torch
 import zarr
 
 from tcp.config import ZarrStoreConfig
+from tcp.mistake_log.async_writer import AsyncWriter, MistakeLogWriteError
+from tcp.mistake_log.format import MistakeLogCorrupt, Schema
 from tcp.mistake_log.maintenance import verify
+from tcp.mistake_log.reader import RankStoreReader
 from tcp.mistake_log.record import MistakeBatch
-from tcp.mistake_log.store import MistakeLogCorrupt, RankStoreReader, RankStoreWriter, Schema
-from tcp.mistake_log.writer import AsyncWriter, MistakeLogWriteError
+from tcp.mistake_log.shard_writer import RankStoreWriter
 from tests.helpers import fake_entries
 from tools.mistake_log import main as mistake_log_tool
 

@@ -1,0 +1,54 @@
+"""Durable file writes: the one way tcp publishes a file (results, configs, manifests, markers,
+checkpoint pieces, predictions).
+
+Durability, stated once: `atomic_write` writes a temp file `.<name>.<pid>.tmp` beside `path`,
+fsyncs it, renames it over `path` and fsyncs the folder. After a crash or a power cut `path` is
+the old file or the new one, never a mix; once the call returns, the new one survives a power
+cut. `fsync=False` keeps the all-or-nothing rename and skips both fsyncs (a Mistake Log with
+`mistake_log.store.fsync: false`). Temp files end in `.tmp`, which readers skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes | str | Callable[[IO[bytes]], None], *,
+                 fsync: bool = True) -> None:
+    """Publish `data` at `path` all at once (module docstring). `data` is the content, or a
+    function that writes it to a binary file (e.g. `lambda f: torch.save(obj, f)`)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        fsync_path(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any, *, indent: int = 1, fsync: bool = True) -> None:
+    """`obj` as JSON at `path` through `atomic_write`; numbers numpy or torch may hand over
+    (anything float() takes) are written as floats."""
+    atomic_write(path, json.dumps(obj, indent=indent, default=float), fsync=fsync)

@@ -1,0 +1,91 @@
+"""The process group both engines share: start it (NCCL on CUDA, gloo on CPU), under the
+`deepspeed` launcher, `srun` (SLURM's variables mapped to torch's) or a plain `python`."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tcp.errors import RunError
+from tcp.runtime.quiet import deepspeed_init
+
+
+def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
+    """Initialise the one process group both engines share. Returns (rank, world, device).
+
+    NCCL on CUDA hosts, gloo on CPU. On CPU each rank uses a single intra-op thread: ranks are
+    already one per core, and oversubscription makes every collective wait on the slowest rank.
+    `timeout_s` bounds every collective: a rank waiting on a dead peer fails instead of hanging.
+    """
+    # DeepSpeed picks its accelerator when imported: only after DS_ACCELERATOR is set below.
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        # Before DeepSpeed is imported: it picks its accelerator on import, and without this
+        # warns on every rank that it fell back to the CPU ("Setting accelerator to CPU").
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.set_num_threads(int(os.environ.get("TCP_THREADS_PER_RANK", "1")))
+    import deepspeed
+
+    if not dist.is_initialized():
+        for k, v in slurm_env(os.environ).items():  # `srun` one task per rank
+            os.environ.setdefault(k, v)
+        launched = "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+        if not launched:  # plain `python launcher/train.py`: one process, no MPI probing
+            for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+                os.environ.setdefault(k, v)
+        with deepspeed_init():  # without its "<op> built successfully" line on every rank
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
+                                       auto_mpi_discovery=launched,
+                                       timeout=timedelta(seconds=timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if not cuda and world > 1:
+        release_shm_name(rank)
+    if cuda:
+        # Modulo: under `srun --gpus-per-task=1` each task sees only its own GPU, as device 0.
+        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def release_shm_name(rank: int) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer name. Collective (a barrier first).
+
+    DeepSpeed's CPU backend maps one shared-memory buffer per rank on a node
+    (/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, ~64 MiB) and
+    never unlinks it, so every CPU run would leave its buffers in RAM until the machine
+    reboots. By the barrier every rank has mapped every peer's buffer, so the names can go; the
+    memory itself is freed when the last rank exits, however it exits (SIGKILL included)."""
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
+    """torch's rendezvous variables from SLURM's, for ranks started by `srun` directly (one
+    task per rank, no DeepSpeed launcher): RANK, WORLD_SIZE, LOCAL_RANK from SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID. MASTER_ADDR must come from the job script (the first host of
+    the allocation); MASTER_PORT defaults to 29500. Empty when not under srun, when a launcher
+    already set RANK, or for a single task (a `deepspeed` runner started by srun)."""
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+        return {}
+    if "MASTER_ADDR" not in env:
+        raise RunError("srun started several tasks, but MASTER_ADDR is not set; export it in "
+                       "the job script, e.g. MASTER_ADDR=$(scontrol show hostnames "
+                       "\"$SLURM_JOB_NODELIST\" | head -n 1)")
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_PORT": "29500"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
