@@ -16,13 +16,10 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-
-sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from tcp.config import ZarrStoreConfig
 from tcp.mistake_log.reader import RankStoreReader

@@ -42,8 +42,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: kernels/
-
 import torch
 import zarr
 

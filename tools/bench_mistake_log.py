@@ -33,8 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: kernels/
-
 from tcp.config import ZarrStoreConfig, load_config
 from tcp.data.prepare import model_context, prepare_data
 from tcp.mistake_log.async_writer import AsyncWriter

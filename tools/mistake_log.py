@@ -9,11 +9,6 @@ See tcp/cli/tcp_log.py and docs/mistake_log.md ("Tools: tcp-log").
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: kernels/
-
 from tcp.cli.tcp_log import main
 
 if __name__ == "__main__":

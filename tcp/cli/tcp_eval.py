@@ -37,8 +37,8 @@ from tcp.evaluation.run_loading import (
     run_config,
 )
 from tcp.runtime import quiet
+from tcp.runtime.atomic import atomic_write_json
 from tcp.runtime.tracking import Tracker
-from tcp.training.run_files import write_json
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -108,7 +108,7 @@ def eval_main(argv: list[str] | None = None) -> int:
                            predictions_path=out / f"{name}.predictions.jsonl")
     results.update(copilot_run=str(args.run), pilot=results["pilot"] | {
         "source": loaded.pilot_source}, config_overrides=args.overrides)
-    write_json(out / f"{name}.json", results)
+    atomic_write_json(out / f"{name}.json", results, indent=2)
     plots = save_plots(results, out / name)
     print(format_table(results))
     print(f"[tcp-eval] Pilot {loaded.pilot_source}; Copilot {args.run}; "

@@ -129,13 +129,16 @@ def train_main(argv: list[str] | None = None) -> int:
     quiet.install()
     try:
         if cfg.offline.source is not None:
+            # heavy (torch, transformers, DeepSpeed): only when this runs
             from tcp.training.offline_source import launched_world_size, open_source
 
             # A bad source fails here, in a second, before DeepSpeed is even imported; the job
             # checks it again once the ranks are connected.
             open_source(cfg, world=launched_world_size(os.environ))
+            # heavy (torch, transformers, DeepSpeed): only when this runs
             from tcp.training.offline_job import run_offline as job
         else:
+            # heavy (torch, transformers, DeepSpeed): only when this runs
             from tcp.training.joint_job import run as job
         results = job(cfg)
     except RunError as e:  # a resume that does not fit, a folder in use, a full disk, ...

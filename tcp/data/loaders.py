@@ -113,7 +113,7 @@ def _read_jsonl(path: str) -> list[tuple[str, dict[str, Any]]]:
 
 def _read_parquet(path: str) -> list[tuple[str, dict[str, Any]]]:
     """The rows of a Parquet file, each with its 'path row i'."""
-    import pyarrow as pa
+    import pyarrow as pa  # optional: Parquet only
     import pyarrow.parquet as pq
 
     try:
@@ -126,7 +126,7 @@ def _read_parquet(path: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _load_hf(name: str, config: str | None, split: str) -> list[dict[str, Any]]:
-    import datasets
+    import datasets  # heavy: only for data.source=hf
 
     try:
         ds = datasets.load_dataset(name, config, split=split)

@@ -91,7 +91,7 @@ def model_context(cfg: RunConfig, tokenizer: Any = None) -> tuple[int | None, st
     `model_max_length` if sane; (None, ...) when nothing says."""
     if cfg.model.name_or_path is None:
         return cfg.model.arch.max_position_embeddings, "model.arch.max_position_embeddings"
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: transformers loads only where a model is built
 
     try:
         conf = AutoConfig.from_pretrained(cfg.model.name_or_path,

@@ -26,7 +26,7 @@ from tcp.errors import RunError
 from tcp.evaluation.generation_eval import GenResult
 
 if TYPE_CHECKING:
-    import torch
+    import torch  # heavy: not for --help
 
 
 class TruncationError(RunError):

@@ -227,6 +227,7 @@ class Seq2SeqFusedState(FusedState):
         return self._start_copilot(out.logits[:, -1].float(), cap, valid, x_pos)
 
     def advance(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # heavy: transformers loads only where a model is built
         from transformers.modeling_outputs import BaseModelOutput
 
         assert self.pos is not None

@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from tcp.data.collate import TokenizedSample, collate
-from tcp.evaluation.shards import shard_batches, sum_across_ranks
+from tcp.evaluation.shards import shard_batches
 from tcp.kernels.chunking import rows_per_chunk
 from tcp.kernels.copilot_loss import per_sequence_rmse
 from tcp.models.copilot_inputs import build_inputs
 from tcp.models.lm_head import HeadOptions
 from tcp.models.log_entries import collect
 from tcp.models.pilot import PilotTap, pilot_forward
+from tcp.runtime.collective import sum_across_ranks
 
 
 @dataclass

@@ -17,8 +17,9 @@ from tcp.data.collate import encode_prompt
 from tcp.evaluation.answer_scoring import AnswerScorer
 from tcp.evaluation.decoding import DecodeOptions, cut_at_stop, fused_generate
 from tcp.evaluation.predictions import prediction_row
-from tcp.evaluation.shards import shard_batches, sum_across_ranks
+from tcp.evaluation.shards import shard_batches
 from tcp.models.pilot import PilotTap
+from tcp.runtime.collective import sum_across_ranks
 
 
 @dataclass
@@ -60,63 +61,64 @@ def generation_eval(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Mod
     `predictions_split`, `rows` holds one prediction row per (record of this rank, lambda).
     """
     scorer = AnswerScorer.for_golds(answer_format, [r["answer"] for r in records])
-    L = len(lambdas)
-    correct = [0.0] * L
-    flips, frows, frows_ok, cut = [0.0] * L, [0.0] * L, [0.0] * L, [0.0] * L
-    fixes, breaks = [0.0] * L, [0.0] * L
+    n_lambdas = len(lambdas)
+    # Per lambda, this rank's counts; summed across ranks at the end.
+    correct, flips, flipped, flipped_ok, truncated, fixes, breaks = \
+        ([0.0] * n_lambdas for _ in range(7))
     rows: list[dict[str, Any]] = []
     n_total = 0.0
-    fmax, margins = [], []
+    max_abs_f, margins = [], []
     indexed = list(enumerate(records))
     decode = tokenizer.decode
     for items, n_real in shard_batches(indexed, rank=rank, world=world, batch_size=batch_size):
         prompts = [encode_prompt(tokenizer, r["prompt"]) for _, r in items]
-        toks, st = fused_generate(pilot, tap, copilot, prompts, lambdas=lambdas, opts=opts,
-                                  eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                                  device=device, decode=decode)
-        B = len(items)
-        flips_rows = st.flips.view(L, B).cpu()
-        assert st.hit_budget is not None
-        hit = st.hit_budget.view(L, B).cpu()
+        tokens, stats = fused_generate(pilot, tap, copilot, prompts, lambdas=lambdas, opts=opts,
+                                       eos_id=tokenizer.eos_token_id,
+                                       pad_id=tokenizer.pad_token_id, device=device,
+                                       decode=decode)
+        flips_per_row = stats.flips.view(n_lambdas, len(items)).cpu()
+        assert stats.hit_budget is not None
+        hit = stats.hit_budget.view(n_lambdas, len(items)).cpu()
         pilot_ok: list[bool] = []
-        for li in range(L):
-            for b in range(n_real):
-                raw = str(decode(toks[li][b]))
+        for lam_idx in range(n_lambdas):
+            for item in range(n_real):
+                raw = str(decode(tokens[lam_idx][item]))
                 text = cut_at_stop(raw, opts.stop)
-                ok = scorer.correct(text, items[b][1]["answer"])
-                correct[li] += ok
-                if li == 0:
+                ok = scorer.correct(text, items[item][1]["answer"])
+                correct[lam_idx] += ok
+                if lam_idx == 0:
                     pilot_ok.append(ok)
-                fixes[li] += ok and not pilot_ok[b]
-                breaks[li] += pilot_ok[b] and not ok
-                cut[li] += bool(hit[li, b])
+                fixes[lam_idx] += ok and not pilot_ok[item]
+                breaks[lam_idx] += pilot_ok[item] and not ok
+                truncated[lam_idx] += bool(hit[lam_idx, item])
                 if predictions_split is not None:
                     rows.append(prediction_row(
-                        split=predictions_split, index=items[b][0], record=items[b][1],
-                        lam=float(lambdas[li]), generation=raw, answer_text=text, scorer=scorer,
-                        correct=ok, hit_budget=bool(hit[li, b])))
-                flips[li] += int(flips_rows[li, b])
-                if flips_rows[li, b] > 0:
-                    frows[li] += 1
-                    frows_ok[li] += ok
+                        split=predictions_split, index=items[item][0], record=items[item][1],
+                        lam=float(lambdas[lam_idx]), generation=raw, answer_text=text,
+                        scorer=scorer, correct=ok, hit_budget=bool(hit[lam_idx, item])))
+                flips[lam_idx] += int(flips_per_row[lam_idx, item])
+                if flips_per_row[lam_idx, item] > 0:
+                    flipped[lam_idx] += 1
+                    flipped_ok[lam_idx] += ok
         n_total += n_real
         if n_real:
-            fmax += st.max_abs_f
-            margins += st.margin
-    tot = sum_across_ranks([n_total, *correct, *flips, *frows, *frows_ok, *cut, *fixes, *breaks],
-                           device)
-    n = tot[0]
-    acc = [c / max(n, 1) for c in tot[1:1 + L]]
-    fl = [int(x) for x in tot[1 + L:1 + 2 * L]]
-    fr = [int(x) for x in tot[1 + 2 * L:1 + 3 * L]]
-    fro = [int(x) for x in tot[1 + 3 * L:1 + 4 * L]]
-    tr = [int(x) for x in tot[1 + 4 * L:1 + 5 * L]]
-    fx = [int(x) for x in tot[1 + 5 * L:1 + 6 * L]]
-    br = [int(x) for x in tot[1 + 6 * L:1 + 7 * L]]
-    return GenResult(lambdas=list(lambdas), accuracy=acc, flips=fl, flipped_rows=fr,
-                     flipped_rows_correct=fro, fixes=fx, breaks=br,
-                     max_abs_f_median=_median(fmax), pilot_margin_median=_median(margins),
-                     n=int(n), answer_format=scorer.format, truncated=tr, rows=rows)
+            max_abs_f += stats.max_abs_f
+            margins += stats.margin
+    per_lambda = [correct, flips, flipped, flipped_ok, truncated, fixes, breaks]
+    total = sum_across_ranks([n_total, *(x for counts in per_lambda for x in counts)], device)
+    n = total[0]
+    correct, flips, flipped, flipped_ok, truncated, fixes, breaks = (
+        total[1 + k * n_lambdas:1 + (k + 1) * n_lambdas] for k in range(len(per_lambda)))
+    return GenResult(lambdas=list(lambdas), accuracy=[c / max(n, 1) for c in correct],
+                     flips=_ints(flips), flipped_rows=_ints(flipped),
+                     flipped_rows_correct=_ints(flipped_ok), fixes=_ints(fixes),
+                     breaks=_ints(breaks), max_abs_f_median=_median(max_abs_f),
+                     pilot_margin_median=_median(margins), n=int(n),
+                     answer_format=scorer.format, truncated=_ints(truncated), rows=rows)
+
+
+def _ints(counts: list[float]) -> list[int]:
+    return [int(x) for x in counts]
 
 
 def _median(xs: list[float]) -> float:

@@ -11,10 +11,10 @@ from tcp.evaluation.rectification import plot_rectification
 
 def save_plots(results: dict[str, Any], folder: Path) -> list[Path]:
     """Write the plots `results` has data for into `folder`; returns their paths."""
-    import matplotlib
+    import matplotlib  # heavy: only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only when plotting
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -57,6 +57,5 @@ def save_plots(results: dict[str, Any], folder: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
     if results.get("rectification"):
-
         written.append(plot_rectification(results["rectification"], folder / "rectification.png"))
     return written

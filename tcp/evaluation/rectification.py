@@ -127,10 +127,10 @@ def plot_rectification(rect: dict[str, Any], path: Path) -> Path:
     """One panel per decoding step: p_hat, lambda*f and the fused score of the candidates.
 
     `rect` is `Rectification.to_dict()` (as stored in results.json)."""
-    import matplotlib
+    import matplotlib  # heavy: only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only when plotting
 
     steps = [StepTrace(**st) for st in rect["steps"]]
     n = max(len(steps), 1)

@@ -1,20 +1,10 @@
-"""Evaluation work split over ranks: equal batch counts per rank, sums across ranks."""
+"""Evaluation work split over ranks: equal batch counts per rank (their counts are summed by
+tcp.runtime.collective.sum_across_ranks)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
-
-import torch
-import torch.distributed as dist
-
-
-def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
-    """Elementwise sum of `values` over all ranks (float64; identity without a group)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def shard_batches(samples: list[Any], *, rank: int, world: int, batch_size: int

@@ -1,6 +1,7 @@
 """Errors the operator fixes, printed as one `log error: ...` line with exit code 2.
 
-Kept free of heavy imports: `tcp-log --help` and flag parsing load only this, args.py and cli.py.
+Kept free of heavy imports: `tcp-log --help` and flag parsing load only this, args.py and
+tcp/cli/tcp_log.py.
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def _batches(root: Path, picks: list[tuple[int, np.ndarray, np.ndarray]]) -> \
 
 
 def _arrow_table(b: MistakeBatch, schema: Schema, meta: dict[str, Any]) -> Any:
-    import pyarrow as pa
+    import pyarrow as pa  # optional: Parquet only
 
     rows = batch_to_rows(b, schema)
 
@@ -147,7 +147,7 @@ def _arrow_table(b: MistakeBatch, schema: Schema, meta: dict[str, Any]) -> Any:
 
 def _write_parquet(tmp: Path, batches: Iterator[MistakeBatch], schema: Schema,
                    meta: dict[str, Any]) -> None:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional: Parquet only
 
     writer = None
     try:
@@ -183,7 +183,7 @@ def load_export(path: Path | str) -> MistakeBatch:
         for k in ("h", "x_tilde"):
             d[k] = state_tensor(d[k].numpy(), meta["state_dtype"])
         return MistakeBatch(**d)
-    import pyarrow as pa
+    import pyarrow as pa  # optional: Parquet only
     import pyarrow.parquet as pq
 
     t = pq.read_table(path)

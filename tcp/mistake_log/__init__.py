@@ -1,4 +1,5 @@
-"""The Mistake Log: entries (record), collection from Pilot outputs, backends, sampling."""
+"""The Mistake Log: entries (record), backends, the on-disk store, its writers and the replay
+sampler. (Entries are made from a Pilot step in tcp.models.log_entries.)"""
 
 from tcp.mistake_log.base import MistakeLog
 from tcp.mistake_log.memory import MemoryMistakeLog

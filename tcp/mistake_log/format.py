@@ -140,7 +140,7 @@ def codecs(schema: Schema, name: str, cfg: ZarrStoreConfig) -> dict[str, Any]:
     """`create_array` keyword arguments (filters, compressors) for array `name`."""
     filters: list[ArrayArrayCodec] = []
     if cfg.lossy_keepbits is not None and name in STATE_ARRAYS:
-        from zarr.codecs.numcodecs import BitRound
+        from zarr.codecs.numcodecs import BitRound  # only for the lossy option
 
         filters.append(BitRound(keepbits=cfg.lossy_keepbits))
     comp: list[BytesBytesCodec] = []

@@ -66,7 +66,7 @@ def stored_form(batch: MistakeBatch, schema: Schema, rank: int, *,
     `lossy_keepbits` (the same BitRound the store's filter applies)."""
     rows = batch_to_rows(batch, schema)
     if keepbits is not None:
-        from numcodecs import BitRound
+        from numcodecs import BitRound  # only for the lossy option
 
         rnd = BitRound(keepbits=keepbits)
         for name in STATE_ARRAYS:

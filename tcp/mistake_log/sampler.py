@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from tcp.config import ZarrStoreConfig
-from tcp.mistake_log.async_writer import Uncommitted
 from tcp.mistake_log.base import sample_generator
 from tcp.mistake_log.reader import RankStoreReader
 from tcp.mistake_log.record import MistakeBatch
+from tcp.mistake_log.staging import Uncommitted
 from tcp.mistake_log.view import LogView
 
 

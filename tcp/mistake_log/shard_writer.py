@@ -1,6 +1,6 @@
 """`RankStoreWriter`: the single synchronous writer of one rank's shard (append, commit,
 rollback to a checkpoint's cursor). The commit protocol is described in `format.py`; the
-asynchronous writer that drives it from a background thread is `writer.py`."""
+asynchronous writer that drives it from a background thread is `async_writer.py`."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from tcp.runtime.atomic import atomic_write_json
 
 class RankStoreWriter:
     """The single synchronous writer of one rank's shard. `append` buffers, `commit` writes
-    and publishes. The asynchronous writer (writer.py) calls these from its worker thread."""
+    and publishes. The asynchronous writer (async_writer.py) calls these from its worker thread."""
 
     direct_chunks = True
     """Write the chunks of plain-codec arrays ourselves (chunk_io.py); False: all via Zarr."""

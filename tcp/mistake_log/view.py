@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from tcp.mistake_log.async_writer import Uncommitted
 from tcp.mistake_log.reader import RankStoreReader
 from tcp.mistake_log.record import MistakeBatch
+from tcp.mistake_log.staging import Uncommitted
 
 
 class LogView:

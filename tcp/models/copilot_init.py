@@ -172,6 +172,7 @@ def source_rope(config: Any) -> tuple[torch.Tensor, float]:
         if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("copilot.init_from: partial rotary embeddings are not supported")
         return 1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd)), 1.0
+    # heavy: transformers loads only where a model is built
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     if rope_type not in ROPE_INIT_FUNCTIONS:

@@ -32,7 +32,7 @@ _PEFT_PREFIX = "base_model.model."
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """`model` (an HF causal LM or encoder-decoder) wrapped by peft with LoRA adapters on
     `cfg.target_modules`; every base weight is frozen, only the adapters require grad."""
-    from peft import LoraConfig as PeftLoraConfig
+    from peft import LoraConfig as PeftLoraConfig  # optional: only LoRA Pilots need peft
     from peft import TaskType, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
@@ -58,14 +58,14 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
 
 def is_peft(model: nn.Module) -> bool:
     """True for a peft-wrapped model (also through a DeepSpeed engine)."""
-    from peft import PeftModel
+    from peft import PeftModel  # optional: only LoRA Pilots need peft
 
     return isinstance(getattr(model, "module", model), PeftModel)
 
 
 def lora_layers(model: nn.Module) -> dict[str, Any]:
     """The adapted Linear layers of a peft model by state-dict prefix (`base_model.model....`)."""
-    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import Linear as LoraLinear  # optional: only LoRA Pilots need peft
     from peft.tuners.lora import LoraLayer
 
     found = {name: mod for name, mod in model.named_modules() if isinstance(mod, LoraLayer)}

@@ -39,6 +39,7 @@ def torch_dtype(name: str) -> torch.dtype:
 def build_llama(arch: ArchConfig, *, vocab_size: int, pad_id: int, bos_id: int | None,
                 eos_id: int | None, seed: int) -> nn.Module:
     """A LLaMA-architecture causal LM built from config (no download), seeded."""
+    # heavy: transformers loads only where a model is built
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -64,6 +65,7 @@ def build_t5(arch: ArchConfig, *, vocab_size: int, pad_id: int, eos_id: int | No
              seed: int) -> nn.Module:
     """A T5 encoder-decoder built from config (no download), seeded. The decoder starts from
     the pad token, as T5 does."""
+    # heavy: transformers loads only where a model is built
     from transformers import T5Config, T5ForConditionalGeneration
 
     cfg = T5Config(
@@ -95,6 +97,7 @@ def is_encoder_decoder(model: nn.Module) -> bool:
 def load_pretrained(name_or_path: str, cfg: ModelConfig | None = None) -> nn.Module:
     """`from_pretrained` for a causal LM or an encoder-decoder (by its config), with one clear
     error when it cannot be found."""
+    # heavy: transformers loads only where a model is built
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     kw: dict[str, Any] = {}

@@ -53,7 +53,7 @@ PAPER_MODELS: dict[str, dict[str, Any]] = {
 
 def paper_config(name: str) -> Any:
     """The HF config of the real model `name` (one of PAPER_MODELS), without the hub."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: transformers loads only where a model is built
 
     real = dict(PAPER_MODELS[name])
     real.pop("extra_vocab_rows", None)
@@ -66,7 +66,7 @@ def twin_config(name: str, *, vocab_size: int, pad_id: int, bos_id: int | None,
     the real model (T5: the real head count), heads `head_dim` wide, MLP twice the width,
     `layers` layers, the tokenizer's vocabulary (plus the real model's extra padding rows), the
     real model's flags otherwise."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: transformers loads only where a model is built
 
     real = dict(PAPER_MODELS[name])
     kind = real.pop("model_type")
@@ -94,6 +94,7 @@ def twin_config(name: str, *, vocab_size: int, pad_id: int, bos_id: int | None,
 def write_twin(name: str, path: Path, tokenizer: Any, *, layers: int = 2, head_dim: int = 8,
                seed: int = 0) -> Path:
     """Save `name`'s twin (model and `tokenizer`) to `path` as a from_pretrained folder."""
+    # heavy: transformers loads only where a model is built
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     cfg = twin_config(name, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,

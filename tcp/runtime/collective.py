@@ -87,6 +87,15 @@ def _rebuild(cls: type[RunError], text: str) -> RunError:
         return RunError(text)
 
 
+def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Elementwise sum of `values` over every rank, in float64 (identity without a process
+    group): the one reduction of training metrics and evaluation counts. Collective."""
+    summed = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(summed)
+    return summed.tolist()
+
+
 def shutdown() -> None:
     """Destroy the process group before the process exits. Without it, gloo's worker threads
     outlive the interpreter's teardown and the process can die of SIGABRT ("terminate called

@@ -30,7 +30,7 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]
         # warns on every rank that it fell back to the CPU ("Setting accelerator to CPU").
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(int(os.environ.get("TCP_THREADS_PER_RANK", "1")))
-    import deepspeed
+    import deepspeed  # heavy; it picks its accelerator on import
 
     if not dist.is_initialized():
         for k, v in slurm_env(os.environ).items():  # `srun` one task per rank

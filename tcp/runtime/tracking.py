@@ -113,7 +113,7 @@ class Tracker:
         # server is down); users who set these keep their values.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # heavy: only when tracking is on
 
         cfg = self.cfg
         self.uri = tracking_uri(cfg)
@@ -147,7 +147,7 @@ class Tracker:
                 exp_id = exp.experiment_id
             name = cfg.tracking.run_name or Path(cfg.output_dir).name
             run_id = client.create_run(exp_id, run_name=name).info.run_id
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param, RunTag  # heavy: only when tracking is on
 
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow's batch limit for params
@@ -192,7 +192,7 @@ class Tracker:
         already holds for that metric."""
         if not self.active:
             return
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # heavy: only when tracking is on
 
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, step) for k, v in values.items()
@@ -206,7 +206,7 @@ class Tracker:
         """Set run tags (asynchronously)."""
         if not self.active or not values:
             return
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # heavy: only when tracking is on
 
         ts = [RunTag(k, str(v)) for k, v in values.items()]
         run_id = self.run_id

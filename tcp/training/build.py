@@ -33,7 +33,7 @@ from tcp.runtime.console import print_rank0
 from tcp.runtime.quiet import hf_progress_off
 from tcp.runtime.run_folder import log_root
 from tcp.runtime.run_lock import LOCK_NAME
-from tcp.training.checkpoint import CheckpointError
+from tcp.training.checkpoint_layout import CheckpointError
 from tcp.training.engines import build_engine
 
 
@@ -41,7 +41,7 @@ def load_tokenizer(cfg: RunConfig) -> Any:
     """The run's tokenizer: the character tokenizer for the embedded default, else the Pilot's."""
     if cfg.model.name_or_path is None and cfg.data.tokenizer is None:
         return build_char_tokenizer()
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: transformers loads only where a model is built
 
     name = cfg.data.tokenizer or cfg.model.name_or_path
     try:
@@ -69,6 +69,7 @@ def build_pilot(cfg: RunConfig, tokenizer: Any, base: Path | None, world: int) -
         model = load_pretrained(cfg.model.name_or_path, cfg.model)
         del keep
     elif base is not None and cfg.model.init_from_base:
+        # heavy: transformers loads only where a model is built
         from transformers import AutoModelForCausalLM
 
         with hf_progress_off():  # a local folder tcp wrote: no "Loading weights" bar per rank
@@ -78,12 +79,10 @@ def build_pilot(cfg: RunConfig, tokenizer: Any, base: Path | None, world: int) -
                             pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id,
                             eos_id=tokenizer.eos_token_id, seed=cfg.seed)
     if cfg.pilot.lora.enabled:
-
         # Before the engine: its optimizer then holds the adapters only. A partitioned
         # (zero.Init) Pilot takes adapters too; the engine partitions the new parameters.
         model = apply_lora(model, cfg.pilot.lora)
     if cfg.pilot.gradient_checkpointing:
-
         enable_gradient_checkpointing(model)
     return model
 
@@ -100,6 +99,7 @@ def build_copilot(cfg: RunConfig, *, vocab: int, d_pilot: int, base: Path | None
     cop = Copilot(cfg.copilot, vocab_size=vocab, pilot_hidden=d_pilot, encoder_decoder=encdec)
     src = {"base": base, "none": None}.get(cfg.copilot.init_from, cfg.copilot.init_from)
     if src is not None:
+        # heavy: transformers loads only where a model is built
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
         if tokenizer is not None:  # before any weight loads
@@ -124,7 +124,7 @@ def check_same_tokenizer(src: str | Path, tokenizer: Any) -> None:
     """Refuse a Copilot source whose own tokenizer maps tokens to other ids than the run's
     (padding rows beyond the vocabulary may differ; the tokens may not). No tokenizer beside
     the source: nothing to compare, the run's is assumed."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: transformers loads only where a model is built
 
     try:
         theirs = AutoTokenizer.from_pretrained(src)

@@ -1,14 +1,7 @@
 """Composite checkpoints: both DeepSpeed engines and every rank's trainer state, complete only
 when the manifest exists.
 
-Layout (under `checkpoint.dir`, default `<output_dir>/checkpoints`):
-
-    step_00000200/
-      pilot/{latest, step_00000200/...}      DeepSpeed checkpoint of the Pilot engine
-      copilot/{latest, step_00000200/...}    DeepSpeed checkpoint of the Copilot engine
-      trainer_rank{r}.pt                     step, RNG states, sampler + Mistake Log cursor, ...
-      manifest.json                          written last, atomically, after every rank is done
-    latest                                   name of the newest complete checkpoint
+The layout on disk, and what makes a checkpoint complete, is checkpoint_layout.py.
 
 Protocol of `save` (collective): write engines and trainer files -> each rank fsyncs what it
 wrote -> barrier -> rank 0 writes manifest.json (temp, fsync, rename) -> moves `latest` ->
@@ -27,23 +20,18 @@ refuse a checkpoint directory that some rank does not see (`CheckpointStorageErr
 
 from __future__ import annotations
 
-import json
-import random
 import re
 import shutil
 import socket
 import time
 from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from tcp.config import CheckpointConfig
-from tcp.errors import RunError
 from tcp.runtime.atomic import atomic_write, atomic_write_json, fsync_path
 from tcp.runtime.collective import agree, distributed
 from tcp.runtime.faults import fault_point
@@ -54,114 +42,25 @@ from tcp.runtime.write_guard import (
     WriteGuard,
     writes_guarded,
 )
-
-FORMAT = "tcp-checkpoint"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-ENGINES = ("pilot", "copilot")
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
-
-
-class CheckpointError(RunError):
-    """A checkpoint is missing, incomplete or does not fit this launch; the message says why."""
-
-    kind = "resume"
-
-
-class CheckpointStorageError(CheckpointError):
-    """The checkpoint directory cannot hold checkpoints: some rank does not see what the others
-    write there, or it cannot be created. Raised on every rank alike."""
-
-    kind = "checkpoint"
-
-
-class CheckpointWriteError(CheckpointError):
-    """Writing a checkpoint failed on some rank (disk full, quota, file size limit, I/O error).
-    Raised on every rank alike, after the incomplete folder is removed; the previous complete
-    checkpoint stays the latest."""
-
-    kind = "checkpoint"
-
-
-def step_name(step: int) -> str:
-    """Folder (and DeepSpeed tag) of the checkpoint at `step`."""
-    return f"step_{step:08d}"
-
-
-def trainer_file(rank: int) -> str:
-    """Per-rank trainer state file name."""
-    return f"trainer_rank{rank}.pt"
-
-
-@dataclass
-class CheckpointInfo:
-    """A complete checkpoint on disk."""
-
-    path: Path
-    manifest: dict[str, Any]
-
-    @property
-    def step(self) -> int:
-        return int(self.manifest["step"])
-
-    @property
-    def world_size(self) -> int:
-        return int(self.manifest["world_size"])
-
-
-def read_complete(path: Path) -> CheckpointInfo | None:
-    """The checkpoint at `path` if it is complete (manifest valid, every part present)."""
-    try:
-        m = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if m.get("format") != FORMAT or m.get("version") != FORMAT_VERSION:
-        return None
-    tag = m.get("tag")
-    parts = [path / trainer_file(r) for r in range(int(m.get("world_size", 0)))]
-    parts += [path / e / "latest" for e in ENGINES] + [path / e / str(tag) for e in ENGINES]
-    if not all(p.exists() for p in parts):
-        return None
-    return CheckpointInfo(path, m)
-
-
-def list_checkpoints(root: Path) -> tuple[list[CheckpointInfo], list[Path]]:
-    """(complete checkpoints oldest first, incomplete step folders) under `root`."""
-    complete, partial = [], []
-    if root.is_dir():
-        for p in sorted(root.iterdir()):
-            if p.is_dir() and _STEP_DIR.match(p.name):
-                info = read_complete(p)
-                if info is None:
-                    partial.append(p)
-                else:
-                    complete.append(info)
-    complete.sort(key=lambda i: i.step)
-    return complete, partial
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG the loop may touch (python, numpy, torch CPU, every CUDA device)."""
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
-                             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore `rng_state()`."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+from tcp.training.checkpoint_layout import (
+    ENGINES,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    CheckpointError,
+    CheckpointInfo,
+    CheckpointStorageError,
+    CheckpointWriteError,
+    list_checkpoints,
+    read_complete,
+    step_name,
+    trainer_file,
+)
 
 
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:

@@ -41,7 +41,7 @@ def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
     so no device ever holds more than its shard plus one full parameter (gathering the whole
     model at once would put all of a 7B Pilot on every GPU).
     """
-    import deepspeed
+    import deepspeed  # heavy; it picks its accelerator on import
 
     named = dict(module.named_parameters(remove_duplicate=False))  # tied names included
     zero3 = any(hasattr(p, "ds_id") for p in named.values())

@@ -22,7 +22,8 @@ from tcp.runtime.run_folder import claim_folders
 from tcp.runtime.tracking import Tracker, flatten
 from tcp.training.base_phase import ensure_base_model
 from tcp.training.build import build_engines, build_mistake_log, load_tokenizer
-from tcp.training.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager, step_name
+from tcp.training.checkpoint import CheckpointManager
+from tcp.training.checkpoint_layout import CheckpointError, CheckpointInfo, step_name
 from tcp.training.engines import param_count, save_hf, save_hf_lora, save_module
 from tcp.training.job import JobContext, JobEnd, publish_results, run_job
 from tcp.training.run_files import save_run_files
@@ -169,7 +170,6 @@ def finish(cfg: RunConfig, *, trainer: Trainer, tokenizer: Any,
             budget=budget, predictions_path=out / "predictions.jsonl",
             train_golds=[r["answer"] for r in splits["train"]]))
     if cfg.pilot.lora.enabled:  # merged into a plain HF model, and the adapter beside it
-
         save_hf_lora(pilot.module, out / "final" / "pilot", out / "final" / "pilot_adapter")
     else:
         save_hf(pilot.module, out / "final" / "pilot")

@@ -1,13 +1,10 @@
-"""Training metrics at each logging interval: one reduction across ranks for the joint and the
-offline loop, the Copilot's RMSE against the zero baseline, and the history kept for
-results.json."""
+"""Training metrics at each logging interval, for the joint and the offline loop (both reduce
+their window through tcp.runtime.collective.sum_across_ranks): the Copilot's RMSE against the
+zero baseline, and the history kept for results.json."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
-import torch.distributed as dist
 
 
 @dataclass
@@ -15,15 +12,6 @@ class History:
     """Averaged metrics at each logging interval (all ranks), kept for results.json."""
 
     rows: list[dict[str, float]] = field(default_factory=list)
-
-
-def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
-    """`values` (this rank's window means and counts) summed over every rank, in float64;
-    divide a mean by the world size afterwards. Collective."""
-    summed = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(summed)
-    return summed.tolist()
 
 
 def copilot_metrics(copilot_rmse_sum: float, zero_rmse_sum: float,

@@ -30,7 +30,7 @@ from tcp.evaluation.run_loading import evaluate_run, load_eval_data, load_run
 from tcp.mistake_log.reader import RankStoreReader
 from tcp.mistake_log.record import MistakeBatch
 from tcp.mistake_log.sampler import replay_sampler
-from tcp.runtime.collective import distributed, raise_if_any
+from tcp.runtime.collective import distributed, raise_if_any, sum_across_ranks
 from tcp.runtime.console import Progress, print_rank0
 from tcp.runtime.quiet import hf_progress_off
 from tcp.runtime.read_marks import ReadMark
@@ -40,7 +40,7 @@ from tcp.training.build import build_copilot
 from tcp.training.copilot_update import copilot_update, join_entries
 from tcp.training.engines import build_engine, param_count, save_module
 from tcp.training.job import JobContext, JobEnd, publish_results, run_job
-from tcp.training.metrics import History, copilot_metrics, sum_across_ranks
+from tcp.training.metrics import History, copilot_metrics
 from tcp.training.offline_source import OfflineError, SourceRun, offline_seed, open_source
 from tcp.training.run_files import save_run_files
 

@@ -150,6 +150,7 @@ def open_source(cfg: RunConfig, *, world: int) -> SourceRun:
                            f"({sorted(spans, key=str)}); {verify}")
     first, last = next(iter(spans))
     assert first is not None and last is not None  # checked just above
+    # heavy: transformers loads only where a model is built
     from transformers import AutoConfig, AutoTokenizer
 
     pc = AutoConfig.from_pretrained(pilot_dir)

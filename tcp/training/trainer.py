@@ -22,13 +22,15 @@ from tcp.mistake_log.record import MistakeBatch
 from tcp.models.lm_head import HeadOptions
 from tcp.models.log_entries import collect
 from tcp.models.pilot import PilotTap, pilot_forward, torch_dtype
+from tcp.runtime.collective import sum_across_ranks
 from tcp.runtime.console import Progress
 from tcp.runtime.faults import fault_point
 from tcp.runtime.preemption import StopSignal
 from tcp.runtime.tracking import Tracker
-from tcp.training.checkpoint import CheckpointManager, rng_state, set_rng_state
+from tcp.training.checkpoint import CheckpointManager
 from tcp.training.copilot_update import copilot_entries, copilot_update
-from tcp.training.metrics import History, copilot_metrics, sum_across_ranks
+from tcp.training.metrics import History, copilot_metrics
+from tcp.training.rng_state import rng_state, set_rng_state
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tcp.training.checkpoint import read_complete
+from tcp.training.checkpoint_layout import read_complete
 from tests.distributed.test_resume import NO_MLFLOW, TINY
 from tests.helpers import JOINT_ONLY, ROOT, launch
 

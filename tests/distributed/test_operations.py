@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from tcp.mistake_log.maintenance import verify
-from tcp.training.checkpoint import read_complete
+from tcp.training.checkpoint_layout import read_complete
 from tests.distributed.test_resume import NO_MLFLOW, TINY, one_mlflow_run
 from tests.helpers import JOINT_ONLY, ROOT, launch
 

@@ -16,15 +16,14 @@ from tcp.config import CheckpointConfig
 from tcp.runtime.faults import _plan
 from tcp.runtime.tracking import parse_tags
 from tcp.runtime.write_guard import WriteFailure, one_line
-from tcp.training.checkpoint import (
+from tcp.training.checkpoint import CheckpointManager
+from tcp.training.checkpoint_layout import (
     CheckpointError,
-    CheckpointManager,
     CheckpointWriteError,
     list_checkpoints,
     read_complete,
-    rng_state,
-    set_rng_state,
 )
+from tcp.training.rng_state import rng_state, set_rng_state
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -31,15 +31,8 @@ from tcp.models.copilot import Copilot, ErrorTarget
 from tcp.models.copilot_inputs import build_inputs
 from tcp.models.lm_head import HeadOptions, use_fused_head
 from tcp.models.pilot import PilotTap, build_model, pilot_forward
-from tcp.training.memory_plan import (
-    EnginePlan,
-    GiB,
-    MemoryPlan,
-    copilot_batch_size,
-    format_plan,
-    plan,
-    zero_lines,
-)
+from tcp.training.memory_plan import EnginePlan, GiB, MemoryPlan, format_plan, plan
+from tcp.training.memory_terms import copilot_batch_size, zero_lines
 
 # data.max_length: the plan and the measured steps share one T (the default is auto).
 SMALL = ["train.pilot.micro_batch_size=8", "mistake_log.replay_size=8", "data.max_length=96"]
