@@ -23,7 +23,7 @@ _CHOICES = ("auto", "torch", "triton")
 @functools.cache
 def triton_available() -> bool:
     """Whether `import triton` works here."""
-    try:
+    try:  # optional: Triton is absent on some platforms (macOS, aarch64 wheels)
         import triton
         import triton.language  # noqa: F401
     except Exception:  # ImportError, or a broken install that fails on import

@@ -14,7 +14,7 @@ whose order is the order of the probabilities.
 `linear_cross_entropy` is the eager reference (full logits), and the unfused training path.
 
 Under ZeRO-3 the LM head weight is partitioned; call these from the forward of the module that
-owns the weight (see `tcp.models.pilot.FusedLMHead`), where DeepSpeed has gathered it.
+owns the weight (see `tcp.models.lm_head.FusedLMHead`), where DeepSpeed has gathered it.
 """
 
 from __future__ import annotations

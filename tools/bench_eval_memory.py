@@ -3,15 +3,14 @@
     python tools/bench_eval_memory.py                     # V=128256, T=512, batch 8
     python tools/bench_eval_memory.py --vocab 32000 --seq 256
 
-A narrow Pilot and Copilot (d=64, 2 layers: the width does not change what is vocabulary-sized)
-are built from config; a batch of `--batch` sequences of `--seq` tokens (half prompt, half answer)
-goes through the teacher-forced diagnostics (tcp.evaluation.diagnostics) and through fused greedy
-decoding
-(λ ∈ {0, 1}). Peak memory is what evaluation adds on top of the loaded models and data: on the
-CPU the process's peak resident set (VmHWM, reset before each phase through
-/proc/self/clear_refs; Linux only) minus its resident set before the phase, on CUDA
-(`--device cuda`) the allocator's peak minus what was allocated before. The goal (issue 14):
-≤ 2 × the logits' own size, B·T·V·4 bytes in fp32.
+A narrow Pilot and Copilot (d=64, 2 layers: the width does not change what is vocabulary-sized) are
+built from config; a batch of `--batch` sequences of `--seq` tokens (half prompt, half answer) goes
+through the teacher-forced diagnostics (tcp.evaluation.diagnostics) and through fused greedy
+decoding (λ ∈ {0, 1}). Peak memory is what evaluation adds on top of the loaded models and data: on
+the CPU the process's peak resident set (VmHWM, reset before each phase through
+/proc/self/clear_refs; Linux only) minus its resident set before the phase, on CUDA (`--device
+cuda`) the allocator's peak minus what was allocated before. The goal (issue 14): ≤ 2 × the logits'
+own size, B·T·V·4 bytes in fp32.
 """
 
 from __future__ import annotations

@@ -136,8 +136,7 @@ def _sync(dev: Any) -> None:
 
 def phase_timed(trainer_cls: type) -> type:
     """`trainer_cls` (tcp.training.trainer.Trainer) with time and peak memory read at the start of
-    the
-    step, at the start of the Copilot's phase and at the end. The step is the library's."""
+    the step, at the start of the Copilot's phase and at the end. The step is the library's."""
     from bench_kernels import _peak, _reset_peak
 
     class PhaseTimed(trainer_cls):  # type: ignore[misc, valid-type]

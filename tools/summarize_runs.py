@@ -30,8 +30,7 @@ seeds, both accuracies as mean ± sd, and the paired test over that task's poole
 
 --json prints {"runs": [...], "pooled": {...}, "tasks": {...}} instead: per run its path, task,
 seed, n, accuracies, λ and "paired" (the format of results.json["paired"], tcp.evaluation.stats);
-pooled
-the mean and sd of both accuracies and the pooled "paired", over all runs and per task.
+pooled the mean and sd of both accuracies and the pooled "paired", over all runs and per task.
 """
 
 from __future__ import annotations

@@ -26,16 +26,7 @@ import torch
 
 from tcp.config import ConfigError, RunConfig, from_dict, to_dict
 from tcp.errors import RunError
-from tcp.evaluation.decode_budget import TruncationError, check_truncation
-from tcp.evaluation.plots import save_plots
 from tcp.evaluation.report import format_table, summary_metrics
-from tcp.evaluation.run_loading import (
-    TransferError,
-    evaluate_run,
-    load_eval_data,
-    load_run,
-    run_config,
-)
 from tcp.runtime import quiet
 from tcp.runtime.atomic import atomic_write_json
 from tcp.runtime.tracking import Tracker
@@ -75,6 +66,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def eval_main(argv: list[str] | None = None) -> int:
     """Entry point of `tcp-eval`. Returns the exit code."""
     args = parse_args(argv)
+    # heavy (transformers): imported once the arguments parse, so that --help stays quick
+    from tcp.evaluation.decode_budget import TruncationError, check_truncation
+    from tcp.evaluation.plots import save_plots
+    from tcp.evaluation.run_loading import (
+        TransferError,
+        evaluate_run,
+        load_eval_data,
+        load_run,
+        run_config,
+    )
 
     quiet.install()  # the same expected third-party noise as the trainer's (tcp/runtime/quiet.py)
     if args.lam is not None and args.lam < 0:

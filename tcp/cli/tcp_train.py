@@ -23,6 +23,7 @@ from tcp.errors import RunError
 from tcp.runtime import quiet
 from tcp.runtime.collective import shutdown
 from tcp.runtime.preemption import StopSignal
+from tcp.training.run_files import ds_configs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,7 +100,6 @@ def dry_run(cfg: RunConfig, *, world_size: int | None = None,
     (tcp.training.memory_plan) for `world_size` ranks (None: $WORLD_SIZE, else 1) on devices of
     `device_gib` GiB (None: the local CUDA device's, else unknown)."""
     from tcp.training.memory_plan import GiB, format_plan, plan  # heavy: module docstring
-    from tcp.training.run_files import ds_configs
 
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     if device_gib is None and torch.cuda.is_available():

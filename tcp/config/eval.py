@@ -42,9 +42,9 @@ class EvalConfig:
     enabled: bool = True
     """Evaluate at the end of training."""
     answer_format: Literal["auto", "numeric", "choice", "yesno", "exact"] = "auto"
-    """How answers are scored (tcp.evaluation.answer_scoring): 'numeric' (last number;
-    GSM8K/SVAMP/MAWPS),
-    'choice' ("answer2", "option 2", "(B)", "... is answer2"), 'yesno' (BoolQ), 'exact';
+    """How answers are scored (tcp.evaluation.answer_scoring): 'numeric' (last
+    number; GSM8K/SVAMP/MAWPS), 'choice' ("answer2", "option 2", "(B)", "... is answer2"),
+    'yesno' (BoolQ), 'exact';
     'auto' decides from the training and validation golds only (never test): the format at
     least 95% of them parse in (numeric, then yes/no, then choice), else 'exact'; the decision
     and why go to results.json["answer_format"]."""

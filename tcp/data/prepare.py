@@ -2,8 +2,8 @@
 and stop (DataError, exit 2) when too much would be dropped or is unknown to the tokenizer.
 
 Called by `tcp.training.joint_job` before any model is built; the returned config has
-`data.max_length` as a
-number, so everything after (the budget, the base cache, config.yaml, a resume) sees one value.
+`data.max_length` as a number, so everything after (the budget, the base cache, config.yaml, a
+resume) sees one value.
 
 The `auto` rule: the 99.5th percentile (nearest rank) of the training split's sample lengths
 (`[BOS] prompt answer [EOS]` in tokens), rounded up to a multiple of 8, capped by the Pilot's

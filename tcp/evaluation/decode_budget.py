@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 from tcp.config import EvalConfig
 from tcp.data.collate import TokenizedSample
 from tcp.errors import RunError
-from tcp.evaluation.generation_eval import GenResult
 
-if TYPE_CHECKING:
-    import torch  # heavy: not for --help
+if TYPE_CHECKING:  # annotations only; both are heavy (torch, transformers)
+    import torch
+
+    from tcp.evaluation.generation_eval import GenResult
 
 
 class TruncationError(RunError):

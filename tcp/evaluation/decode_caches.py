@@ -2,8 +2,7 @@
 Copilot's previous prediction, for decoder-only and encoder-decoder Pilots.
 
 `tcp.evaluation.decoding` drives it (greedy, sampling, beam search); `tcp.evaluation.rectification`
-steps it one token at a
-time. Kept apart from the decoding loops so each file has one job.
+steps it one token at a time. Kept apart from the decoding loops so each file has one job.
 """
 
 from __future__ import annotations

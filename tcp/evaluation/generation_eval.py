@@ -84,36 +84,36 @@ def generation_eval(pilot: torch.nn.Module, tap: PilotTap, copilot: torch.nn.Mod
             for item in range(n_real):
                 raw = str(decode(tokens[lam_idx][item]))
                 text = cut_at_stop(raw, opts.stop)
-                ok = scorer.correct(text, items[item][1]["answer"])
-                correct[lam_idx] += ok
+                is_correct = scorer.correct(text, items[item][1]["answer"])
+                correct[lam_idx] += is_correct
                 if lam_idx == 0:
-                    pilot_ok.append(ok)
-                fixes[lam_idx] += ok and not pilot_ok[item]
-                breaks[lam_idx] += pilot_ok[item] and not ok
+                    pilot_ok.append(is_correct)
+                fixes[lam_idx] += is_correct and not pilot_ok[item]
+                breaks[lam_idx] += pilot_ok[item] and not is_correct
                 truncated[lam_idx] += bool(hit[lam_idx, item])
                 if predictions_split is not None:
                     rows.append(prediction_row(
                         split=predictions_split, index=items[item][0], record=items[item][1],
                         lam=float(lambdas[lam_idx]), generation=raw, answer_text=text,
-                        scorer=scorer, correct=ok, hit_budget=bool(hit[lam_idx, item])))
+                        scorer=scorer, correct=is_correct, hit_budget=bool(hit[lam_idx, item])))
                 flips[lam_idx] += int(flips_per_row[lam_idx, item])
                 if flips_per_row[lam_idx, item] > 0:
                     flipped[lam_idx] += 1
-                    flipped_ok[lam_idx] += ok
+                    flipped_ok[lam_idx] += is_correct
         n_total += n_real
         if n_real:
             max_abs_f += stats.max_abs_f
             margins += stats.margin
     per_lambda = [correct, flips, flipped, flipped_ok, truncated, fixes, breaks]
     total = sum_across_ranks([n_total, *(x for counts in per_lambda for x in counts)], device)
-    n = total[0]
+    n_scored = total[0]
     correct, flips, flipped, flipped_ok, truncated, fixes, breaks = (
         total[1 + k * n_lambdas:1 + (k + 1) * n_lambdas] for k in range(len(per_lambda)))
-    return GenResult(lambdas=list(lambdas), accuracy=[c / max(n, 1) for c in correct],
+    return GenResult(lambdas=list(lambdas), accuracy=[c / max(n_scored, 1) for c in correct],
                      flips=_ints(flips), flipped_rows=_ints(flipped),
                      flipped_rows_correct=_ints(flipped_ok), fixes=_ints(fixes),
                      breaks=_ints(breaks), max_abs_f_median=_median(max_abs_f),
-                     pilot_margin_median=_median(margins), n=int(n),
+                     pilot_margin_median=_median(margins), n=int(n_scored),
                      answer_format=scorer.format, truncated=_ints(truncated), rows=rows)
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tcp.evaluation.rectification import plot_rectification
-
 
 def save_plots(results: dict[str, Any], folder: Path) -> list[Path]:
     """Write the plots `results` has data for into `folder`; returns their paths."""
@@ -57,5 +55,8 @@ def save_plots(results: dict[str, Any], folder: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
     if results.get("rectification"):
+        # heavy (transformers): only when there is a trace to plot
+        from tcp.evaluation.rectification import plot_rectification
+
         written.append(plot_rectification(results["rectification"], folder / "rectification.png"))
     return written

@@ -43,34 +43,34 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
     validation's decide `eval.answer_format=auto` (recorded, with why, in "answer_format");
     test answers never do.
     """
-    ev = cfg.eval
+    eval_cfg = cfg.eval
     if lam is not None and lam < 0:
         raise ValueError(f"lambda must be >= 0 (got {lam}); 0 scores the Pilot alone")
     if budget is None:
-        budget = budget_for_pilot(ev, {"validation": val_samples}, tokenizer, pilot=pilot,
+        budget = budget_for_pilot(eval_cfg, {"validation": val_samples}, tokenizer, pilot=pilot,
                                   max_length=cfg.data.max_length)
     pilot.eval()
     copilot.eval()
     diagnostics = teacher_forced_diagnostics(
         pilot, tap, copilot, val_samples, pad_id=tokenizer.pad_token_id,
-        topk=cfg.mistake_log.topk, lambdas=ev.lambdas, fusion=ev.fusion,
-        batch_size=ev.batch_size, rank=rank, world=world, device=device,
+        topk=cfg.mistake_log.topk, lambdas=eval_cfg.lambdas, fusion=eval_cfg.fusion,
+        batch_size=eval_cfg.batch_size, rank=rank, world=world, device=device,
         chunk_mib=cfg.kernels.chunk_mib)
     # 'auto' is decided once, on train (`train_golds`) and validation golds, never test's: test is
     # read only after lambda is fixed (tests/unit/test_no_leaks.py); both splits score alike.
     format_decision = decide_format(
-        ev.answer_format, [*(train_golds or []), *(r["answer"] for r in val_records)],
+        eval_cfg.answer_format, [*(train_golds or []), *(r["answer"] for r in val_records)],
         source="train+validation" if train_golds else "validation")
     answer_format = format_decision.format
     common = dict(opts=decode_options(cfg, max_new_tokens=budget.tokens),
-                  batch_size=ev.batch_size, rank=rank, world=world, device=device,
+                  batch_size=eval_cfg.batch_size, rank=rank, world=world, device=device,
                   answer_format=answer_format)
-    sweep_lambdas = ev.lambdas if lam is None else [lam] if lam > 0 else []
+    sweep_lambdas = eval_cfg.lambdas if lam is None else [lam] if lam > 0 else []
     val = generation_eval(pilot, tap, copilot, val_records, tokenizer,
                           lambdas=[0.0, *sweep_lambdas], **common)
     helped = None
     if lam is None:
-        lam, _ = choose_lambda(val, ev.lambda_significance)
+        lam, _ = choose_lambda(val, eval_cfg.lambda_significance)
         helped = lam > 0
     test = generation_eval(pilot, tap, copilot, test_records, tokenizer,
                            lambdas=[0.0, lam] if lam > 0 else [0.0],
@@ -83,9 +83,9 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
         if rank == 0:
             write_predictions(predictions_path, rows)
     # With the Copilot off, trace what the best lambda > 0 would have changed.
-    trace_lambda = lam or (best_positive_lambda(val) or (ev.lambdas[0], 0.0))[0]
-    trace_kw = dict(lam=trace_lambda, fusion=ev.fusion, max_new_tokens=budget.tokens,
-                    device=device, feedback=ev.copilot_feedback)
+    trace_lambda = lam or (best_positive_lambda(val) or (eval_cfg.lambdas[0], 0.0))[0]
+    trace_kw = dict(lam=trace_lambda, fusion=eval_cfg.fusion, max_new_tokens=budget.tokens,
+                    device=device, feedback=eval_cfg.copilot_feedback)
     example = pick_example(pilot, tap, copilot, val_records, tokenizer,
                            answer_format=answer_format, **trace_kw)
     rectification = trace_rectification(pilot, tap, copilot, val_records[example]["prompt"],
@@ -105,17 +105,18 @@ def evaluate_and_report(cfg: RunConfig, *, pilot: Any, copilot: Any, tap: PilotT
             "pilot_truncated": val.truncated[0],
             "copilot_helped": helped,
             "sweep": sweep_rows(val, diagnostics),
-            "lambda_significance": ev.lambda_significance,
+            "lambda_significance": eval_cfg.lambda_significance,
             "teacher_forced": diagnostics,
             "generation": {"max_abs_f_median": val.max_abs_f_median,
                            "pilot_margin_median": val.pilot_margin_median},
         },
-        "fusion": ev.fusion,
-        "decoding": {"strategy": ev.strategy, "copilot_feedback": ev.copilot_feedback,
+        "fusion": eval_cfg.fusion,
+        "decoding": {"strategy": eval_cfg.strategy,
+                     "copilot_feedback": eval_cfg.copilot_feedback,
                      "answer_format": test.answer_format,
                      "max_new_tokens": budget.tokens, "budget": budget.to_dict()},
         "answer_format": format_decision.to_dict(),
-        "truncation": truncation_summary({"validation": val, "test": test}, ev,
+        "truncation": truncation_summary({"validation": val, "test": test}, eval_cfg,
                                          budget=budget.tokens, lam=lam),
         "predictions": str(predictions_path) if predictions_path else None,
         "paired": paired,
@@ -144,15 +145,16 @@ def decode_options(cfg: RunConfig, *, max_new_tokens: int | None = None) -> Deco
     """The run's decoding options (eval.*), sampling seeded by the run's seed; the budget is
     `max_new_tokens` (the resolved `eval.max_new_tokens`, tcp.evaluation.decode_budget) when
     given."""
-    ev = cfg.eval
+    eval_cfg = cfg.eval
     if max_new_tokens is None:
-        if ev.max_new_tokens == "auto":
+        if eval_cfg.max_new_tokens == "auto":
             raise ValueError("eval.max_new_tokens is 'auto': resolve it first "
                              "(tcp.evaluation.decode_budget.resolve_budget) and pass "
                              "max_new_tokens")
-        max_new_tokens = ev.max_new_tokens
-    return DecodeOptions(max_new_tokens=max_new_tokens, strategy=ev.strategy,
-                         fusion=ev.fusion, num_beams=ev.num_beams,
-                         length_penalty=ev.length_penalty, temperature=ev.temperature,
-                         top_k=ev.top_k, top_p=ev.top_p, stop=list(ev.stop), seed=cfg.seed,
-                         copilot_feedback=ev.copilot_feedback)
+        max_new_tokens = eval_cfg.max_new_tokens
+    return DecodeOptions(max_new_tokens=max_new_tokens, strategy=eval_cfg.strategy,
+                         fusion=eval_cfg.fusion, num_beams=eval_cfg.num_beams,
+                         length_penalty=eval_cfg.length_penalty,
+                         temperature=eval_cfg.temperature, top_k=eval_cfg.top_k,
+                         top_p=eval_cfg.top_p, stop=list(eval_cfg.stop), seed=cfg.seed,
+                         copilot_feedback=eval_cfg.copilot_feedback)

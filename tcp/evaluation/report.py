@@ -1,13 +1,11 @@
 """How evaluation results are shown: the printed table and the flat metrics MLflow records.
 
 Both read the results dict of `tcp.evaluation.protocol.evaluate_and_report` (results.json), for the
-main job
-and `tcp-eval` alike: the decoding budget used, the share of generations cut at it per split
-(with the one warning over `eval.truncation_warn_frac`), and whether the Copilot was switched
+main job and `tcp-eval` alike: the decoding budget used, the share of generations cut at it per
+split (with the one warning over `eval.truncation_warn_frac`), and whether the Copilot was switched
 off because no lambda > 0 beat the Pilot on validation; and the paired test of Pilot vs
 Pilot+Copilot on the same test examples (results["paired"], tcp.evaluation.stats), absent from
-results
-written before it existed.
+results written before it existed.
 """
 
 from __future__ import annotations

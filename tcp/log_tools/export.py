@@ -29,7 +29,6 @@ then entry order).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from tcp.mistake_log.format import Schema
 from tcp.mistake_log.reader import RankStoreReader
 from tcp.mistake_log.record import MistakeBatch, offsets_from_lengths
 from tcp.mistake_log.rows import batch_to_rows, state_tensor
+from tcp.runtime.atomic import publish, temp_path
 
 EXPORT_FORMAT = "tcp-mistake-log-export"
 EXPORT_VERSION = 1
@@ -103,14 +103,14 @@ def export(path: Path | str, out: Path | str, sel: Selection, *, force: bool = F
     meta = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "d_model": sch.d_model,
             "topk": sch.topk, "state_dtype": sch.state_dtype, "source": str(root.resolve()),
             "selection": sel.describe()}
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = temp_path(out)
     try:
         batches = _batches(root, picks)
         if kind == ".parquet":
             _write_parquet(tmp, batches, tables.schema, meta)
         else:
             _write_npz(tmp, batches, tables.schema, meta)
-        os.replace(tmp, out)
+        publish(tmp, out)  # durable, like every file tcp publishes (tcp.runtime.atomic)
     except READ_ERRORS as e:
         raise damaged(root, e) from e
     finally:

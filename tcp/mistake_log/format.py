@@ -20,8 +20,7 @@ Every chunk also carries a CRC32C (Zarr's crc32c codec), so a corrupt chunk fail
 
 This module: the layout's names and constants, the schema, chunking and codecs, the manifest
 (durable single-file writes are `tcp.runtime.atomic`). Entries <-> stored rows are `rows.py`; the
-shard writer is
-`shard_writer.py` (it encodes and writes the chunks of plain-codec arrays itself,
+shard writer is `shard_writer.py` (it encodes and writes the chunks of plain-codec arrays itself,
 byte-identical to Zarr's: `chunk_io.py`), the reader `reader.py`, rewriting a whole log
 (prune, compact, merge) `tcp/log_tools/`.
 """

@@ -208,8 +208,8 @@ class ErrorHead(nn.Linear):
             return super().forward(x)
         if not isinstance(target, ErrorTarget):
             # Another request computed where W is gathered
-            # (tcp.evaluation.diagnostics.DiagnosticsTarget):
-            # it reads f in row chunks, never as a whole (N, V).
+            # (tcp.evaluation.diagnostics.DiagnosticsTarget): it reads f in row chunks, never as
+            # a whole (N, V).
             return target(x, self.weight, self.bias)
         t = target
         if t.fused:

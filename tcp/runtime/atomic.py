@@ -4,8 +4,13 @@ checkpoint pieces, predictions).
 Durability, stated once: `atomic_write` writes a temp file `.<name>.<pid>.tmp` beside `path`,
 fsyncs it, renames it over `path` and fsyncs the folder. After a crash or a power cut `path` is
 the old file or the new one, never a mix; once the call returns, the new one survives a power
-cut. `fsync=False` keeps the all-or-nothing rename and skips both fsyncs (a Mistake Log with
+cut. `publish` gives a file a library wrote to a temp path the same guarantee. `fsync=False`
+keeps the all-or-nothing rename and skips both fsyncs (a Mistake Log with
 `mistake_log.store.fsync: false`). Temp files end in `.tmp`, which readers skip.
+
+The Mistake Log's chunk files are the one exception: they are written in parts and published
+by the store's commit protocol (`tcp.mistake_log.format.replace_file`: each fsynced before its
+rename, the folders once per commit, then the manifest through `atomic_write_json`).
 """
 
 from __future__ import annotations
@@ -30,20 +35,30 @@ def atomic_write(path: Path, data: bytes | str | Callable[[IO[bytes]], None], *,
                  fsync: bool = True) -> None:
     """Publish `data` at `path` all at once (module docstring). `data` is the content, or a
     function that writes it to a binary file (e.g. `lambda f: torch.save(obj, f)`)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             if callable(data):
                 data(f)
             else:
                 f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path, fsync=fsync)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def temp_path(path: Path) -> Path:
+    """Where `path`'s new content is written before `publish` renames it into place."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def publish(tmp: Path, path: Path, *, fsync: bool = True) -> None:
+    """Rename the complete file `tmp` (written by a library that wants a path, e.g. a Parquet
+    writer) over `path`, with the same durability as `atomic_write`."""
+    if fsync:
+        fsync_path(tmp)
+    os.replace(tmp, path)
     if fsync:
         fsync_path(path.parent)
 

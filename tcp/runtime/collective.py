@@ -4,6 +4,7 @@ checkpoint protocol (tcp.training.checkpoint), the storage checks and the run's 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -28,7 +29,8 @@ def agree(error: BaseException | None) -> RunError | None:
     """Collective, in place of a barrier: None when no rank has an error; else, on every rank,
     the error of the lowest rank that has one, as a `RunError` of the same class and kind (a
     non-`RunError` becomes a `RunError` naming its type), its message on one line, prefixed
-    "rank N: " when N is not 0 and naming the other ranks that failed. The failing rank gets
+    "rank N: " when N is not 0 and the message does not name it, and naming the other ranks
+    that failed. The failing rank gets
     its own error object back (its `__cause__` kept). A step that works pays one all_reduce of
     a flag per rank, what a barrier costs; messages are gathered only when some rank failed.
     Call it on every rank, with None when this rank is fine."""
@@ -45,8 +47,8 @@ def agree(error: BaseException | None) -> RunError | None:
     dist.all_gather_object(every, None if mine is None else (type(mine), mine.kind, str(mine)))
     first = failed[0]
     cls, kind, text = every[first]
-    if first != 0:
-        text = f"rank {first}: {text}"
+    if first != 0 and not re.search(rf"\brank {first}\b", text):
+        text = f"rank {first}: {text}"  # which rank, unless the message says so already
     if len(failed) > 1:
         text += f" (rank{'s' * (len(failed) > 2)} {', '.join(map(str, failed[1:]))} failed too)"
     if failed == [dist.get_rank()] and mine is not None and str(mine) == text:

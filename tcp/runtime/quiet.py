@@ -117,6 +117,7 @@ def deepspeed_init() -> Iterator[None]:
 def hf_progress_off() -> Iterator[None]:
     """transformers' (and huggingface_hub's) progress bars off meanwhile, then as they were.
     For tcp's own loads and saves of local folders; never around a download."""
+    # heavy: transformers loads only where a model is loaded or saved
     from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 

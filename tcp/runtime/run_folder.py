@@ -2,10 +2,9 @@
 
 `claim_folders` runs first in every job: rank 0 locks `output_dir` and the Mistake Log's folder
 (tcp.runtime.run_lock), every rank then checks that it sees rank 0's lock file (a folder that is
-not on
-a filesystem shared by every node would split checkpoints and logs between machines). Any
-failure is raised on every rank alike (`tcp.runtime.collective.agree`), as one `RunError`: exit 2,
-nothing touched.
+not on a filesystem shared by every node would split checkpoints and logs between machines).
+Any failure is raised on every rank alike (`tcp.runtime.collective.agree`), as one `RunError`:
+exit 2, nothing touched.
 """
 
 from __future__ import annotations

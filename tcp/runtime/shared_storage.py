@@ -13,10 +13,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from tcp.errors import RunError
+from tcp.errors import RunError, one_line
 from tcp.runtime.atomic import atomic_write
 from tcp.runtime.collective import distributed
-from tcp.runtime.write_guard import one_line
 
 PROBE = ".tcp-shared-probe"
 """File `check_shared` writes into the checkpoint directory (and removes)."""

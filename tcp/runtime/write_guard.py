@@ -14,20 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tcp.errors import one_line
+
 GiB = 2**30
 DISK_FULL_BYTES = 256 * 2**20
 """A failed write with less free space than this is reported as "disk full" (torch's own write
 errors carry no errno)."""
-
-def one_line(error: BaseException, limit: int = 200) -> str:
-    """An exception in one short line: an OSError as `strerror [ENAME]`, anything else as
-    `Type: text` with whitespace collapsed, cut at `limit` characters."""
-    if isinstance(error, OSError) and error.strerror:
-        name = errno.errorcode.get(error.errno or 0, str(error.errno))
-        return f"{error.strerror} [{name}]"
-    text = " ".join(f"{type(error).__name__}: {error}".split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
 
 def free_bytes(path: Path) -> int | None:
     """Free space for unprivileged writers on the filesystem of `path` (of its nearest existing

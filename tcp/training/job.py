@@ -62,11 +62,12 @@ class JobEnd:
         self.status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
 
     def close(self, tracker: Tracker | None) -> None:
-        """End the MLflow run with the status; then, unless the job failed, wait for every
-        rank (never on failure: the other ranks may be gone)."""
+        """End the MLflow run with the status; then, when the job ended as it meant to (finished,
+        or stopped by a signal after a clean checkpoint), wait for every rank. Never after an
+        exception, a forced stop included: the other ranks may be gone."""
         if tracker is not None:
             tracker.close(self.status, error=self.error)
-        if self.status != "FAILED" and dist.is_initialized():
+        if self.error is None and self.status != "FAILED" and dist.is_initialized():
             dist.barrier()
 
 

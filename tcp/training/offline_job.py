@@ -109,9 +109,8 @@ def _run(cfg: RunConfig, job: JobContext) -> dict[str, Any]:
 
 def prepare(cfg: RunConfig, *, rank: int,
             world: int) -> tuple[SourceRun, Any, RecordedStream]:
-    """Every check before any model loads (collective; the ranks agree on the outcome): the
-    source (tcp.training.offline_source), the evaluation data (a bad file is a DataError), this
-    rank's
+    """Every check before any model loads (collective; the ranks agree on the outcome): the source
+    (tcp.training.offline_source), the evaluation data (a bad file is a DataError), this rank's
     shard. Returns the source, the evaluation data (None with eval.enabled=false), the stream."""
     src = data = stream = None
     marks: list[ReadMark] = []

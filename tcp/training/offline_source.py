@@ -1,7 +1,7 @@
 """The source of an offline Copilot run (`tcp-train --offline-from <run>`,
-tcp.training.offline_job): the
-run's recorded config with the overrides, and every check on the finished run and its Mistake
-Log, done before any model loads so that bad input is one line and exit 2.
+tcp.training.offline_job): the run's recorded config with the overrides, and every check on the
+finished run and its Mistake Log, done before any model loads so that bad input is one line and
+exit 2.
 
 What the offline run may change: the Copilot (`copilot.*`, another size or architecture), its
 engine (`train.copilot.*`), `train.steps`/`train.copilot_start_step` (within the recorded steps),

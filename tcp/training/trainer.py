@@ -1,8 +1,7 @@
 """The joint loop (METHOD.md §3, the paper's Algorithm 1): the Trainer and its state.
 
-Reads top-down: `tcp.training.joint_job.run()` sets up -> `Trainer.train()` -> `train_step()` ->
-`pilot_step()` ->
-log append -> `copilot_step()` (tcp.training.copilot_update).
+Reads top-down: `tcp.training.joint_job.run()` sets up -> `Trainer.train()` -> `train_step()`
+-> `pilot_step()` -> log append -> `copilot_step()` (tcp.training.copilot_update).
 """
 
 from __future__ import annotations

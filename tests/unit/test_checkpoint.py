@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from tcp.config import CheckpointConfig
+from tcp.errors import one_line
 from tcp.runtime.faults import _plan
 from tcp.runtime.tracking import parse_tags
-from tcp.runtime.write_guard import WriteFailure, one_line
+from tcp.runtime.write_guard import WriteFailure
 from tcp.training.checkpoint import CheckpointManager
 from tcp.training.checkpoint_layout import (
     CheckpointError,

@@ -180,6 +180,7 @@ def test_cli_bad_data_exits_2_with_one_line_before_any_model(tmp_path):
 def test_tcp_eval_bad_data_exits_2_with_one_line_before_any_model(tmp_path, capsys,
                                                                   monkeypatch):
     import tcp.cli.tcp_eval
+    import tcp.evaluation.run_loading
     from tests.unit.test_eval_cli import make_run
 
     run = make_run(tmp_path / "run")
@@ -190,7 +191,7 @@ def test_tcp_eval_bad_data_exits_2_with_one_line_before_any_model(tmp_path, caps
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before the data was checked")
 
-    monkeypatch.setattr(tcp.cli.tcp_eval, "load_run", no_model)
+    monkeypatch.setattr(tcp.evaluation.run_loading, "load_run", no_model)
     code = tcp.cli.tcp_eval.eval_main([str(run), "data.source=jsonl", f"data.train_path={bad}",
                                    f"data.val_path={bad}", f"data.test_path={bad}"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "architecture.md"
 MAX_LINES = 400
-"""A file a reader can hold in mind (ARCHITECTURE's house style); split a module past it."""
+"""A file a reader can hold in mind (the house style); split a module past it."""
 
 
 def _modules() -> set[str]:

@@ -1,6 +1,5 @@
-"""The memory plan (tcp.training.memory_plan, printed by `--dry-run`) against what a real tiny
-Pilot and
-Copilot hold on the CPU, ZeRO stage semantics with plain numbers, and the dry-run's output.
+"""The memory plan (tcp.training.memory_plan, printed by `--dry-run`) against what a real tiny Pilot
+and Copilot hold on the CPU, ZeRO stage semantics with plain numbers, and the dry-run's output.
 
 What is measured, in one process without DeepSpeed (world 1, stage-0 semantics, torch AdamW):
 - parameters, gradients and AdamW states: the bytes of every parameter, `.grad` and optimizer

@@ -1,6 +1,5 @@
 """Stop requests (tcp.runtime.preemption): a signal is recorded, the same stop fanned out twice
-counts
-once, a later second signal forces; a rank notices its launcher's exit like a SIGTERM."""
+counts once, a later second signal forces; a rank notices its launcher's exit like a SIGTERM."""
 
 import os
 import signal

@@ -1,6 +1,5 @@
 """The run lock (tcp.runtime.run_lock): one live job per folder, stale locks taken over, foreign
-hosts
-refused, and no two jobs winning the same stale lock."""
+hosts refused, and no two jobs winning the same stale lock."""
 
 import json
 import multiprocessing as mp
