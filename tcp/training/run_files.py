@@ -31,8 +31,8 @@ def save_run_files(cfg: RunConfig, out: Path, world: int, tokenizer: Any) -> Non
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """A run's JSON file (results.json, deepspeed.json, tcp-eval's results), indented for
-    reading, written durably (tcp.runtime.atomic)."""
+    """A run's JSON file (results.json, deepspeed.json), indented for reading, written durably
+    (tcp.runtime.atomic)."""
     atomic_write_json(path, obj, indent=2)
 
 
