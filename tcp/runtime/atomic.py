@@ -42,7 +42,10 @@ def atomic_write(path: Path, data: bytes | str | Callable[[IO[bytes]], None], *,
                 data(f)
             else:
                 f.write(data.encode() if isinstance(data, str) else data)
-        publish(tmp, path, fsync=fsync)
+            f.flush()
+            if fsync:  # through the open file: no second open, as publish() needs
+                os.fsync(f.fileno())
+        _rename(tmp, path, fsync=fsync)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -58,6 +61,11 @@ def publish(tmp: Path, path: Path, *, fsync: bool = True) -> None:
     writer) over `path`, with the same durability as `atomic_write`."""
     if fsync:
         fsync_path(tmp)
+    _rename(tmp, path, fsync=fsync)
+
+
+def _rename(tmp: Path, path: Path, *, fsync: bool) -> None:
+    """The last step of both: `tmp` (already on disk) over `path`, then the folder's entry."""
     os.replace(tmp, path)
     if fsync:
         fsync_path(path.parent)
