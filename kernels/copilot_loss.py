@@ -1,4 +1,4 @@
-"""Copilot RMSE loss against a sparse error target (METHOD.md §3), eager and fused.
+"""Copilot RMSE loss against a sparse error target (docs/method.md §5), eager and fused.
 
 Per sequence s: rmse_s = sqrt( (1/n_s) sum_i ||f_i - ell_i||^2 + eps ), loss = mean_s rmse_s, with
 ell_i = onehot(y_i) - sum_k p_ik onehot(t_ik) and f_i = W h_i + b the Copilot head's output.
@@ -14,9 +14,9 @@ Two entry points:
   Per-chunk row work (bias, sparse target, squared error, gradient) is one Triton kernel pair
   (`impl="triton"`) or torch ops (`impl="torch"`); the matmuls are cuBLAS/MKL either way.
 
-Why chunks and not the Gram route of METHOD §3 (||f||^2 = h^T (W^T W) h): the Gram route needs
-fewer FLOPs when N > d, but it computes ||f - ell||^2 as a difference of O(1) terms, which loses
-most of its digits in fp32 exactly when the Copilot is good (small loss). Here every chunk sums
+Why chunks and not the Gram route (||f||^2 = h^T (W^T W) h): the Gram route needs fewer FLOPs
+when N > d, but it computes ||f - ell||^2 as a difference of O(1) terms, which loses most of its
+digits in fp32 exactly when the Copilot is good (small loss). Here every chunk sums
 (f_v - ell_v)^2 directly: no cancellation. docs/benchmarks.md has the measurements.
 """
 
@@ -74,7 +74,7 @@ def per_sequence_rmse(sq: torch.Tensor, seq_index: torch.Tensor, num_seqs: int) 
 
 def zero_baseline(labels: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Tensor,
                   seq_index: torch.Tensor, num_seqs: int) -> torch.Tensor:
-    """The loss of f = 0 (METHOD §6), detached."""
+    """The loss of f = 0 (docs/method.md §7), detached."""
     with torch.no_grad():
         return per_sequence_rmse(error_sq_norm(labels, topk_ids, topk_probs), seq_index,
                                  num_seqs).mean()

@@ -1,7 +1,7 @@
 """The Pilot's cross-entropy on target tokens, fused with the LM head, plus top-k extraction.
 
 loss = mean_i ( logsumexp(z_i) - z_i[y_i] ),  z_i = W h_i (+ b), for the N target tokens,
-and for the Mistake Log the top-k probabilities softmax(z_i) and their ids (METHOD §1).
+and for the Mistake Log the top-k probabilities softmax(z_i) and their ids (docs/method.md §3).
 
 `fused_linear_cross_entropy` never holds the (N, V) logits: tokens go in chunks of `rows` rows,
 each chunk's logits are one (rows, V) buffer that becomes, in place, the gradient

@@ -1,4 +1,5 @@
-"""Layer-mean pooling of the Pilot's hidden states at the target-producing positions (METHOD §1).
+"""Layer-mean pooling of the Pilot's hidden states at the target-producing positions
+(docs/method.md §3).
 
 h_n = (1/L) sum_l states_l[rows_n], accumulated in fp32, written in the Mistake Log's storage dtype.
 The layers arrive one at a time (from forward hooks), so the op is incremental: each layer is

@@ -30,6 +30,13 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test has its own tcp cache (base models): never the user's ~/.cache/tcp, and no test
+    reuses a base model another test pre-trained. Runs it launches inherit it."""
+    monkeypatch.setenv("TCP_CACHE_DIR", str(tmp_path_factory.mktemp("tcp-cache")))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

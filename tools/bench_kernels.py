@@ -11,7 +11,7 @@ Ops:
 - pooling: eager = torch.stack of the L gathered layer rows, then mean (what
   `output_hidden_states` pooling does); fused = `pool_layer_` per layer. On CUDA also reports the
   fused kernel's bandwidth against a device-to-device copy of the same number of bytes.
-- gram (with --gram): forward of the Gram route of METHOD §3 (||f||^2 = h^T (W^T W) h), the
+- gram (with --gram): forward of the Gram route of docs/method.md §5 (||f||^2 = h^T (W^T W) h), the
   alternative to chunking, timed and checked for cancellation at a small loss. Not shipped; this
   is the measurement behind that decision.
 

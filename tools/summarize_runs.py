@@ -278,7 +278,7 @@ def row(run: Run) -> dict[str, Any]:
 
 
 def print_diagnostics(rows: list[dict[str, Any]]) -> None:
-    """Per run: both accuracies, λ and the METHOD.md §6 diagnostics (markdown)."""
+    """Per run: both accuracies, λ and the docs/method.md §7 diagnostics (markdown)."""
     print("| run | seed | Pilot test acc | Pilot+Copilot test acc | λ (val) | test flips | "
           "val Pilot | val best λ | RMSE/zero (val) | RMSE/zero (train, last) | cos(f,ℓ) | "
           "median max|f| | median margin | wall s |")

@@ -22,14 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tcp.config import ConfigError, RunConfig, from_dict, to_dict
 from tcp.errors import RunError
 from tcp.evaluation.report import format_table, summary_metrics
 from tcp.runtime import quiet
 from tcp.runtime.atomic import atomic_write_json
-from tcp.runtime.tracking import Tracker
+from tcp.runtime.console import LEVELS, logger, setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,6 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "'transfer-<pilot run>')")
     p.add_argument("--mlflow", action="store_true",
                    help="log the metrics and plots as a new MLflow run (the run's tracking URI)")
+    p.add_argument("--log-level", choices=LEVELS, default=None,
+                   help="tcp's console messages (the `tcp` logger): debug, info (default), "
+                   "warning or error; $TCP_LOG_LEVEL sets it too. The result table is printed "
+                   "at any level")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p.parse_intermixed_args(argv)
 
@@ -66,7 +68,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def eval_main(argv: list[str] | None = None) -> int:
     """Entry point of `tcp-eval`. Returns the exit code."""
     args = parse_args(argv)
-    # heavy (transformers): imported once the arguments parse, so that --help stays quick
+    try:
+        setup_logging(args.log_level)
+    except ValueError as e:  # a bad $TCP_LOG_LEVEL
+        print(f"config error: TCP_LOG_LEVEL: {e}", file=sys.stderr)
+        return 2
+    # heavy (torch, transformers): imported once the arguments parse, so that --help is quick
+    import torch
+
     from tcp.evaluation.decode_budget import TruncationError, check_truncation
     from tcp.evaluation.plots import save_plots
     from tcp.evaluation.run_loading import (
@@ -112,7 +121,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     atomic_write_json(out / f"{name}.json", results, indent=2)
     plots = save_plots(results, out / name)
     print(format_table(results))
-    print(f"[tcp-eval] Pilot {loaded.pilot_source}; Copilot {args.run}; "
+    logger.info(f"[tcp-eval] Pilot {loaded.pilot_source}; Copilot {args.run}; "
           f"results {out / f'{name}.json'}; plots {', '.join(str(p) for p in plots)}")
     if args.mlflow:
         _log_mlflow(cfg, name, results, [out / f"{name}.json", *plots])
@@ -125,6 +134,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def _log_mlflow(cfg: RunConfig, name: str, results: dict[str, Any], files: list[Path]) -> None:
+    from tcp.runtime.tracking import Tracker  # heavy (mlflow): only with --mlflow
 
     data = to_dict(cfg)
     data["tracking"] = dict(data["tracking"], enabled=True,
@@ -134,7 +144,7 @@ def _log_mlflow(cfg: RunConfig, name: str, results: dict[str, Any], files: list[
     for f in files:
         tracker.artifact(f, "plots" if f.suffix == ".png" else None)
     tracker.close("FINISHED")
-    print(f"[tcp-eval] logged to MLflow run {tracker.run_id}")
+    logger.info(f"[tcp-eval] logged to MLflow run {tracker.run_id}")
 
 
 if __name__ == "__main__":

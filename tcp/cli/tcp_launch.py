@@ -1,7 +1,7 @@
 """`tcp-launch`: run a launch command (`deepspeed ...`) so that a stop signal always ends in a
 checkpoint and the command's processes are waited for.
 
-    tcp-launch deepspeed --num_gpus 8 launcher/train.py --config configs/paper/...yaml
+    tcp-launch deepspeed --num_gpus 8 launcher/train.py --config configs/llama3.2-3b+1b.yaml
 
 Why: Kubernetes sends SIGTERM to the container's first process only, and a first process with
 no handler ignores it (the kernel's rule for PID 1), so a bare `deepspeed` as the container

@@ -16,14 +16,14 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from tcp.config import ConfigError, RunConfig, dump_yaml, load_config
 from tcp.errors import RunError
 from tcp.runtime import quiet
-from tcp.runtime.collective import shutdown
-from tcp.runtime.preemption import StopSignal
-from tcp.training.run_files import ds_configs
+from tcp.runtime.console import LEVELS, setup_logging
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+"""What runs without `--config`: the repository's configs/default.yaml, the embedded default."""
+
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,11 +42,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "in use by a live run or not usable, a full disk while checkpointing, or "
         "(eval.strict=true) more generations cut at eval.max_new_tokens than "
         "eval.truncation_warn_frac (results are still written); 143/130 stopped by "
-        "SIGTERM/SIGINT or by the launcher's exit, after a clean checkpoint. Clusters, "
-        "schedulers and signals: docs/cluster.md.",
+        "SIGTERM/SIGINT or by the launcher's exit, after a clean checkpoint. Clusters and "
+        "schedulers: docs/cluster.md; signals, checkpoints, logging: docs/operations.md.",
     )
     p.add_argument("--config", type=str, default=None,
-                   help="YAML run config (default: built-in defaults = configs/default.yaml)")
+                   help="YAML run config (default: configs/default.yaml, the embedded default)")
+    p.add_argument("--log-level", choices=LEVELS, default=None,
+                   help="tcp's console messages (the `tcp` logger, rank 0): debug, info "
+                   "(default), warning or error; $TCP_LOG_LEVEL sets it too. Progress bars and "
+                   "the result table are printed at any level")
     p.add_argument("--offline-from", type=Path, default=None, metavar="RUN",
                    help="train a fresh Copilot from the Mistake Log of this finished run alone "
                    "(no Pilot forward or backward), then evaluate it with that run's Pilot; the "
@@ -78,13 +82,21 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         if any(o.split("=", 1)[0].strip() == "offline.source" for o in args.overrides):
             raise ConfigError("offline.source: use --offline-from <finished run> (it also "
                               "loads that run's config)")
-        return load_config(args.config, args.overrides)
+        return load_config(args.config or default_config(), args.overrides)
     if args.config is not None:
         raise ConfigError("--offline-from uses the source run's config.yaml; drop --config "
                           "(key=value overrides still apply)")
     from tcp.training.offline_source import offline_config  # heavy: see the module docstring
 
     return offline_config(args.offline_from, args.overrides)
+
+
+def default_config() -> Path:
+    """configs/default.yaml of the repository tcp runs from."""
+    if not DEFAULT_CONFIG.is_file():
+        raise ConfigError(f"no --config given and {DEFAULT_CONFIG} (the default) does not "
+                          "exist beside this tcp install; pass --config <file>")
+    return DEFAULT_CONFIG
 
 
 def _positive_int(text: str) -> int:
@@ -99,7 +111,10 @@ def dry_run(cfg: RunConfig, *, world_size: int | None = None,
     """What --dry-run prints: the resolved config, both DeepSpeed configs and the memory plan
     (tcp.training.memory_plan) for `world_size` ranks (None: $WORLD_SIZE, else 1) on devices of
     `device_gib` GiB (None: the local CUDA device's, else unknown)."""
-    from tcp.training.memory_plan import GiB, format_plan, plan  # heavy: module docstring
+    import torch  # heavy: see the module docstring
+
+    from tcp.training.memory_plan import GiB, format_plan, plan
+    from tcp.training.run_files import ds_configs
 
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     if device_gib is None and torch.cuda.is_available():
@@ -114,6 +129,11 @@ def train_main(argv: list[str] | None = None) -> int:
     """Entry point. Returns the process exit code."""
     args = parse_args(argv)
     try:
+        setup_logging(args.log_level)
+    except ValueError as e:  # a bad $TCP_LOG_LEVEL
+        print(f"config error: TCP_LOG_LEVEL: {e}", file=sys.stderr)
+        return 2
+    try:
         cfg = resolve_config(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -124,6 +144,9 @@ def train_main(argv: list[str] | None = None) -> int:
             return 0
         print(dry_run(cfg, world_size=args.world_size, device_gib=args.device_memory_gib))
         return 0
+
+    from tcp.runtime.collective import shutdown  # heavy (torch): only when a job runs
+    from tcp.runtime.preemption import StopSignal
 
     # expected, harmless third-party messages off the console (tcp/runtime/quiet.py)
     quiet.install()

@@ -1,4 +1,4 @@
-"""`eval`: fused decoding and scoring (METHOD.md §4, §6)."""
+"""`eval`: fused decoding and scoring (docs/method.md §6, §7)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tcp.config.schema import _check
 
 @dataclass
 class EvalConfig:
-    """Fused decoding and scoring (METHOD.md §4, §6)."""
+    """Fused decoding and scoring (docs/method.md §6, §7)."""
 
     lambdas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0])
     """lambda grid tried on validation; the best is used once on test."""

@@ -1,5 +1,5 @@
-"""`mistake_log` and `mistake_log.store`: the Mistake Log (METHOD.md §1) and its on-disk Zarr v3
-store, writer and replay sampler (docs/mistake_log.md)."""
+"""`mistake_log` and `mistake_log.store`: the Mistake Log (docs/method.md §3) and its on-disk
+Zarr v3 store, writer and replay sampler (docs/mistake_log.md)."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ class ZarrStoreConfig:
 
 @dataclass
 class MistakeLogConfig:
-    """The Mistake Log (METHOD.md §1)."""
+    """The Mistake Log (docs/method.md §3)."""
 
     backend: Literal["zarr", "memory"] = "zarr"
     """'zarr': every entry is written asynchronously to a durable Zarr v3 store and replayed by

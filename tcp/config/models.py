@@ -116,7 +116,9 @@ class PilotConfig:
 class BaseConfig:
     """The base-model phase: a short pre-training on a broad generated corpus that the Pilot is
     fine-tuned from and the Copilot's blocks are initialised from (mirrors the paper's pretrained
-    same-family models, which cannot be downloaded here). Cached in `<output_dir>/../base-cache`."""
+    same-family models, which cannot be downloaded here). Cached by content key in tcp's cache
+(`$TCP_CACHE_DIR`, else `$XDG_CACHE_HOME/tcp`, else `~/.cache/tcp`; under `base/`); the
+configs/default.yaml base model ships with tcp (tcp/assets/base/), so it is never pre-trained."""
 
     enabled: bool = True
     """Run (or reuse from cache) the base phase. Ignored when model.name_or_path is set."""
@@ -144,7 +146,9 @@ class BaseConfig:
     'yesno' ("Is 34+25=59?" -> "yes"/"no"), 'yesno_value_first' (the yes/no family's gold:
     "Is 34+25=47?" -> "59, so no", a false claim being another equation's result)."""
     cache_dir: str | None = None
-    """Where finished base models are cached by content hash; None: `<output_dir>/../base-cache`."""
+    """Where finished base models are cached by content key; None: `base/` in tcp's cache
+    (`$TCP_CACHE_DIR`, else `$XDG_CACHE_HOME/tcp`, else `~/.cache/tcp`). Set it to storage every
+    node sees when that cache is on a node's local disk."""
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "steps", "must be > 0; set base.enabled=false to skip the phase")
@@ -159,7 +163,8 @@ class BaseConfig:
 
 @dataclass
 class CopilotConfig:
-    """The Copilot (METHOD.md §2): decoder-only, alternating self / modified cross-attention."""
+    """The Copilot (docs/method.md §4): decoder-only, alternating self / modified
+    cross-attention."""
 
     hidden_size: int = 128
     """Copilot width d_C (may differ from the Pilot's d_P; memory is projected)."""
@@ -180,7 +185,7 @@ class CopilotConfig:
     same-family pretrained LLaMA-style decoder whose first num_layers blocks are copied."""
     architecture: Literal["auto", "decoder_only", "encoder_decoder"] = "auto"
     """'decoder_only': alternating self / modified cross-attention layers; 'encoder_decoder':
-    every layer self-attends and cross-attends to [X~ ; h] (METHOD.md §2); 'auto' follows the
+    every layer self-attends and cross-attends to [X~ ; h] (docs/method.md §4); 'auto' follows the
     Pilot (encoder_decoder for T5-style Pilots)."""
     rope_theta: float = 10000.0
     """Rotary base for self- and cross-attention positions (a Copilot initialised from a

@@ -12,7 +12,7 @@ from tcp.config.schema import _check
 
 @dataclass
 class TrainConfig:
-    """The joint loop (METHOD.md §3)."""
+    """The joint loop (docs/method.md §5)."""
 
     steps: int = 500
     """Joint steps (one Pilot step and one Copilot step each). Ignored when `epochs` is set."""

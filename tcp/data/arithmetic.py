@@ -180,7 +180,7 @@ def choice_walk(options: list[int], pos: int) -> tuple[str, str]:
     (matching a label and copying what follows it, as in the prompt), comparing it with the value
     written first (as the yes/no family does), and repeating the last label checked. Finding
     the label of a value directly ("59 is answer2", the earlier layout) is a lookup by a
-    multi-character key that it never learned (docs/results.md)."""
+    multi-character key that it never learned (docs/archive/results-history.md)."""
     checked = ", ".join(f"answer{i + 1}: {options[i]} {'yes' if i == pos else 'no'}"
                         for i in range(pos + 1))
     gold = f"{options[pos]}. {checked}, so the correct answer is answer{pos + 1}"

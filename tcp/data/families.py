@@ -28,7 +28,8 @@ split and size) and is loaded through the same path as a user's JSONL records
   the yes/no word). A false claim is the answer of another problem of the same operation
   (`arithmetic.other_answer`): as large as a right answer, so the claim alone tells nothing,
   and seldom close to it, so a Pilot that copies the claim as its value is far off on most
-  false claims (the default Pilot still copies claims that look plausible: docs/results.md).
+  false claims (the default Pilot still copies claims that look plausible:
+  docs/archive/results-history.md).
   With false claims off by 1, 2 or 10 (near misses, the first design) the default Pilot copied
   the claim as its value on 96% of test problems (767 of 800, seed 0) and said "yes" to 83%:
   copying got most digits right, computing fewer. As with choice, a bare "yes"/"no" left the

@@ -1,4 +1,4 @@
-"""Both models' decoding state for fused decoding (METHOD.md §4): KV caches, positions and the
+"""Both models' decoding state for fused decoding (docs/method.md §6): KV caches, positions and the
 Copilot's previous prediction, for decoder-only and encoder-decoder Pilots.
 
 `tcp.evaluation.decoding` drives it (greedy, sampling, beam search); `tcp.evaluation.rectification`

@@ -1,4 +1,5 @@
-"""Fused decoding (METHOD.md §4): Pilot + Copilot with KV caches; greedy, sampling, beam search.
+"""Fused decoding (docs/method.md §6): Pilot + Copilot with KV caches; greedy, sampling, beam
+search.
 
 Each decoding step: the Pilot gives z_i (and, through the tap, the pooled state h_i); the Copilot,
 fed its own previous prediction f_{i-1}, gives f_i; the fused distribution is
@@ -63,7 +64,8 @@ class DecodeOptions:
 
 @dataclass
 class DecodeStats:
-    """Generation diagnostics (METHOD.md §6), per output row (lambda-major: row = l * B + b)."""
+    """Generation diagnostics (docs/method.md §7), per output row (lambda-major: row = l * B +
+    b)."""
 
     flips: torch.Tensor
     """(R,) decoding steps of the output where the fused argmax differs from the Pilot's: the

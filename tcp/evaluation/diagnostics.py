@@ -1,4 +1,4 @@
-"""Teacher-forced Copilot diagnostics (METHOD.md §6) without vocabulary-sized intermediates.
+"""Teacher-forced Copilot diagnostics (docs/method.md §7) without vocabulary-sized intermediates.
 
 The Copilot reads the same sparse errors it trained on (the Pilot's top-k of p̂ and the label,
 k = `mistake_log.topk`), and its output f is compared with the *exact* error
@@ -82,8 +82,8 @@ def teacher_forced_diagnostics(pilot: torch.nn.Module, tap: PilotTap, copilot: t
                                lambdas: list[float], fusion: str, batch_size: int, rank: int,
                                world: int, device: torch.device,
                                chunk_mib: float = 64.0) -> dict[str, Any]:
-    """Copilot RMSE vs the zero baseline, cos(f_i, ell_i), fixes/breaks per lambda (METHOD §6),
-    on `samples` sharded over ranks. Collective under ZeRO-3.
+    """Copilot RMSE vs the zero baseline, cos(f_i, ell_i), fixes/breaks per lambda (docs/method.md
+    §7), on `samples` sharded over ranks. Collective under ZeRO-3.
 
     The Copilot's inputs are the sparse top-`topk` errors, as in training; the targets are
     the exact dense errors, one chunk of rows at a time.

@@ -1,5 +1,5 @@
 """Decode a split with the Pilot alone and at each λ, and score it: accuracy, flips, fixes and
-breaks against the Pilot, truncation, per-example rows (METHOD.md §6 diagnostics).
+breaks against the Pilot, truncation, per-example rows (docs/method.md §7 diagnostics).
 
 All functions here are collective under ZeRO-3: every rank calls them with its shard, shards are
 padded to the same number of batches, and counts are summed across ranks.

@@ -1,4 +1,4 @@
-"""The evaluation protocol (METHOD.md §5): teacher-forced diagnostics and the λ sweep on
+"""The evaluation protocol (docs/method.md §6.4): teacher-forced diagnostics and the λ sweep on
 validation, λ chosen there (0, "Copilot off", always a candidate), test decoded once with the
 Pilot alone and at the chosen λ, the paired test and one traced rectification. Used by the joint
 run, the offline run and `tcp-eval`."""

@@ -56,7 +56,7 @@ def _share(part: dict[str, Any]) -> str:
 
 SMALL_VALIDATION = 1000
 """Below this many validation examples, a gain of a few points seldom passes the λ noise gate
-(docs/results.md: with 400, real 4-point gains failed it on one seed in three)."""
+(docs/archive/results-history.md: with 400, real 4-point gains failed it on one seed in three)."""
 
 
 def _off_reason(v: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ from tcp.evaluation.protocol import evaluate_and_report
 from tcp.models.copilot import Copilot
 from tcp.models.lm_head import use_fused_head
 from tcp.models.pilot import PilotTap, load_pretrained
+from tcp.runtime.console import logger
 
 
 class TransferError(ValueError):
@@ -140,14 +141,14 @@ def evaluate_run(loaded: LoadedRun, data: Any, *, lam: float | None, device: tor
     val, test = data.splits["validation"], data.splits["test"]
     val_samples = data.samples["validation"]
     for line in data.notes if rank == 0 else []:
-        print(line)
+        logger.info(line)
     sized = {k: data.samples[k] for k in ("train", "validation") if k in data.samples}
     # The run's training answers decide eval.answer_format=auto with validation's (as the run).
     train_golds = [r["answer"] for r in data.splits["train"]] if "train" in data.splits else None
     budget = budget_for_pilot(cfg.eval, sized, loaded.tokenizer, pilot=loaded.pilot,
                               max_length=cfg.data.max_length)
     if rank == 0:
-        print(f"[tcp-eval] {budget.describe()}")
+        logger.info(f"[tcp-eval] {budget.describe()}")
     # Teacher-forced diagnostics then compute logits at target rows only (no (B, T, V)).
     use_fused_head(loaded.pilot, required=False)
     tap = PilotTap(loaded.pilot, impl=cfg.kernels.impl)

@@ -1,6 +1,6 @@
 """`MistakeBatch`: a ragged batch of Mistake Log entries in flat, token-major layout.
 
-One entry = one sample at one Pilot step (METHOD.md §1). Per-token arrays of all entries are
+One entry = one sample at one Pilot step (docs/method.md §3). Per-token arrays of all entries are
 concatenated along the token axis and `*_offsets` (B+1,) mark where each entry starts, the layout
 the on-disk store uses too (a Zarr array per field, chunked along tokens).
 

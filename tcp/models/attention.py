@@ -3,7 +3,7 @@
 Shapes (d the Copilot width, H query heads, H_kv key/value heads, hd the head width):
 q_proj d -> H*hd, k_proj/v_proj d -> H_kv*hd, o_proj H*hd -> d. H_kv divides H and query head j
 reads key/value head j // (H / H_kv), the convention of transformers' `repeat_kv`, so a GQA
-decoder's projections (LLaMA-3.2, Qwen2.5) copy in as they are (METHOD.md §8). hd need not be
+decoder's projections (LLaMA-3.2, Qwen2.5) copy in as they are (docs/method.md §8). hd need not be
 d / H: FLAN-T5-small has 6 heads of 64 on a 512-wide model.
 
 Keys/values are returned, and cached by incremental decoding, at H_kv heads (the memory saving

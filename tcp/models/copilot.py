@@ -1,4 +1,4 @@
-"""The Copilot (METHOD.md §2): predicts the Pilot's token-level error f_i ~ ell_i.
+"""The Copilot (docs/method.md §4): predicts the Pilot's token-level error f_i ~ ell_i.
 
 Decoder-only variant. Input at position i is the previous error ell_{i-1} (teacher-forced: the
 sparse logged error; at inference: the Copilot's own dense f_{i-1}) projected V -> d_C. Odd layers

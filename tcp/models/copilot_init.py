@@ -1,4 +1,4 @@
-"""Starting the Copilot from a pretrained model of the Pilot's family (METHOD.md §2, §8).
+"""Starting the Copilot from a pretrained model of the Pilot's family (docs/method.md §4, §8).
 
 `init_copilot_from(copilot, source)` copies what maps from
 
@@ -7,7 +7,7 @@
 - a T5 (`decoder.block[i].layer[...]`), heads narrower than d_model / heads included
   (FLAN-T5-small: 6 x 64 on 512),
 
-into either Copilot variant. Attention heads are copied as they are (METHOD.md §8): the Copilot
+into either Copilot variant. Attention heads are copied as they are (docs/method.md §8): the Copilot
 is configured with the source's heads (copilot.num_heads, num_kv_heads, head_dim), so q/k/v/o
 keep their shapes and a GQA source stays GQA. Attention reading the memory [X~ ; h] takes its
 k/v only where the Pilot width equals the Copilot's (`_memory_kv_copied`).
@@ -130,7 +130,7 @@ def _copy_attention(dst: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear, o:
 
 
 def _kv_repeat(copilot: Copilot, kv_heads: int) -> int:
-    """1 when the Copilot has the source's key/value heads (the configuration METHOD.md §8
+    """1 when the Copilot has the source's key/value heads (the configuration docs/method.md §8
     asks for). Otherwise (checked by `_shape_problems`) the Copilot is multi-head
     (num_kv_heads = num_heads, e.g. left unset) and each source key/value head is repeated for
     the H / n_kv query heads of its group, as transformers' `repeat_kv` does at run time: the
@@ -139,7 +139,7 @@ def _kv_repeat(copilot: Copilot, kv_heads: int) -> int:
 
 
 def _memory_kv_copied(copilot: Copilot) -> bool:
-    """Whether attention over the memory [X~ ; h] takes the source's k/v (METHOD.md §8).
+    """Whether attention over the memory [X~ ; h] takes the source's k/v (docs/method.md §8).
 
     Memory rows reach k_proj/v_proj through `mem_proj` (d_P -> d_C, shared by all memory
     layers), so any copy would fit by shape. Only when d_P == d_C is `mem_proj` the identity,
@@ -189,7 +189,7 @@ def _init_from_llama_style(copilot: Copilot, model: nn.Module) -> list[str]:
     block (self-attention; the modified cross-attention, which keeps the name `self_attn`; an
     encoder-decoder block's `cross_attn`, which also takes the block's `input_layernorm` as its
     norm) starts as the source's self-attention: a decoder has no cross-attention of its own,
-    and Encoder-Decoder Gemma starts its cross-attention the same way (METHOD.md §8). Attention
+    and Encoder-Decoder Gemma starts its cross-attention the same way (docs/method.md §8). Attention
     over the memory takes the k/v only when d_P == d_C (`_memory_kv_copied`); q/o always.
 
     Grouped-query attention (n_kv < H key/value heads): query head j reads key/value head

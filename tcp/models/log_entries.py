@@ -1,4 +1,4 @@
-"""Pilot outputs -> Mistake Log entries (METHOD.md §1)."""
+"""Pilot outputs -> Mistake Log entries (docs/method.md §3)."""
 
 from __future__ import annotations
 

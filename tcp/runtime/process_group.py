@@ -19,8 +19,8 @@ from tcp.runtime.quiet import deepspeed_init
 def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
     """Initialise the one process group both engines share. Returns (rank, world, device).
 
-    NCCL on CUDA hosts, gloo on CPU. On CPU each rank uses a single intra-op thread: ranks are
-    already one per core, and oversubscription makes every collective wait on the slowest rank.
+    NCCL on CUDA hosts, gloo on CPU. On CPU each rank takes its share of the cores
+    (`threads_per_rank`): oversubscription makes every collective wait on the slowest rank.
     `timeout_s` bounds every collective: a rank waiting on a dead peer fails instead of hanging.
     """
     # DeepSpeed picks its accelerator when imported: only after DS_ACCELERATOR is set below.
@@ -29,7 +29,7 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]
         # Before DeepSpeed is imported: it picks its accelerator on import, and without this
         # warns on every rank that it fell back to the CPU ("Setting accelerator to CPU").
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        torch.set_num_threads(int(os.environ.get("TCP_THREADS_PER_RANK", "1")))
+        torch.set_num_threads(threads_per_rank(os.environ, len(os.sched_getaffinity(0))))
     import deepspeed  # heavy; it picks its accelerator on import
 
     if not dist.is_initialized():
@@ -67,6 +67,25 @@ def release_shm_name(rank: int) -> None:
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{rank}")
     Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def threads_per_rank(env: Mapping[str, str], cores: int) -> int:
+    """CPU threads of one rank: $TCP_THREADS_PER_RANK, else SLURM's cpus per task, else the
+    `cores` this process may run on shared by the ranks on its node (the deepspeed launcher's
+    LOCAL_SIZE, torchrun's LOCAL_WORLD_SIZE); at least 1. Results differ slightly with it (the
+    summation order of a matmul changes)."""
+    for key in ("TCP_THREADS_PER_RANK", "SLURM_CPUS_PER_TASK"):
+        if env.get(key):
+            try:
+                n = int(env[key])
+            except ValueError:
+                raise RunError(f"{key}={env[key]!r}: must be a whole number of threads, "
+                               "e.g. 4") from None
+            if n < 1:
+                raise RunError(f"{key}={n}: must be >= 1")
+            return n
+    local = int(env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or "1")
+    return max(1, cores // max(1, local))
 
 
 def slurm_env(env: Mapping[str, str]) -> dict[str, str]:

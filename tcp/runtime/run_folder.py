@@ -18,6 +18,7 @@ import torch.distributed as dist
 from tcp.config import RunConfig
 from tcp.errors import RunError
 from tcp.runtime.collective import distributed, raise_if_any
+from tcp.runtime.console import logger
 from tcp.runtime.read_marks import refuse_if_read
 from tcp.runtime.run_lock import LOCK_NAME, LockError, RunLock, read_owner
 
@@ -62,8 +63,8 @@ def claim_paths(folders: list[Path], *, rank: int, what: str = "run") -> RunFold
                 refuse_if_read(folder, what_to_do="wait for it to finish, or use another "
                                                   "output_dir (or mistake_log.store.path)")
                 if lock.took_over is not None:
-                    print(f"[tcp] took over the stale lock on {folder} "
-                          f"({lock.took_over.describe()}): that job is gone", flush=True)
+                    logger.info(f"[tcp] took over the stale lock on {folder} "
+                          f"({lock.took_over.describe()}): that job is gone")
         except LockError as e:
             held.release()
             error = e

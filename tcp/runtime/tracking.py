@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from typing import Any
 import torch.distributed as dist
 
 from tcp.config import RunConfig, to_dict
+from tcp.runtime.console import logger
 
 _PARAM_MAX = 500  # characters of a param value (MLflow stores at most 6000; configs are short)
 
@@ -78,7 +78,7 @@ def tracking_uri(cfg: RunConfig) -> str:
 
 
 def _warn(msg: str) -> None:
-    print(f"[tcp] warning: {msg}", file=sys.stderr, flush=True)
+    logger.warning(f"[tcp] warning: {msg}")
 
 
 class Tracker:

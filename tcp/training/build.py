@@ -29,7 +29,7 @@ from tcp.models.pilot import (
     load_pretrained,
 )
 from tcp.runtime.collective import raise_if_any
-from tcp.runtime.console import print_rank0
+from tcp.runtime.console import logger
 from tcp.runtime.quiet import hf_progress_off
 from tcp.runtime.run_folder import log_root
 from tcp.runtime.run_lock import LOCK_NAME
@@ -116,7 +116,7 @@ def build_copilot(cfg: RunConfig, *, vocab: int, d_pilot: int, base: Path | None
                                "use copilot.init_from=none") from e
         copied = init_copilot_from(cop, source)
         del source  # only its weights were needed
-        print_rank0(f"[tcp] Copilot initialised from {src} ({len(copied)} tensors copied)")
+        logger.info(f"[tcp] Copilot initialised from {src} ({len(copied)} tensors copied)")
     return cop
 
 
@@ -201,7 +201,7 @@ def prepare_log_root(root: Path, schema: Schema, *, resume: bool) -> None:
             raise RunError(f"{root} exists and is not a tcp Mistake Log; set "
                            "mistake_log.store.path to an empty or new directory")
         if not resume:
-            print(f"[tcp] replacing the Mistake Log of a previous run at {root}", flush=True)
+            logger.info(f"[tcp] replacing the Mistake Log of a previous run at {root}")
             for p in found:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     elif resume:

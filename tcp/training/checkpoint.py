@@ -34,6 +34,7 @@ import torch.distributed as dist
 from tcp.config import CheckpointConfig
 from tcp.runtime.atomic import atomic_write, atomic_write_json, fsync_path
 from tcp.runtime.collective import agree, distributed
+from tcp.runtime.console import logger
 from tcp.runtime.faults import fault_point
 from tcp.runtime.shared_storage import VISIBILITY_WAIT_S, check_shared, wait_visible
 from tcp.runtime.write_guard import (
@@ -164,8 +165,8 @@ class CheckpointManager:
             doomed += partial
             if doomed:
                 what = "a previous run's" if resumed is None else "newer or incomplete"
-                print(f"[tcp] removing {what} checkpoints: {', '.join(p.name for p in doomed)}",
-                      flush=True)
+                names = ", ".join(p.name for p in doomed)
+                logger.info(f"[tcp] removing {what} checkpoints: {names}")
             for p in doomed:
                 shutil.rmtree(p, ignore_errors=True)
             if resumed is None:

@@ -1,6 +1,6 @@
 """The Copilot's update, shared by joint training, the Copilot tail and offline training: the
 step's entries joined with the replayed ones on the compute device, then one RMSE step of the
-Copilot's engine (METHOD.md §3)."""
+Copilot's engine (docs/method.md §5)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def join_entries(current: MistakeBatch | None, replay: MistakeBatch | None, *,
 def copilot_update(copilot: Any, entries: MistakeBatch, *, kernels: KernelsConfig,
                    device: torch.device) -> tuple[float, float]:
     """One step of the Copilot's engine on `entries`: RMSE loss against the sparse errors
-    (METHOD.md §3), backward, step; returns (loss, the zero baseline's RMSE). Collective."""
+    (docs/method.md §5), backward, step; returns (loss, the zero baseline's RMSE). Collective."""
     inputs = build_inputs(entries, device)
     target = ErrorTarget.from_batch(entries, device, fused=kernels.fused, impl=kernels.impl,
                                     chunk_mib=kernels.chunk_mib)

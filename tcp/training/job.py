@@ -16,7 +16,7 @@ import torch.distributed as dist
 from tcp.config import RunConfig
 from tcp.evaluation.plots import save_plots
 from tcp.evaluation.report import format_table, summary_metrics
-from tcp.runtime.console import elapsed
+from tcp.runtime.console import elapsed, logger, setup_logging
 from tcp.runtime.process_group import init_distributed
 from tcp.runtime.run_folder import RunFolders
 from tcp.runtime.tracking import Tracker, flatten
@@ -38,6 +38,7 @@ def run_job(cfg: RunConfig, *, claim: Callable[[RunConfig, int], RunFolders],
     """Start the process group, `claim` the job's folders (collective; a folder in use fails on
     every rank before anything changes), run `body`, give the folders back however it ends."""
     t_start = time.time()
+    setup_logging()  # rank-0 messages to the console, unless the caller set logging up
     rank, world, device = init_distributed(timeout_s=cfg.train.collective_timeout_s)
     folders = claim(cfg, rank)
     try:
@@ -79,7 +80,7 @@ def publish_results(results: dict[str, Any], out: Path, tracker: Tracker, *, ste
     if metrics:
         tracker.metrics(metrics, step=step)
     report(results, out, tracker, step=step)
-    print(f"[tcp] results: {out / 'results.json'} (total {elapsed(t_start)})", flush=True)
+    logger.info(f"[tcp] results: {out / 'results.json'} (total {elapsed(t_start)})")
 
 
 def report(results: dict[str, Any], out: Path, tracker: Tracker, *, step: int) -> None:
@@ -87,7 +88,7 @@ def report(results: dict[str, Any], out: Path, tracker: Tracker, *, step: int) -
     if "pilot" in results:
         validation = results["validation"]
         final = summary_metrics(results)  # accuracies, λ, budget, truncated shares
-        # METHOD.md §6 diagnostics; fixes/breaks per λ become e.g. val/fixes.lambda_0.5
+        # docs/method.md §7 diagnostics; fixes/breaks per λ become e.g. val/fixes.lambda_0.5
         final.update({f"val/{k.replace('.', '.lambda_', 1) if '.' in k else k}": float(x)
                       for k, x in flatten(validation["teacher_forced"]).items()
                       if isinstance(x, int | float)})

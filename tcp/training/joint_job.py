@@ -16,7 +16,7 @@ from tcp.evaluation.decode_budget import budget_for_pilot, check_truncation
 from tcp.evaluation.protocol import evaluate_and_report
 from tcp.mistake_log.base import MistakeLog
 from tcp.runtime.collective import raise_if_any
-from tcp.runtime.console import print_rank0
+from tcp.runtime.console import logger
 from tcp.runtime.preemption import LauncherWatch, StopSignal
 from tcp.runtime.run_folder import claim_folders
 from tcp.runtime.tracking import Tracker, flatten
@@ -51,10 +51,10 @@ def _run(cfg: RunConfig, job: JobContext) -> dict[str, Any]:
     cfg, splits = data.cfg, data.splits
     train_samples, val_samples = data.samples["train"], data.samples["validation"]
     for line in data.notes:
-        print_rank0(line)
+        logger.info(line)
     if cfg.train.epochs is not None:
         cfg = resolve_epochs(cfg, num_samples=len(train_samples), world_size=world)
-        print_rank0(f"[tcp] train.epochs={cfg.train.epochs:g} over {len(train_samples)} samples "
+        logger.info(f"[tcp] train.epochs={cfg.train.epochs:g} over {len(train_samples)} samples "
                     f"= {cfg.train.steps} steps")
     if rank == 0 and resumed is None:  # a resume writes them once it has been checked
         save_run_files(cfg, out, world, tokenizer)
@@ -69,13 +69,13 @@ def _run(cfg: RunConfig, job: JobContext) -> dict[str, Any]:
     partitioned = {"pilot": zero3_partitioned(pilot_model, world),
                    "copilot": zero3_partitioned(copilot_model, world)}
     n_p, n_c = param_count(pilot_model), param_count(copilot_model)
-    print_rank0(f"[tcp] world={world} device={device.type}; Pilot {n_p / 1e6:.2f}M params, "
+    logger.info(f"[tcp] world={world} device={device.type}; Pilot {n_p / 1e6:.2f}M params, "
                 f"Copilot {n_c / 1e6:.2f}M params; {len(train_samples)} train samples")
     # eval.max_new_tokens 'auto' is sized here, once, from the tokenized answers.
     budget = budget_for_pilot(cfg.eval, {"train": train_samples, "validation": val_samples},
                               tokenizer, pilot=pilot_model, max_length=cfg.data.max_length)
     if cfg.eval.enabled:
-        print_rank0(f"[tcp] {budget.describe()}")
+        logger.info(f"[tcp] {budget.describe()}")
 
     tracker = Tracker(cfg, rank=rank,
                       run_id=resumed.manifest.get("mlflow_run_id") if resumed else None)
@@ -112,11 +112,11 @@ def _run(cfg: RunConfig, job: JobContext) -> dict[str, Any]:
         if trainer.stopped_by is not None:
             why = stop.reason if stop is not None and stop.reason else \
                 f"signal {trainer.stopped_by}"
-            print_rank0(f"[tcp] stopped ({why}) after step {trainer.step}; checkpoint "
+            logger.info(f"[tcp] stopped ({why}) after step {trainer.step}; checkpoint "
                         f"{ckpts.root / step_name(trainer.step)}. Continue with resume=auto")
             end.status = "KILLED"
             return {"stopped_by": trainer.stopped_by, "step": trainer.step}
-        print_rank0(f"[tcp] joint training done in {t_train - t_base:.1f}s")
+        logger.info(f"[tcp] joint training done in {t_train - t_base:.1f}s")
         results = finish(cfg, trainer=trainer, tokenizer=tokenizer, splits=splits,
                          val_samples=val_samples, budget=budget, out=out, device=device)
         results.update(
@@ -203,12 +203,12 @@ def resume_from(info: CheckpointInfo, trainer: Trainer, ckpts: CheckpointManager
     new = flatten(to_dict(trainer.cfg))
     changed = {k: (old.get(k), v) for k, v in new.items() if k != "resume" and old.get(k) != v}
     if trainer.rank == 0:
-        print(f"[tcp] resumed from {info.path} at step {trainer.step}"
+        logger.info(f"[tcp] resumed from {info.path} at step {trainer.step}"
               + (f"; {cut} Mistake Log entries past its cursor were dropped (rank 0)" if cut
-                 else ""), flush=True)
+                 else ""))
         if changed:
-            print("[tcp] config changed since the checkpoint: " + ", ".join(
-                f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())), flush=True)
+            logger.info("[tcp] config changed since the checkpoint: " + ", ".join(
+                f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())))
         tracker.tags({"tcp.resumed_from": str(info.path), "tcp.resumed_at_step": str(info.step)})
 
 

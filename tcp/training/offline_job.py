@@ -31,7 +31,7 @@ from tcp.mistake_log.reader import RankStoreReader
 from tcp.mistake_log.record import MistakeBatch
 from tcp.mistake_log.sampler import replay_sampler
 from tcp.runtime.collective import distributed, raise_if_any, sum_across_ranks
-from tcp.runtime.console import Progress, print_rank0
+from tcp.runtime.console import Progress, logger
 from tcp.runtime.quiet import hf_progress_off
 from tcp.runtime.read_marks import ReadMark
 from tcp.runtime.run_folder import claim_paths
@@ -59,7 +59,7 @@ def _run(cfg: RunConfig, job: JobContext) -> dict[str, Any]:
     if data is not None:
         cfg = data.cfg  # data.max_length resolved
     for line in src.notes:
-        print_rank0(line)
+        logger.info(line)
     if rank == 0:
         save_run_files(cfg, out, world, src.tokenizer)
     tracker: Tracker | None = None
@@ -67,7 +67,7 @@ def _run(cfg: RunConfig, job: JobContext) -> dict[str, Any]:
     try:
         copilot = build_offline_copilot(cfg, src, world=world)
         n_c = param_count(copilot.module)
-        print_rank0(f"[tcp] offline Copilot ({n_c / 1e6:.2f}M params) from {src.log}: steps "
+        logger.info(f"[tcp] offline Copilot ({n_c / 1e6:.2f}M params) from {src.log}: steps "
                     f"{src.steps.start}..{src.steps.stop - 1}, world={world} "
                     f"device={device.type}")
         tracker = Tracker(cfg, rank=rank)
@@ -78,7 +78,7 @@ def _run(cfg: RunConfig, job: JobContext) -> dict[str, Any]:
         trainer.train()
         save_module(copilot.module, out / "final" / "copilot.pt")
         t_train = time.time()
-        print_rank0(f"[tcp] offline Copilot training done in {t_train - t0:.1f}s")
+        logger.info(f"[tcp] offline Copilot training done in {t_train - t0:.1f}s")
         results: dict[str, Any] = {"offline_from": str(src.path), "mistake_log": str(src.log),
                                    "steps": [src.steps.start, src.steps.stop - 1],
                                    "skipped_steps": trainer.skipped, "seed": cfg.seed,
@@ -164,7 +164,7 @@ def evaluate(cfg: RunConfig, out: Path, src: SourceRun, data: Any, *, rank: int,
     res["copilot_rmse"] = {"offline": mine, "joint": joint,
                            "ratio": mine / joint if joint else None}
     res["pilot"] = res["pilot"] | {"source": loaded.pilot_source}
-    print_rank0(f"[tcp] validation Copilot RMSE: offline {mine:.4f}"
+    logger.info(f"[tcp] validation Copilot RMSE: offline {mine:.4f}"
                 + (f", jointly trained {joint:.4f} (ratio {mine / joint:.3f})" if joint else ""))
     return res
 

@@ -13,7 +13,6 @@ tcp-eval), `tracking.*`, `kernels.*`, `base.cache_dir`. What it may not: the Pil
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from tcp.mistake_log.format import Manifest, MistakeLogCorrupt, Schema, rank_gro
 from tcp.runtime.process_group import slurm_env
 from tcp.runtime.run_folder import log_root
 from tcp.runtime.run_lock import check_not_in_use
-from tcp.training.base_phase import base_dir
+from tcp.training.base_phase import base_dir, find_base_model
 
 FIXED_KEYS = ("seed", "model", "pilot", "base")
 """Override prefixes an offline run refuses: they describe the source run's Pilot and data."""
@@ -211,12 +210,12 @@ def recorded_steps(*, first: int, last: int, start: int, stop: int) -> range:
 
 
 def _base_model(cfg: RunConfig, src: Path, tokenizer: Any) -> Path:
-    """The base model the source run started from (its content-addressed cache)."""
-    path = base_dir(dataclasses.replace(cfg, output_dir=str(src)), tokenizer)
-    if not (path / "config.json").is_file():
-        raise OfflineError(f"copilot.init_from=base: the source run's base model is not at "
-                           f"{path}; point base.cache_dir at the folder that holds it, or use "
-                           "copilot.init_from=none (or a model folder)")
+    """The base model the source run started from (cached or shipped, by content key)."""
+    path = find_base_model(cfg, tokenizer)
+    if path is None:
+        raise OfflineError(f"copilot.init_from=base: the base model of {src} is not at "
+                           f"{base_dir(cfg, tokenizer)}; point base.cache_dir at the folder "
+                           "that holds it, or use copilot.init_from=none (or a model folder)")
     return path
 
 

@@ -1,4 +1,4 @@
-"""The joint loop (METHOD.md §3, the paper's Algorithm 1): the Trainer and its state.
+"""The joint loop (docs/method.md §5, the paper's Algorithm 1): the Trainer and its state.
 
 Reads top-down: `tcp.training.joint_job.run()` sets up -> `Trainer.train()` -> `train_step()`
 -> `pilot_step()` -> log append -> `copilot_step()` (tcp.training.copilot_update).
@@ -22,7 +22,7 @@ from tcp.models.lm_head import HeadOptions
 from tcp.models.log_entries import collect
 from tcp.models.pilot import PilotTap, pilot_forward, torch_dtype
 from tcp.runtime.collective import sum_across_ranks
-from tcp.runtime.console import Progress
+from tcp.runtime.console import Progress, logger
 from tcp.runtime.faults import fault_point
 from tcp.runtime.preemption import StopSignal
 from tcp.runtime.tracking import Tracker
@@ -114,7 +114,7 @@ class Trainer:
         self.saved_step = self.step
         self.checkpoint_s += time.time() - t0
         if self.rank == 0:
-            print(f"[tcp] checkpoint {path} ({time.time() - t0:.1f}s)", flush=True)
+            logger.info(f"[tcp] checkpoint {path} ({time.time() - t0:.1f}s)")
         return path
 
     def train_step(self) -> StepMetrics:

@@ -22,3 +22,19 @@ def test_a_launcher_or_a_single_task_keeps_its_own_variables():
 def test_several_tasks_without_master_addr_say_what_to_export():
     with pytest.raises(RunError, match=r"MASTER_ADDR is not set.*scontrol show hostnames"):
         slurm_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+def test_threads_per_rank_shares_the_cores_among_the_node_s_ranks():
+    from tcp.runtime.process_group import threads_per_rank
+
+    assert threads_per_rank({"LOCAL_SIZE": "2"}, 2) == 1  # deepspeed --num_gpus 2 on 2 cores
+    assert threads_per_rank({"LOCAL_SIZE": "2"}, 16) == 8
+    assert threads_per_rank({"LOCAL_WORLD_SIZE": "4"}, 16) == 4  # torchrun
+    assert threads_per_rank({}, 16) == 16  # one process
+    assert threads_per_rank({"LOCAL_SIZE": "4"}, 2) == 1  # never 0
+    assert threads_per_rank({"SLURM_CPUS_PER_TASK": "6", "LOCAL_SIZE": "2"}, 64) == 6
+    assert threads_per_rank({"TCP_THREADS_PER_RANK": "3", "SLURM_CPUS_PER_TASK": "6"}, 64) == 3
+    with pytest.raises(RunError, match="TCP_THREADS_PER_RANK='two'"):
+        threads_per_rank({"TCP_THREADS_PER_RANK": "two"}, 4)
+    with pytest.raises(RunError, match="must be >= 1"):
+        threads_per_rank({"TCP_THREADS_PER_RANK": "0"}, 4)
