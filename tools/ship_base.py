@@ -20,7 +20,9 @@ import shutil
 import sys
 
 from tcp.config import ConfigError, load_config
+from tcp.runtime import quiet
 from tcp.runtime.collective import shutdown
+from tcp.runtime.console import setup_logging
 from tcp.runtime.process_group import init_distributed
 from tcp.training.base_phase import SHIPPED, base_key, ensure_base_model
 from tcp.training.build import load_tokenizer
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    setup_logging()
+    quiet.install()  # the expected third-party messages, as in the main job
     rank, world, device = init_distributed()
     tokenizer = load_tokenizer(cfg)
     key = base_key(cfg, tokenizer)
