@@ -122,7 +122,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     plots = save_plots(results, out / name)
     print(format_table(results))
     logger.info(f"[tcp-eval] Pilot {loaded.pilot_source}; Copilot {args.run}; "
-          f"results {out / f'{name}.json'}; plots {', '.join(str(p) for p in plots)}")
+                f"results {out / f'{name}.json'}; plots {', '.join(str(p) for p in plots)}")
     if args.mlflow:
         _log_mlflow(cfg, name, results, [out / f"{name}.json", *plots])
     try:

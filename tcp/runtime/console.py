@@ -102,11 +102,6 @@ def setup_logging(level: str | None = None) -> None:
     logger.propagate = False
 
 
-def print_rank0(*a: Any) -> None:
-    """Log an info message (rank 0 only): the words of `print(*a)`."""
-    logger.info(" ".join(map(str, a)))
-
-
 def elapsed(t0: float) -> str:
     """Seconds since t0, formatted."""
     return f"{time.time() - t0:.1f}s"

@@ -64,7 +64,7 @@ def claim_paths(folders: list[Path], *, rank: int, what: str = "run") -> RunFold
                                                   "output_dir (or mistake_log.store.path)")
                 if lock.took_over is not None:
                     logger.info(f"[tcp] took over the stale lock on {folder} "
-                          f"({lock.took_over.describe()}): that job is gone")
+                                f"({lock.took_over.describe()}): that job is gone")
         except LockError as e:
             held.release()
             error = e

@@ -72,7 +72,8 @@ def corpus_max_length(cfg: RunConfig) -> int:
 
 def ensure_base_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, *, rank: int,
                       world: int, device: torch.device) -> Path:
-    """Return the base model's folder, pre-training it first unless it is cached."""
+    """Return the base model's folder: the shipped or cached one, else one pre-trained now
+    and saved to the cache (`base_dir`). Collective."""
     found = find_base_model(cfg, tokenizer)
     _check_same_on_every_rank(found, base_dir(cfg, tokenizer))
     if found is not None:
@@ -107,8 +108,8 @@ def ensure_base_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, *, ran
     bar.close()
     if rank == 0:
         logger.info(f"[tcp] base model: {b.steps} steps on {report.kept} samples "
-              f"({report.skipped_overlength} over-long skipped), final loss "
-              f"{out.loss.item():.3f}; saved to {path}")
+                    f"({report.skipped_overlength} over-long skipped), final loss "
+                    f"{out.loss.item():.3f}; saved to {path}")
     save_hf(engine.module, path)
     engine.destroy()
     missing = wait_visible([path / "config.json"], VISIBILITY_WAIT_S)

@@ -204,8 +204,8 @@ def resume_from(info: CheckpointInfo, trainer: Trainer, ckpts: CheckpointManager
     changed = {k: (old.get(k), v) for k, v in new.items() if k != "resume" and old.get(k) != v}
     if trainer.rank == 0:
         logger.info(f"[tcp] resumed from {info.path} at step {trainer.step}"
-              + (f"; {cut} Mistake Log entries past its cursor were dropped (rank 0)" if cut
-                 else ""))
+                    + (f"; {cut} Mistake Log entries past its cursor were dropped (rank 0)"
+                       if cut else ""))
         if changed:
             logger.info("[tcp] config changed since the checkpoint: " + ", ".join(
                 f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())))
