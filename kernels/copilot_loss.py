@@ -17,7 +17,7 @@ Two entry points:
 Why chunks and not the Gram route (||f||^2 = h^T (W^T W) h): the Gram route needs fewer FLOPs
 when N > d, but it computes ||f - ell||^2 as a difference of O(1) terms, which loses most of its
 digits in fp32 exactly when the Copilot is good (small loss). Here every chunk sums
-(f_v - ell_v)^2 directly: no cancellation. docs/benchmarks.md has the measurements.
+(f_v - ell_v)^2 directly: no cancellation. docs/kernels.md has the measurements.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ value from its line and comparing it with the value written first), and naming t
 that matched. This tool splits the test items by the three:
 
     python tools/analyze_choice.py runs/walk/choice-seed0 [more run dirs or *.predictions.jsonl]
-    python tools/analyze_choice.py --base runs/base-cache/<hash> [--n 200]
+    python tools/analyze_choice.py --base ~/.cache/tcp/base/<key> [--n 200]
 
 
 Per run, one markdown table: whether the value written first is the right one, another option

@@ -339,6 +339,9 @@ def bench_replay(trainers: dict[str, Trainer], cfg: Any, root: Path, steps: int)
 # ---------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    from tcp.runtime.console import setup_logging
+
+    setup_logging()  # tcp's own [tcp] lines, as in the main job
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--steps", type=int, default=120, help="timed joint steps per arm in (a)")
     ap.add_argument("--block", type=int, default=10, help="steps per interleaved block in (a)")

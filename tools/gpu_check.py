@@ -391,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(k, "1")  # nothing is downloaded; a stray lookup would only wait
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from tcp.runtime.console import setup_logging  # light: no torch
+
+    setup_logging()  # tcp's own [tcp] lines, as in the main job
     if a.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: the CPU path only
     # DeepSpeed's ZeRO-3 calls collectives torch has renamed, once per step; not ours to fix.

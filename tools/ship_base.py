@@ -2,10 +2,10 @@
 phase, so that a fresh clone of that config fine-tunes at once instead of pre-training.
 
     deepspeed --num_gpus 2 tools/ship_base.py --config configs/default.yaml
-    deepspeed --num_gpus 2 tools/ship_base.py --config configs/choice.yaml
 
-Run it after changing `base.*` or `model.arch` in a config whose base model ships (the test
-tests/unit/test_shipped_base.py names the configs and fails until it is done). It runs the base
+Run it after changing `base.*` or `model.arch` in a config whose base model ships (`SHIPS` in
+tests/unit/test_shipped_base.py names those configs; the test fails until it is done). To ship
+another config's base model, run it with that config and add the config to `SHIPS`. It runs the base
 phase exactly as the main job does (on 2 CPU ranks, as the shipped models were made; the batch
 each rank draws depends on the world size) into a staging folder, then moves the model to
 `tcp/assets/base/<key>/`. Commit the new folder and `git rm` the folder of the old key.
@@ -19,7 +19,8 @@ import os
 import shutil
 import sys
 
-from tcp.config import ConfigError, load_config
+from tcp.config import ConfigError, RunConfig, load_config
+from tcp.errors import RunError
 from tcp.runtime import quiet
 from tcp.runtime.collective import shutdown
 from tcp.runtime.console import setup_logging
@@ -39,8 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    setup_logging()
+    try:
+        setup_logging()
+    except ValueError as e:  # a bad $TCP_LOG_LEVEL
+        print(f"config error: TCP_LOG_LEVEL: {e}", file=sys.stderr)
+        return 2
     quiet.install()  # the expected third-party messages, as in the main job
+    try:
+        return _ship(cfg)
+    except RunError as e:  # the threads setting, ranks that disagree on the cache, ...
+        print(f"{e.kind} error: {e}", file=sys.stderr)
+        shutdown()
+        return 2
+
+
+def _ship(cfg: RunConfig) -> int:
     rank, world, device = init_distributed()
     tokenizer = load_tokenizer(cfg)
     key = base_key(cfg, tokenizer)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]
         # Before DeepSpeed is imported: it picks its accelerator on import, and without this
         # warns on every rank that it fell back to the CPU ("Setting accelerator to CPU").
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        torch.set_num_threads(threads_per_rank(os.environ, len(os.sched_getaffinity(0))))
+        torch.set_num_threads(threads_per_rank(os.environ, available_cores()))
     import deepspeed  # heavy; it picks its accelerator on import
 
     if not dist.is_initialized():
@@ -70,22 +71,40 @@ def release_shm_name(rank: int) -> None:
 
 
 def threads_per_rank(env: Mapping[str, str], cores: int) -> int:
-    """CPU threads of one rank: $TCP_THREADS_PER_RANK, else SLURM's cpus per task, else the
-    `cores` this process may run on shared by the ranks on its node (the deepspeed launcher's
-    LOCAL_SIZE, torchrun's LOCAL_WORLD_SIZE); at least 1. Results differ slightly with it (the
-    summation order of a matmul changes)."""
+    """CPU threads of one rank: $TCP_THREADS_PER_RANK, else the CPUs this process may use
+    (`cores`, or SLURM's cpus per task when set) shared by the ranks its launcher started on this
+    node (the deepspeed launcher's LOCAL_SIZE, torchrun's LOCAL_WORLD_SIZE; 1 under `srun` one
+    task per rank); at least 1. Results differ slightly with it (the summation order of a matmul
+    changes)."""
     for key in ("TCP_THREADS_PER_RANK", "SLURM_CPUS_PER_TASK"):
-        if env.get(key):
-            try:
-                n = int(env[key])
-            except ValueError:
-                raise RunError(f"{key}={env[key]!r}: must be a whole number of threads, "
-                               "e.g. 4") from None
-            if n < 1:
-                raise RunError(f"{key}={n}: must be >= 1")
+        if not env.get(key):
+            continue
+        try:
+            n = int(env[key])
+        except ValueError:
+            raise RunError(f"{key}={env[key]!r}: must be a whole number of threads, "
+                           "e.g. 4") from None
+        if n < 1:
+            raise RunError(f"{key}={n}: must be >= 1")
+        if key == "TCP_THREADS_PER_RANK":
             return n
+        cores = n
+        break
     local = int(env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or "1")
     return max(1, cores // max(1, local))
+
+
+def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a
+    container's CPU limit does not shrink the mask)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def slurm_env(env: Mapping[str, str]) -> dict[str, str]:

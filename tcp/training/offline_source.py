@@ -215,7 +215,9 @@ def _base_model(cfg: RunConfig, src: Path, tokenizer: Any) -> Path:
     if path is None:
         raise OfflineError(f"copilot.init_from=base: the base model of {src} is not at "
                            f"{base_dir(cfg, tokenizer)}; point base.cache_dir at the folder "
-                           "that holds it, or use copilot.init_from=none (or a model folder)")
+                           "that holds it (runs from before tcp's user cache kept it in "
+                           "<output_dir>/../base-cache), or use copilot.init_from=none (or a "
+                           "model folder)")
     return path
 
 

@@ -32,9 +32,26 @@ def test_threads_per_rank_shares_the_cores_among_the_node_s_ranks():
     assert threads_per_rank({"LOCAL_WORLD_SIZE": "4"}, 16) == 4  # torchrun
     assert threads_per_rank({}, 16) == 16  # one process
     assert threads_per_rank({"LOCAL_SIZE": "4"}, 2) == 1  # never 0
-    assert threads_per_rank({"SLURM_CPUS_PER_TASK": "6", "LOCAL_SIZE": "2"}, 64) == 6
+    assert threads_per_rank({"SLURM_CPUS_PER_TASK": "6"}, 64) == 6  # srun, a task per rank
+    assert threads_per_rank({"SLURM_CPUS_PER_TASK": "16", "LOCAL_SIZE": "2"}, 64) == 8  # +deepspeed
     assert threads_per_rank({"TCP_THREADS_PER_RANK": "3", "SLURM_CPUS_PER_TASK": "6"}, 64) == 3
     with pytest.raises(RunError, match="TCP_THREADS_PER_RANK='two'"):
         threads_per_rank({"TCP_THREADS_PER_RANK": "two"}, 4)
     with pytest.raises(RunError, match="must be >= 1"):
         threads_per_rank({"TCP_THREADS_PER_RANK": "0"}, 4)
+
+
+def test_available_cores_honours_a_cgroup_cpu_limit(tmp_path):
+    import os
+
+    from tcp.runtime.process_group import available_cores
+
+    mask = len(os.sched_getaffinity(0))
+    limit = tmp_path / "cpu.max"
+    limit.write_text("max 100000\n")
+    assert available_cores(limit) == mask
+    limit.write_text("150000 100000\n")  # 1.5 CPUs: 2 threads
+    assert available_cores(limit) == min(mask, 2)
+    limit.write_text("50000 100000\n")
+    assert available_cores(limit) == 1
+    assert available_cores(tmp_path / "missing") == mask
