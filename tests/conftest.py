@@ -1,8 +1,11 @@
 """Test setup: never touch a hub (a failed lookup costs ~25 s here); Triton kernels in the
 interpreter when there is no GPU."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # `python -m pytest` puts the repository root first on sys.path, where our `kernels/` folder would
@@ -15,6 +18,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tcp's cache (base models) for this test session only, never the user's ~/.cache/tcp; runs the
+# tests launch inherit it, and a run a module fixture made is found again by the tests using it.
+_CACHE = tempfile.mkdtemp(prefix="tcp-test-cache-")
+os.environ["TCP_CACHE_DIR"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402  (after the path and environment above)
 import torch  # noqa: E402
@@ -28,13 +36,6 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test has its own tcp cache (base models): never the user's ~/.cache/tcp, and no test
-    reuses a base model another test pre-trained. Runs it launches inherit it."""
-    monkeypatch.setenv("TCP_CACHE_DIR", str(tmp_path_factory.mktemp("tcp-cache")))
 
 
 def pytest_collection_modifyitems(config, items):

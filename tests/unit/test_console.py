@@ -15,10 +15,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def fresh_logger():
-    """The `tcp` logger as a new process has it; restored afterwards for the other tests."""
+    """The `tcp` logger as a new process has it; restored afterwards for the other tests. (It
+    propagates again, so that pytest does not attach its capture handlers to it as it does to
+    a non-propagating logger, which setup_logging would take for an application's.)"""
     saved = (logger.handlers[:], logger.level, logger.propagate)
     logger.handlers.clear()
     logger.setLevel(logging.NOTSET)
+    logger.propagate = True
     yield logger
     logger.handlers[:], logger.level, logger.propagate = saved
 

@@ -40,7 +40,7 @@ def test_no_stale_shipped_model():
 def test_default_finds_the_shipped_model_with_an_empty_cache():
     cfg = load_config(ROOT / "configs" / "default.yaml")
     tok = load_tokenizer(cfg)
-    assert not base_dir(cfg, tok).exists()  # the test's own, empty cache (tests/conftest.py)
+    assert not base_dir(cfg, tok).exists()  # the tests' own cache (tests/conftest.py)
     assert find_base_model(cfg, tok) == SHIPPED / base_key(cfg, tok)
     changed = load_config(ROOT / "configs" / "default.yaml", ["base.steps=10"])
     assert find_base_model(changed, tok) is None  # another base.*: pre-trained, not shipped
