@@ -37,13 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        setup_logging()  # a bad $TCP_LOG_LEVEL is a config error
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
-    try:
-        setup_logging()
-    except ValueError as e:  # a bad $TCP_LOG_LEVEL
-        print(f"config error: TCP_LOG_LEVEL: {e}", file=sys.stderr)
         return 2
     quiet.install()  # the expected third-party messages, as in the main job
     try:

@@ -69,9 +69,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     """Entry point of `tcp-eval`. Returns the exit code."""
     args = parse_args(argv)
     try:
-        setup_logging(args.log_level)
-    except ValueError as e:  # a bad $TCP_LOG_LEVEL
-        print(f"config error: TCP_LOG_LEVEL: {e}", file=sys.stderr)
+        setup_logging(args.log_level)  # a bad $TCP_LOG_LEVEL is a config error
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
         return 2
     # heavy (torch, transformers): imported once the arguments parse, so that --help is quick
     import torch

@@ -25,7 +25,6 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml
 """What runs without `--config`: the repository's configs/default.yaml, the embedded default."""
 
 
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """CLI arguments."""
     p = argparse.ArgumentParser(
@@ -129,11 +128,7 @@ def train_main(argv: list[str] | None = None) -> int:
     """Entry point. Returns the process exit code."""
     args = parse_args(argv)
     try:
-        setup_logging(args.log_level)
-    except ValueError as e:  # a bad $TCP_LOG_LEVEL
-        print(f"config error: TCP_LOG_LEVEL: {e}", file=sys.stderr)
-        return 2
-    try:
+        setup_logging(args.log_level)  # a bad $TCP_LOG_LEVEL is a config error
         cfg = resolve_config(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -13,6 +13,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from tcp.config import ConfigError
+
 
 class Progress:
     """Progress of a loop; silent on ranks other than 0."""
@@ -81,12 +83,14 @@ class _Console(logging.StreamHandler):  # type: ignore[type-arg]
 
 def setup_logging(level: str | None = None) -> None:
     """Send the `tcp` logger to the console: info and debug to stdout, warnings and errors to
-    stderr, on rank 0. `level` (one of LEVELS), else $TCP_LOG_LEVEL, else info. Called by the
+    stderr, on rank 0. `level` (one of LEVELS), else $TCP_LOG_LEVEL, else info; another value is
+    a ConfigError. Called by the
     command lines and by every job; only the first call that finds the logger without handlers
     adds them, so an application that configured `tcp` itself keeps its setup."""
     name = (level or os.environ.get("TCP_LOG_LEVEL") or "info").lower()
     if name not in LEVELS:
-        raise ValueError(f"log level {name!r}: use one of {', '.join(LEVELS)}")
+        where = "" if level else "TCP_LOG_LEVEL: "
+        raise ConfigError(f"{where}log level {name!r}: use one of {', '.join(LEVELS)}")
     if level is not None or not logger.handlers:
         logger.setLevel(name.upper())
     if logger.handlers:

@@ -76,22 +76,25 @@ def threads_per_rank(env: Mapping[str, str], cores: int) -> int:
     node (the deepspeed launcher's LOCAL_SIZE, torchrun's LOCAL_WORLD_SIZE; 1 under `srun` one
     task per rank); at least 1. Results differ slightly with it (the summation order of a matmul
     changes)."""
-    for key in ("TCP_THREADS_PER_RANK", "SLURM_CPUS_PER_TASK"):
-        if not env.get(key):
-            continue
-        try:
-            n = int(env[key])
-        except ValueError:
-            raise RunError(f"{key}={env[key]!r}: must be a whole number of threads, "
-                           "e.g. 4") from None
-        if n < 1:
-            raise RunError(f"{key}={n}: must be >= 1")
-        if key == "TCP_THREADS_PER_RANK":
-            return n
-        cores = n
-        break
+    explicit = _threads_setting(env, "TCP_THREADS_PER_RANK")
+    if explicit is not None:
+        return explicit
+    cores = _threads_setting(env, "SLURM_CPUS_PER_TASK") or cores
     local = int(env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or "1")
     return max(1, cores // max(1, local))
+
+
+def _threads_setting(env: Mapping[str, str], key: str) -> int | None:
+    """`env[key]` as a positive count of threads, None when unset or empty."""
+    if not env.get(key):
+        return None
+    try:
+        n = int(env[key])
+    except ValueError:
+        raise RunError(f"{key}={env[key]!r}: must be a whole number of threads, e.g. 4") from None
+    if n < 1:
+        raise RunError(f"{key}={n}: must be >= 1")
+    return n
 
 
 def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
